@@ -1,0 +1,13 @@
+"""qwen2q: quantized inference for Qwen2 language models.
+
+`qwen2q.load(path)` returns a ready-to-use model with its tokenizer; the `qwen2q` command quantizes,
+evaluates and runs checkpoints.  See README.md.
+"""
+__version__ = "0.1.0"
+
+
+def load(*args, **kwargs):
+    """Load a Qwen2 checkpoint directory; see `qwen2q.api.load` for the arguments."""
+    from qwen2q.api import load as _load
+
+    return _load(*args, **kwargs)

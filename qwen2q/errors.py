@@ -1,0 +1,8 @@
+"""The one exception type qwen2q raises for problems a user can fix (bad paths, configs, inputs).
+
+The CLI prints these as a single line and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class Qwen2qError(Exception):
+    """A user-facing error: the message names the offending value and what would be valid."""

@@ -1,0 +1,88 @@
+"""Build a Qwen2ForCausalLM from a checkpoint directory, and save one back.
+
+The model is created on the meta device (no memory), the quantization format named in config.json
+(if any) swaps its linears from outside, and then the tensors are assigned one by one from the
+memory-mapped files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwen2q.checkpoint import (
+    SINGLE_FILE,
+    check_filled,
+    check_model_dir,
+    fill_module,
+    iter_tensors,
+    save_safetensors,
+    weight_files,
+)
+from qwen2q.config import Qwen2Config
+from qwen2q.errors import Qwen2qError
+from qwen2q.model import Qwen2ForCausalLM
+from qwen2q.rope import RotaryEmbedding
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Hooks by quant_method: prepare(model, config) swaps linears for quantized modules before filling.
+QUANTIZED_LOADERS: dict = {}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise Qwen2qError(f"dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+        return dtype
+    name = (dtype or default).replace("torch.", "")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
+    if name not in DTYPES:
+        raise Qwen2qError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> Qwen2ForCausalLM:
+    """Load the checkpoint directory `path` onto `device`, casting floating tensors to `dtype`
+    (default: the checkpoint's own dtype)."""
+    path = check_model_dir(path)
+    config = Qwen2Config.from_file(path / "config.json")
+    dtype = parse_dtype(dtype, config.dtype)
+    device = torch.device(device)
+    files = weight_files(path, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    quant = config.quantization_config
+    if quant:
+        method = quant.get("quant_method")
+        prepare = QUANTIZED_LOADERS.get(method)
+        if prepare is None:
+            raise Qwen2qError(f"{path}: quantization method {method!r} is not supported by qwen2q")
+        prepare(model, config)
+    # Rotary frequencies are computed, never stored in checkpoints.
+    model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    fill_module(model, iter_tensors(files), dtype, device, ignore=ignore)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    check_filled(model)
+    return model.eval()
+
+
+def save_model(model: Qwen2ForCausalLM, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write config.json and model.safetensors (tied lm_head saved once, as transformers does)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_safetensors(state, path / SINGLE_FILE)
+    cfg = model.config.to_dict()
+    if dtype is not None:
+        cfg["dtype"] = str(dtype).replace("torch.", "")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")

@@ -1,0 +1,173 @@
+"""Qwen2ForCausalLM in plain PyTorch, with a static KV cache for incremental decoding.
+
+Parameter names match Hugging Face checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+safetensors state dict loads as it is.  The model knows nothing of quantization: quantized linears are
+swapped in from outside (`qwen2q.quantized`), and anything with `forward(x) -> x @ W^T + b` works.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen2q.config import Qwen2Config
+from qwen2q.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), the statistics in fp32, the product in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each.
+
+    `length` counts the positions already written; a forward with a cache writes its T new positions
+    after them and attends over everything written so far.
+    """
+
+    def __init__(self, config: Qwen2Config, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv, T, D] at positions length..length+T; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def attention_mask(start: int, T: int, S: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean [T, S] mask (True = attend) for queries at positions start..start+T over keys 0..S.
+
+    None when plain causal attention over all keys is exact, so SDPA can take its fast path.
+    """
+    if window is None or S <= window:
+        if T == 1:
+            return None
+        if start == 0 and T == S:
+            return None
+    q = torch.arange(start, start + T, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_window if config.is_sliding_layer(layer_idx) else None
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, start: int):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+        S = k.shape[2]
+        mask = attention_mask(start, T, S, self.window, x.device)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Causal LM.  forward(input_ids int64 [B, T]) -> logits [B, T, vocab] in the model's dtype."""
+
+    def __init__(self, config: Qwen2Config):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for `input_ids` [B, T], appended to `cache` if given."""
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        cos, sin = self.model.rotary(positions, x.dtype, seq_end=start + T)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+        """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`), in the parameters' dtype."""
+        h = self.hidden_states(input_ids, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
