@@ -1,0 +1,150 @@
+"""The `qwen2q` command.  Commands parse options, call the library and print; nothing more."""
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from qwen2q.errors import Qwen2qError
+
+MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
+
+
+def _model_argument(f):
+    return click.argument("model", required=False, type=click.Path(), metavar="[MODEL]")(f)
+
+
+def _load_options(f):
+    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")(f)
+    f = click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin checkpoints (can run code).")(f)
+    return f
+
+
+def _sampling_options(f):
+    f = click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0))(f)
+    f = click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")(f)
+    f = click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")(f)
+    f = click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))(f)
+    f = click.option("--seed", default=None, type=int, help="Seed for sampling.")(f)
+    return f
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 1, Ctrl-C into exit code 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Qwen2qError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen2q")
+def main():
+    """qwen2q: quantize, evaluate and run Qwen2 language models.
+
+    \b
+    Examples:
+      qwen2q info                               # the embedded tiny model
+      qwen2q generate ./Qwen2-0.5B --prompt "def fib(n):"
+      qwen2q chat ./Qwen2-0.5B-Instruct
+    """
+
+
+@main.command()
+@_model_argument
+def info(model):
+    """Show architecture, parameter count, dtype, quantization and size of MODEL.
+
+    \b
+    Example:
+      qwen2q info ./Qwen2-7B-Instruct-nf4
+    """
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.info import describe
+
+    rows = describe(model or DEFAULT_MODEL)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+def _load(model, device, dtype, allow_pickle):
+    import qwen2q
+
+    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+@main.command()
+@_model_argument
+@click.option("--prompt", "-p", required=True, help="Text to continue (use --chat to wrap it as a user message).")
+@click.option("--chat", "as_chat", is_flag=True, help="Render the prompt through the chat template first.")
+@_sampling_options
+@_load_options
+def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+    """Continue a prompt, streaming the text to stdout; tokens/s go to stderr.
+
+    \b
+    Examples:
+      qwen2q generate --prompt "The capital of France is"
+      qwen2q generate ./Qwen2-0.5B-Instruct --chat -p "Write a haiku" --temperature 0.7 --top-p 0.9 --seed 1
+    """
+    m = _load(model, device, dtype, allow_pickle)
+    if as_chat:
+        prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    n_prompt = len(m.tokenizer.encode(prompt))
+    t0 = time.perf_counter()
+    new = m.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=True)
+    elapsed = time.perf_counter() - t0
+    click.echo("")
+    click.echo(
+        f"[{n_prompt} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
+        f"{m.dtype}, {m.device}]",
+        err=True,
+    )
+
+
+@main.command()
+@_model_argument
+@click.option("--system", default=None, help="System message (default: the template's own).")
+@_sampling_options
+@_load_options
+def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+    """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
+
+    \b
+    Example:
+      qwen2q chat ./Qwen2.5-Coder-0.5B-Instruct --temperature 0.7 --top-p 0.8
+    """
+    m = _load(model, device, dtype, allow_pickle)
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = m.chat(history, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, stream=True)
+        click.echo("")
+        history.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()

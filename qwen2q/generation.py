@@ -1,0 +1,109 @@
+"""Token generation: greedy or sampled (temperature, top-k, top-p), stop tokens, streaming.
+
+The prompt is prefilled once into a static KV cache; each step then feeds one token.  Sampling
+order follows transformers: temperature, then top-k, then top-p.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from qwen2q.errors import Qwen2qError
+from qwen2q.model import Qwen2ForCausalLM
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise Qwen2qError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise Qwen2qError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise Qwen2qError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise Qwen2qError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids int64 [B]."""
+    logits = logits.float()
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the ones before it already reach top_p; the first always stays.
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Qwen2ForCausalLM,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    stop_ids: list[int] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate up to `params.max_new_tokens` ids after `prompt_ids` (batch 1).
+
+    Stops after emitting a stop id (which is included in the result).  `on_token` is called with each
+    new id as soon as it is chosen, for streaming.
+    """
+    if not prompt_ids:
+        raise Qwen2qError("the prompt is empty")
+    device = model.model.embed_tokens.weight.device
+    max_len = len(prompt_ids) + params.max_new_tokens
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    cache = model.new_cache(1, max_len)
+    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    out: list[int] = []
+    stops = set(stop_ids)
+    for _ in range(params.max_new_tokens):
+        logits = model(tokens, cache=cache, last_only=True)[:, -1]
+        tok = next_token(logits, params, generator)
+        tid = int(tok.item())
+        out.append(tid)
+        if on_token is not None:
+            on_token(tid)
+        if tid in stops:
+            break
+        tokens = tok.view(1, 1)
+    return out
+
+
+class TextStream:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None]):
+        self.decode, self.write = decode, write
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def __call__(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        self.write(text[self.emitted :])
+        self.emitted = len(text)

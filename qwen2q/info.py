@@ -1,0 +1,58 @@
+"""What `qwen2q info` reports about a checkpoint directory, read from config.json and file headers only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen2q.checkpoint import check_model_dir, weight_files
+from qwen2q.config import Qwen2Config
+
+
+def parameter_count(c: Qwen2Config) -> int:
+    """Logical parameter count (what the bf16 model has), whatever format the checkpoint is stored in."""
+    h, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    attention = h * q + q + 2 * (h * kv + kv) + q * h
+    per_layer = attention + 3 * h * i + 2 * h
+    embeddings = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+    return embeddings + c.num_hidden_layers * per_layer + h
+
+
+def quantization_summary(c: Qwen2Config) -> str:
+    q = c.quantization_config
+    if not q:
+        return "none"
+    method = q.get("quant_method")
+    if method == "bitsandbytes":
+        if q.get("load_in_4bit"):
+            dq = ", double quant" if q.get("bnb_4bit_use_double_quant") else ""
+            return f"bitsandbytes 4-bit {q.get('bnb_4bit_quant_type', 'fp4')}{dq}"
+        if q.get("load_in_8bit"):
+            return "bitsandbytes int8 (LLM.int8 storage)"
+    if method == "awq":
+        return f"AWQ int{q.get('bits', 4)} group {q.get('group_size')} ({q.get('version', 'gemm')})"
+    return str(method)
+
+
+def describe(path: str | Path) -> list[tuple[str, str]]:
+    """(field, value) rows describing the checkpoint at `path`."""
+    path = check_model_dir(path)
+    c = Qwen2Config.from_file(path / "config.json")
+    files = weight_files(path, allow_pickle=True)
+    size = sum(f.stat().st_size for f in files)
+    rope = c.rope.rope_type if c.rope.rope_type == "default" else f"{c.rope.rope_type} x{c.rope.factor:g}"
+    return [
+        ("path", str(path)),
+        ("architecture", "Qwen2ForCausalLM"),
+        ("parameters", f"{parameter_count(c) / 1e6:,.1f} M"),
+        ("layers", str(c.num_hidden_layers)),
+        ("hidden / intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{c.num_attention_heads} / {c.num_key_value_heads} / {c.head_dim}"),
+        ("vocab", str(c.vocab_size)),
+        ("tied embeddings", "yes" if c.tie_word_embeddings else "no"),
+        ("rope", f"{rope}, theta {c.rope.theta:g}"),
+        ("context", str(c.max_position_embeddings)),
+        ("dtype", c.dtype),
+        ("quantization", quantization_summary(c)),
+        ("weight files", str(len(files))),
+        ("size on disk", f"{size / 2**20:,.1f} MiB"),
+    ]
