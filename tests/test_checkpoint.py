@@ -1,0 +1,96 @@
+"""Checkpoint directories: sharded loading, and a one-line error for every broken input."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_hf_checkpoint
+from qwen2q.errors import Qwen2qError
+from qwen2q.loader import load_model, save_model
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    make_hf_checkpoint(tmp_path / "one", seed=4, tie_word_embeddings=False)
+    make_hf_checkpoint(tmp_path / "many", seed=4, tie_word_embeddings=False, shard_size="200KB")
+    assert (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "many").glob("model-*.safetensors"))) > 2
+    a, b = load_model(tmp_path / "one"), load_model(tmp_path / "many")
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+
+
+def test_loaded_tensors_keep_checkpoint_dtype_by_default(tmp_path):
+    make_hf_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = load_model(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_save_model_round_trips(hf_tiny, tmp_path):
+    path, _ = hf_tiny
+    model = load_model(path)
+    save_model(model, tmp_path / "copy")
+    again = load_model(tmp_path / "copy")
+    ids = torch.arange(50).view(1, 50)
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))
+
+
+def _error(path, **kw) -> str:
+    with pytest.raises(Qwen2qError) as e:
+        load_model(path, **kw)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_directory(tmp_path):
+    assert "no such directory" in _error(tmp_path / "absent")
+
+
+def test_non_qwen2_model_type(hf_tiny):
+    path, _ = hf_tiny
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert "model_type='llama'" in _error(path)
+
+
+def test_missing_shard(tmp_path):
+    make_hf_checkpoint(tmp_path, shard_size="200KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    assert victim.name in _error(tmp_path)
+
+
+def test_truncated_safetensors(hf_tiny):
+    path, _ = hf_tiny
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    assert "truncated or corrupt" in _error(path)
+
+
+def test_pickle_refused_unless_allowed(hf_tiny):
+    path, hf = hf_tiny
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    assert "allow_pickle" in _error(path)
+    model = load_model(path, allow_pickle=True, dtype="float32")
+    ids = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_checkpoint_missing_a_tensor(hf_tiny):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hf_tiny
+    state = load_file(path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, path / "model.safetensors")
+    assert "model.layers.1.mlp.up_proj.weight" in _error(path)
+
+
+def test_unknown_dtype(hf_tiny):
+    path, _ = hf_tiny
+    assert "float64" in _error(path, dtype="float64")

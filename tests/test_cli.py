@@ -1,0 +1,76 @@
+"""The qwen2q command as a user runs it: a real subprocess, exit codes, one-line errors."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_hf_checkpoint
+
+
+def run(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "qwen2q.cli", *args], capture_output=True, text=True,
+                          input=stdin, env=env, cwd="/", timeout=300)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for n in needles:
+        assert n in lines[0]
+
+
+def test_info_reports_architecture_and_size(hf_tiny):
+    r = run("info", str(hf_tiny[0]))
+    assert r.returncode == 0, r.stderr
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in r.stdout.splitlines())
+    assert fields["layers"] == "2"
+    assert fields["heads / kv heads / head dim"] == "4 / 2 / 32"
+    expected = sum(p.numel() for p in hf_tiny[1].parameters())  # tied: counted once
+    assert fields["parameters"] == f"{expected / 1e6:,.1f} M"
+    assert fields["quantization"] == "none"
+
+
+def test_generate_streams_text(hf_tiny):
+    r = run("generate", str(hf_tiny[0]), "--prompt", "The quick", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr
+
+
+def test_chat_reads_stdin(hf_tiny):
+    r = run("chat", str(hf_tiny[0]), "--max-new-tokens", "4", stdin="hello\n/exit\n")
+    assert r.returncode == 0, r.stderr
+
+
+def test_missing_directory_is_one_line():
+    one_line_error(run("info", "/no/such/model"), "no such directory")
+
+
+def test_non_qwen2_is_one_line(hf_tiny):
+    cfg = json.loads((hf_tiny[0] / "config.json").read_text())
+    cfg["model_type"] = "mistral"
+    (hf_tiny[0] / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run("generate", str(hf_tiny[0]), "-p", "x"), "mistral")
+
+
+def test_missing_shard_is_one_line(tmp_path):
+    make_hf_checkpoint(tmp_path, shard_size="200KB")
+    sorted(tmp_path.glob("model-*.safetensors"))[0].unlink()
+    one_line_error(run("generate", str(tmp_path), "-p", "x"), "missing")
+
+
+def test_truncated_file_is_one_line(hf_tiny):
+    f = hf_tiny[0] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    one_line_error(run("generate", str(hf_tiny[0]), "-p", "x"), "truncated or corrupt")
+
+
+@pytest.mark.parametrize("args", [["generate", "--help"], ["--help"], ["chat", "--help"], ["info", "--help"]])
+def test_help_has_examples(args):
+    r = run(*args)
+    assert r.returncode == 0 and "Example" in r.stdout
