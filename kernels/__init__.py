@@ -1,0 +1,54 @@
+"""The one dispatch point for quantized matmuls: y = x @ W^T + b with W stored quantized.
+
+Each op takes activations x [..., K] (bf16, fp16 or fp32), a quantized weight object from
+`qwen2q.quantizers` describing W [N, K], and an optional bias [N]; it returns y [..., N] in x's dtype.
+On CUDA the Triton kernels run where they exist; everywhere else, or with QWEN2Q_KERNELS=reference,
+the plain-PyTorch reference runs: dequantize W to x's dtype, then `torch.nn.functional.linear`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from qwen2q.quantizers import int4, int8, nf4
+
+ENV = "QWEN2Q_KERNELS"  # "auto" (default) or "reference"
+
+
+def backend(x: torch.Tensor) -> str:
+    """'triton' or 'reference' for activations `x`."""
+    choice = os.environ.get(ENV, "auto").lower()
+    if choice not in ("auto", "reference"):
+        raise ValueError(f"{ENV}={choice!r}; use 'auto' or 'reference'")
+    if choice == "reference" or not x.is_cuda:
+        return "reference"
+    return "triton" if _triton_ops() is not None else "reference"
+
+
+def _triton_ops():
+    """The Triton implementations, once they exist (qwen2q.kernels.triton_ops); None otherwise."""
+    try:
+        from qwen2q.kernels import triton_ops
+    except ImportError:
+        return None
+    return triton_ops
+
+
+def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if backend(x) == "triton":
+        return _triton_ops().nf4_linear(x, w, bias)
+    return F.linear(x, nf4.dequantize(w, x.dtype), bias)
+
+
+def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if backend(x) == "triton":
+        return _triton_ops().int8_linear(x, w, bias)
+    return F.linear(x, int8.dequantize(w, x.dtype), bias)
+
+
+def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if backend(x) == "triton":
+        return _triton_ops().int4_linear(x, w, bias)
+    return F.linear(x, int4.dequantize(w, x.dtype), bias)

@@ -115,10 +115,11 @@ def fill_module(model: nn.Module, tensors, dtype: torch.dtype, device, ignore=()
         if owner is None:
             unexpected.append(name)
             continue
+        if hasattr(owner, "load_checkpoint_tensor"):  # it keeps or casts its tensors' dtypes itself
+            owner.load_checkpoint_tensor(attr, t.to(device))
+            continue
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        if hasattr(owner, "load_checkpoint_tensor"):
-            owner.load_checkpoint_tensor(attr, t)
-        elif attr in owner._parameters:
+        if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
         elif attr in owner._buffers:
             owner._buffers[attr] = t

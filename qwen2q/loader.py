@@ -1,7 +1,7 @@
 """Build a Qwen2ForCausalLM from a checkpoint directory, and save one back.
 
 The model is created on the meta device (no memory), the quantization format named in config.json
-(if any) swaps its linears from outside, and then the tensors are assigned one by one from the
+(if any) swaps its linears for quantized modules from outside (`qwen2q.qlinear`), and then the tensors are assigned one by one from the
 memory-mapped files.
 """
 from __future__ import annotations
@@ -23,11 +23,11 @@ from qwen2q.checkpoint import (
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
+from qwen2q.qconfig import QuantConfig
+from qwen2q.qlinear import swap_linears
 from qwen2q.rope import RotaryEmbedding
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Hooks by quant_method: prepare(model, config) swaps linears for quantized modules before filling.
-QUANTIZED_LOADERS: dict = {}
 
 
 def parse_dtype(dtype: str | torch.dtype | None, default: str) -> torch.dtype:
@@ -57,17 +57,15 @@ def load_model(
     files = weight_files(path, allow_pickle=allow_pickle)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
-    quant = config.quantization_config
-    if quant:
-        method = quant.get("quant_method")
-        prepare = QUANTIZED_LOADERS.get(method)
-        if prepare is None:
-            raise Qwen2qError(f"{path}: quantization method {method!r} is not supported by qwen2q")
-        prepare(model, config)
+    quantized = []
+    if config.quantization_config:
+        quantized = swap_linears(model, QuantConfig.from_hf(config.quantization_config), dtype)
     # Rotary frequencies are computed, never stored in checkpoints.
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
     fill_module(model, iter_tensors(files), dtype, device, ignore=ignore)
+    for module in quantized:
+        module.finish_loading()
     if config.tie_word_embeddings:
         model.tie_weights()
     check_filled(model)
