@@ -32,7 +32,22 @@ def _sampling_options(f):
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr and exit code 1, Ctrl-C into exit code 130."""
+    """Turns user errors into one line on stderr and exit code 1 (2 for bad usage), Ctrl-C into 130."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # `qwen2q cmd` with nothing: show the help
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
 
     def invoke(self, ctx):
         try:
@@ -144,6 +159,65 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
                        seed=seed, stream=True)
         click.echo("")
         history.append({"role": "assistant", "content": reply})
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[SRC] DST")
+@click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4"]), required=True,
+              help="nf4: bitsandbytes NF4 + double quant; int8: bitsandbytes int8 storage; "
+                   "int4: AWQ-layout group-wise uint4, round-to-nearest.")
+@click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="Input channels per scale/zero (int4).")
+@click.option("--skip", multiple=True, metavar="MODULE",
+              help="Keep these linears in full precision (name or suffix, repeatable); lm_head is always kept.")
+@click.option("--max-shard-size", default="4GB", show_default=True, help="Largest output shard, e.g. 500MB, 4GB.")
+@click.option("--force", is_flag=True, help="Replace DST if it is not empty.")
+def quantize(paths, method, group_size, skip, max_shard_size, force):
+    """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
+
+    Streams shard by shard (peak memory near one output shard), writes into a temporary directory
+    and renames it into place only when complete.  The result loads in qwen2q, and in transformers
+    (+ bitsandbytes) or AutoAWQ/vLLM, whose formats it uses.
+
+    \b
+    Examples:
+      qwen2q quantize ./tiny-nf4 --method nf4
+      qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
+      qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
+    """
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.convert import convert
+    from qwen2q.qconfig import DEFAULT_SKIP, QuantConfig
+
+    if len(paths) > 2:
+        raise Qwen2qError(f"expected [SRC] DST, got {len(paths)} paths")
+    src, dst = (DEFAULT_MODEL, paths[0]) if len(paths) == 1 else paths
+    qcfg = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
+    report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
+    rows = [
+        ("method", f"{method}" + (f" g{group_size}" if method == "int4" else "")),
+        ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
+        ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
+        ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),
+        ("shards", str(report.shards)),
+        ("time", f"{report.seconds:.1f} s"),
+        ("peak RSS", f"{report.peak_rss_bytes / 2**20:,.0f} MiB"),
+    ]
+    click.echo(f"wrote {dst}")
+    for k, v in rows:
+        click.echo(f"  {k:<14}{v}")
+
+
+def _parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise Qwen2qError(f"--max-shard-size {text!r} is not a size like 500MB or 4GB")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,8 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
         raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
                           "give a bf16/fp16/fp32 checkpoint")
     _check_destination(src, dst, force)
+    if config.dtype in ("bfloat16", "float16", "float32"):  # peers compute in the source's dtype
+        qcfg = dataclasses.replace(qcfg, compute_dtype=config.dtype)
     files = weight_files(src)
     names = tensor_names(files)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
