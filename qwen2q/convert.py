@@ -61,6 +61,15 @@ def _check_destination(src: Path, dst: Path, force: bool) -> None:
         raise Qwen2qError(f"destination {dst} is not empty; pass --force to replace it")
 
 
+def _remove_stale_partials(dst: Path) -> None:
+    """Delete temporary directories that killed conversions into `dst` left behind (their process is gone)."""
+    for old in dst.parent.glob(f".{dst.name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
+        if not alive:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -124,7 +133,7 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
     files = weight_files(src)
     names = tensor_names(files)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale_partials(dst)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     try:
