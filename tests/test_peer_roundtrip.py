@@ -1,10 +1,10 @@
 """Checkpoints cross between qwen2q and the peers: transformers + bitsandbytes, and AutoAWQ.
 
-Exactness is checked on the weights: each linear dequantized by bitsandbytes (before its first CPU
-forward) equals qwen2q's dequantization bit for bit.  Logits then agree within stated tolerances,
-because the peers' CPU forwards approximate: bitsandbytes' first CPU NF4 forward repacks the weight and
-rounds absmax to bf16 (1% relative), and LLM.int8 quantizes activations to int8 too with an fp16 outlier
-path, where qwen2q runs int8 weight-only (3% relative).
+Exactness is checked on the weights: each linear dequantized by bitsandbytes equals qwen2q's
+dequantization bit for bit.  Logits: NF4 agrees to 1e-4 (fp32) once bitsandbytes' CPU fast path is
+switched off (on CPUs with AVX512-BF16 its first forward repacks the weight and rounds absmax to bf16,
+a ~1% approximation that its GPU path does not make).  int8 agrees to 3% relative: bitsandbytes runs
+LLM.int8 (activations quantized to int8 too, fp16 outlier path), qwen2q runs int8 weight-only.
 """
 import warnings
 
@@ -39,7 +39,11 @@ def _rel(a, b):
 def _hf_load(path, dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=dtype).eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False  # exact dequantize + matmul, as on GPU
+    return model
 
 
 def _linears(model):
@@ -64,7 +68,7 @@ def test_transformers_loads_our_nf4(src, tmp_path):
     ours, hf = load_model(tmp_path / "q", dtype="float32"), _hf_load(tmp_path / "q", torch.float32)
     _same_nf4_weights(ours, hf)
     with torch.no_grad():
-        assert _rel(ours(IDS), hf(IDS).logits) < 0.01
+        assert (ours(IDS) - hf(IDS).logits).abs().max().item() <= 1e-4
 
 
 def test_transformers_loads_our_int8(src, tmp_path):
@@ -99,7 +103,7 @@ def test_we_load_transformers_nf4(src, tmp_path):
     assert type(ours.model.layers[0].self_attn.q_proj).__name__ == "NF4Linear"
     _same_nf4_weights(ours, hf)
     with torch.no_grad():
-        assert _rel(ours(IDS), hf(IDS).logits) < 0.01
+        assert (ours(IDS) - hf(IDS).logits).abs().max().item() <= 1e-4
 
 
 def test_we_load_transformers_int8(src, tmp_path):
