@@ -1,0 +1,182 @@
+"""Asymmetric group-wise uint4 in the AutoAWQ "GEMM" layout (`WQLinear_GEMM`, read by transformers and vLLM).
+
+This module owns the layout. For a weight W [out_features, in_features] and groups of G = group_size
+consecutive input channels (g = k // G for input channel k), round-to-nearest gives
+
+    scale[g, n] = max(max_k W[n, k] - min_k W[n, k], 1e-5) / 15     over the G inputs k of group g
+    zero[g, n]  = clamp(-round(min_k W[n, k] / scale[g, n]), 0, 15)
+    q[k, n]     = clamp(round(W[n, k] / scale[g, n]) + zero[g, n], 0, 15)
+    W[n, k]    ~= (q[k, n] - zero[g, n]) * scale[g, n]
+
+with scales rounded to fp16 (their stored dtype) before zeros and codes are computed, and round()
+half-to-even. Stored tensors:
+
+    qweight  int32 [in_features, out_features / 8]      q packed along the output dimension
+    qzeros   int32 [in_features / G, out_features / 8]  zero packed the same way
+    scales   fp16  [in_features / G, out_features]
+
+Packing: nibble i (bits 4i..4i+3) of packed column c holds column 8c + NIBBLE_COLUMNS[i].
+"""
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZES = (32, 64, 128)
+NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
+PACK_FACTOR = len(NIBBLE_COLUMNS)  # 4-bit codes per int32
+_MAX_CODE = 15
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Weight:
+    """One AWQ-GEMM int4 weight (G = group_size).
+
+    qweight: int32 [in_features, out_features / 8]
+    qzeros:  int32 [in_features / G, out_features / 8]
+    scales:  fp16  [in_features / G, out_features]
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[0]
+
+
+def check_shape(in_features: int, out_features: int, group_size: int) -> None:
+    """Raise ValueError, naming the sizes and what would work, unless the layout can hold this weight."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; use one of {GROUP_SIZES}")
+    if in_features % group_size:
+        fitting = [g for g in GROUP_SIZES if in_features % g == 0]
+        hint = f"group sizes that divide it: {fitting}" if fitting else f"pad it to a multiple of {group_size}"
+        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}; {hint}")
+    if out_features % PACK_FACTOR:
+        padded = -(-out_features // PACK_FACTOR) * PACK_FACTOR
+        raise ValueError(
+            f"out_features={out_features} is not a multiple of {PACK_FACTOR} (eight 4-bit columns share one"
+            f" int32); pad it to {padded}"
+        )
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"weight must be a 2-D float32/float16/bfloat16 [out_features, in_features] tensor,"
+            f" got {weight.dtype} {list(weight.shape)}"
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize")
+
+
+def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest scales and zeros for weight [out_features, in_features].
+
+    Returns (scales fp16 [in_features / G, out_features], zeros uint8 [in_features / G, out_features]).
+    Raises ValueError for unsupported sizes, NaN/Inf, or a weight range too large for fp16 scales.
+    """
+    _check_weight(weight)
+    out_features, in_features = weight.shape
+    check_shape(in_features, out_features, group_size)
+    groups = weight.detach().float().view(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16)
+    if not torch.isfinite(scales).all():
+        raise ValueError("weight range exceeds what float16 scales can hold (max - min > 15 * 65504)")
+    zeros = (-torch.round(low / scales.float())).clamp(0, _MAX_CODE)
+    return scales.t().contiguous(), zeros.t().to(torch.uint8).contiguous()
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes [rows, cols] (integer dtype, 0..15, cols % 8 == 0) into int32 [rows, cols / 8]."""
+    if codes.dim() != 2 or codes.shape[1] % PACK_FACTOR or codes.is_floating_point():
+        raise ValueError(f"codes must be integer [rows, cols], cols % 8 == 0; got {codes.dtype} {list(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() > _MAX_CODE):
+        raise ValueError(f"codes must lie in 0..15, got {codes.min().item()}..{codes.max().item()}")
+    rows, cols = codes.shape
+    nibbles = codes.long().view(rows, cols // PACK_FACTOR, PACK_FACTOR)[:, :, list(NIBBLE_COLUMNS)]
+    shifts = torch.arange(0, 32, 4, device=codes.device)
+    words = (nibbles << shifts).sum(dim=-1)  # 0 .. 2**32 - 1 in int64
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of `pack`: int32 [rows, cols / 8] -> uint8 codes [rows, cols]."""
+    if packed.dtype != torch.int32 or packed.dim() != 2:
+        raise ValueError(f"packed must be int32 [rows, cols / 8], got {packed.dtype} {list(packed.shape)}")
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    nibbles = (packed[:, :, None] >> shifts) & 0xF  # >> is arithmetic on int32: the mask drops the sign
+    columns = torch.empty_like(nibbles)
+    columns[:, :, list(NIBBLE_COLUMNS)] = nibbles
+    return columns.reshape(packed.shape[0], -1).to(torch.uint8)
+
+
+def quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> Int4Weight:
+    """Quantize weight [out_features, in_features] with scales and zeros, both [in_features / G, out_features].
+
+    scales are rounded to fp16 (the stored dtype) first and must be positive; zeros must be whole numbers
+    in 0..15 (any dtype). G is in_features / scales.shape[0]. Raises ValueError on bad shapes or values.
+    """
+    _check_weight(weight)
+    out_features, in_features = weight.shape
+    num_groups = scales.shape[0] if scales.dim() == 2 else 0
+    fits = num_groups > 0 and in_features % num_groups == 0 and scales.shape[1] == out_features
+    if not fits or scales.shape != zeros.shape:
+        raise ValueError(
+            f"scales and zeros must both be [in_features / group_size, {out_features}] for weight"
+            f" {list(weight.shape)}, got {list(scales.shape)} and {list(zeros.shape)}"
+        )
+    group_size = in_features // num_groups
+    check_shape(in_features, out_features, group_size)
+    scales = scales.detach().to(torch.float16)
+    if not (torch.isfinite(scales) & (scales > 0)).all():
+        raise ValueError("scales must be positive and finite in float16")
+    if ((zeros != torch.round(zeros.float())) | (zeros < 0) | (zeros > _MAX_CODE)).any():
+        raise ValueError("zeros must be whole numbers in 0..15")
+    full_scales = scales.float().repeat_interleave(group_size, dim=0)
+    full_zeros = zeros.float().repeat_interleave(group_size, dim=0)
+    codes = (torch.round(weight.detach().float().t() / full_scales) + full_zeros).clamp(0, _MAX_CODE)
+    return Int4Weight(pack(codes.to(torch.uint8)), pack(zeros.to(torch.uint8)), scales.contiguous())
+
+
+def dequantize(q: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Reference dequantize: [out_features, in_features] in `dtype`; (q - zero) * scale, exact in fp32, cast."""
+    g = q.group_size
+    codes = unpack(q.qweight).float()
+    zeros = unpack(q.qzeros).float().repeat_interleave(g, dim=0)
+    scales = q.scales.float().repeat_interleave(g, dim=0)
+    return ((codes - zeros) * scales).to(dtype).t().contiguous()
+
+
+def to_state_dict(q: Int4Weight, prefix: str) -> dict[str, torch.Tensor]:
+    """{prefix}.qweight, {prefix}.qzeros, {prefix}.scales, as AutoAWQ saves them (the bias is not ours)."""
+    return {f"{prefix}.qweight": q.qweight, f"{prefix}.qzeros": q.qzeros, f"{prefix}.scales": q.scales}
+
+
+def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int4Weight:
+    """Read the tensors of `to_state_dict` back; ValueError when their dtypes or shapes do not fit together."""
+    q = Int4Weight(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"])
+    found = {name: (t.dtype, list(t.shape)) for name, t in vars(q).items()}
+    in_features, packed_out = q.qweight.shape if q.qweight.dim() == 2 else (0, 0)
+    num_groups = q.scales.shape[0] if q.scales.dim() == 2 and q.scales.shape[0] else 1
+    wanted = {
+        "qweight": (torch.int32, [in_features, packed_out]),
+        "qzeros": (torch.int32, [num_groups, packed_out]),
+        "scales": (torch.float16, [num_groups, packed_out * PACK_FACTOR]),
+    }
+    if found != wanted or in_features % num_groups:
+        raise ValueError(f"{prefix}: AWQ tensors do not fit together: got {found}")
+    check_shape(in_features, packed_out * PACK_FACTOR, in_features // num_groups)
+    return q

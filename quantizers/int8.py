@@ -1,0 +1,78 @@
+"""Per-row symmetric int8: the storage of bitsandbytes `Linear8bitLt` checkpoints, byte for byte.
+
+For a weight W [out_features, in_features]:
+
+    absmax[r]  = max_k |W[r, k]|                             fp32 [out_features] (bitsandbytes: "SCB")
+    qweight    = round(W * (127 / absmax[r]))                int8 [out_features, in_features], row-major
+    W         ~= qweight * (absmax[r] / 127)
+
+round() is half-to-even, computed in fp32 exactly as `bitsandbytes.functional.int8_vectorwise_quant`. An
+all-zero row stores absmax 0 and zero codes.
+"""
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Weight:
+    """One int8 weight. qweight: int8 [out_features, in_features]; absmax: fp32 [out_features]."""
+
+    qweight: torch.Tensor
+    absmax: torch.Tensor
+
+
+def quantize(weight: torch.Tensor) -> Int8Weight:
+    """Quantize weight [out_features, in_features] (fp32, fp16 or bf16) per output row.
+
+    Raises ValueError for a non-2-D or non-float weight, or one containing NaN/Inf.
+    """
+    if weight.dim() != 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be non-empty [out_features, in_features], got {list(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf values; cannot quantize")
+    weight = weight.detach()
+    absmax = weight.abs().amax(dim=1).float()
+    factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+    qweight = torch.round(weight.float() * factor[:, None]).to(torch.int8)
+    return Int8Weight(qweight, absmax)
+
+
+def dequantize(q: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Reference dequantize: [out_features, in_features] in `dtype`; qweight * (absmax / 127) in fp32, cast."""
+    return (q.qweight.float() * (q.absmax / 127.0)[:, None]).to(dtype)
+
+
+def to_state_dict(q: Int8Weight, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors bitsandbytes saves for an int8 linear `prefix` (e.g. "model.layers.0.mlp.up_proj").
+
+    {prefix}.weight         int8 [out_features, in_features]
+    {prefix}.SCB            fp32 [out_features]   (note: not "weight.SCB")
+    {prefix}.weight_format  uint8 [] = 0 (row-major)
+    """
+    return {
+        f"{prefix}.weight": q.qweight,
+        f"{prefix}.SCB": q.absmax,
+        f"{prefix}.weight_format": torch.tensor(_ROW_MAJOR, dtype=torch.uint8),
+    }
+
+
+def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int8Weight:
+    """Read the tensors of `to_state_dict` back (weight_format may be absent); ValueError when invalid."""
+    qweight, absmax = tensors[f"{prefix}.weight"], tensors[f"{prefix}.SCB"]
+    weight_format = tensors.get(f"{prefix}.weight_format")
+    if weight_format is not None and int(weight_format) != _ROW_MAJOR:
+        raise ValueError(
+            f"{prefix}.weight_format={int(weight_format)} is a GPU tile layout; only 0 (row-major) is read"
+        )
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise ValueError(f"{prefix}.weight must be int8 [out, in], got {qweight.dtype} {list(qweight.shape)}")
+    if absmax.dtype != torch.float32 or tuple(absmax.shape) != (qweight.shape[0],):
+        raise ValueError(f"{prefix}.SCB must be float32 [{len(qweight)}]; got {absmax.dtype} {list(absmax.shape)}")
+    return Int8Weight(qweight, absmax)
