@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -206,6 +207,78 @@ def quantize(paths, method, group_size, skip, max_shard_size, force):
     click.echo(f"wrote {dst}")
     for k, v in rows:
         click.echo(f"  {k:<14}{v}")
+
+
+@main.command("eval")
+@click.argument("models", nargs=-1, type=click.Path(), metavar="[MODEL]...")
+@click.option("--reference", "-r", type=click.Path(), default=None,
+              help="bf16 checkpoint to measure drift against (KL, top-1, perplexity delta).")
+@click.option("--dataset", "-d", default="auto", show_default=True,
+              help="auto, wikitext2, pydoc, or a text file / folder (see `qwen2q eval --help`).")
+@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
+              help="Window length (capped at the model's context).")
+@click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N windows.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
+@click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
+@_load_options
+def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle):
+    """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
+
+    Text: WikiText-2 raw test ($QWEN2Q_DATA or ../shared/data, else the `datasets` hub), tokenized once
+    and cut into non-overlapping windows that each score their last L-1 tokens; with no WikiText-2
+    available, "auto" falls back to CPython's pydoc topics.  The reference and the models run side by
+    side window by window, so memory holds two windows of logits, never a logits file.
+
+    \b
+    Examples:
+      qwen2q eval ./q-nf4 --reference ./Qwen2-0.5B --max-windows 32 --seq-len 512
+      qwen2q eval ./q-nf4 ./q-int8 ./q-int4 -r ./Qwen2-0.5B --json drift.json --plot drift.png
+      qwen2q eval ./Qwen2-0.5B --dataset ./my-text.txt
+    """
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.evals import harness
+    from qwen2q.evals.data import load_text
+
+    models = [Path(m) for m in models] or [DEFAULT_MODEL]
+    text = load_text(dataset)
+    result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
+                              max_windows=max_windows, device=device, dtype=dtype)
+    click.echo(harness.format_table(result))
+    if json_out:
+        harness.write_json(result, json_out)
+        click.echo(f"wrote {json_out}")
+    if plot:
+        harness.plot(result, plot)
+        click.echo(f"wrote {plot}")
+
+
+@main.command()
+@click.option("--dataset", "-d", default="auto", show_default=True, help="auto, wikitext2, pydoc or a text file.")
+@click.option("--max-windows", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
+@click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG.")
+def demo(dataset, max_windows, json_out, plot):
+    """Quantize the embedded model with every method and compare each with bf16, offline.
+
+    Prints one table: method, bits/weight, size, perplexity, its delta, KL, top-1 agreement and
+    quantize time.  Runs in a temporary directory; nothing is left behind.
+
+    \b
+    Example:
+      qwen2q demo --json demo.json --plot demo.png
+    """
+    from qwen2q.evals import demo as demo_mod
+    from qwen2q.evals import harness
+    from qwen2q.evals.data import load_text
+
+    result = demo_mod.run(load_text(dataset), max_windows=max_windows)
+    click.echo(harness.format_table(result, extra_columns=("bits_per_weight", "quantize_seconds")))
+    if json_out:
+        harness.write_json(result, json_out)
+        click.echo(f"wrote {json_out}")
+    if plot:
+        harness.plot(result, plot)
+        click.echo(f"wrote {plot}")
 
 
 def _parse_size(text: str) -> int:

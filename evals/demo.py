@@ -1,0 +1,35 @@
+"""`qwen2q demo`: every quantization method on the embedded model, each measured against bf16."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from qwen2q.convert import convert
+from qwen2q.evals.data import EvalText
+from qwen2q.evals.harness import evaluate
+from qwen2q.qconfig import QuantConfig
+
+METHODS = (QuantConfig("nf4"), QuantConfig("int8"), QuantConfig("int4", group_size=128))
+
+
+def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None, progress: bool = True) -> dict:
+    """Quantize `source` (default: the embedded model) with each method into a temporary directory and
+    evaluate all against it; rows carry bits/weight and quantize time too."""
+    from qwen2q.api import DEFAULT_MODEL
+
+    source = Path(source or DEFAULT_MODEL)
+    with tempfile.TemporaryDirectory(prefix="qwen2q-demo-") as tmp:
+        reports, paths = {}, []
+        for qcfg in METHODS:
+            dst = Path(tmp) / qcfg.method
+            reports[str(dst)] = convert(source, dst, qcfg, progress=False)
+            paths.append(dst)
+        result = evaluate(paths, text, reference=source, max_windows=max_windows, progress=progress)
+    for row in result["rows"]:
+        report = reports.get(row["model"])
+        if report is not None:
+            row["bits_per_weight"] = report.bits_per_weight
+            row["quantize_seconds"] = report.seconds
+            row["peak_rss_bytes"] = report.peak_rss_bytes
+        row["model"] = Path(row["model"]).name if report is not None else "embedded bf16"
+    return result

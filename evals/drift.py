@@ -1,0 +1,58 @@
+"""Drift of a quantized model from its reference on the same tokens: KL, top-1 agreement, perplexity.
+
+Both models run window by window side by side (no logits file), so memory stays at two windows of
+logits.  Per scored position t (the protocol of `perplexity`: each window scores its last L-1 tokens),
+with p = softmax(reference logits) and q = softmax(candidate logits), in fp32 from the logits:
+
+    KL_t = sum_v p_v (log p_v - log q_v)        reported: mean over all scored positions
+    top1_t = [argmax p == argmax q]              reported: mean (fraction of positions)
+
+and each model's perplexity exp(mean NLL), their ratio and difference.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qwen2q.evals.perplexity import _windows
+
+
+@torch.inference_mode()
+def compare(reference, candidate, token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None,
+            chunk: int = 512, progress=None) -> dict:
+    """Drift figures of `candidate` against `reference` (each: input_ids [1, T] -> logits [1, T, V]).
+
+    `chunk` positions are turned into fp32 log-probabilities at a time (memory only).  `progress`, if
+    given, is called once per window.
+    """
+    windows = _windows(token_ids, seq_len, max_windows)
+    sums = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0}
+    for window in windows:
+        ids = window[None]
+        ref_logits, cand_logits = reference(ids)[0, :-1], candidate(ids)[0, :-1]
+        targets = window[1:]
+        for s in range(0, targets.numel(), chunk):
+            lp = F.log_softmax(ref_logits[s : s + chunk].float(), dim=-1)
+            lq = F.log_softmax(cand_logits[s : s + chunk].float(), dim=-1)
+            t = targets[s : s + chunk, None].to(lp.device)
+            sums["nll_ref"] -= lp.gather(-1, t).double().sum().item()
+            sums["nll"] -= lq.gather(-1, t).double().sum().item()
+            sums["kl"] += (lp.exp() * (lp - lq)).sum(-1).double().sum().item()
+            sums["top1"] += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        if progress is not None:
+            progress()
+    n = windows.shape[0] * (seq_len - 1)
+    ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
+    return {
+        "ppl_reference": ppl_ref,
+        "ppl": ppl,
+        "ppl_ratio": ppl / ppl_ref,
+        "ppl_delta": ppl - ppl_ref,
+        "kl": sums["kl"] / n,
+        "top1": sums["top1"] / n,
+        "windows": int(windows.shape[0]),
+        "tokens": int(n),
+        "seq_len": seq_len,
+    }

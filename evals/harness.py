@@ -1,0 +1,144 @@
+"""Evaluate checkpoints, alone (perplexity) or against a reference (drift), into report rows.
+
+Used by `qwen2q eval` and `qwen2q demo`.  All models see the same text, tokenized once with the
+reference's (or the first model's) tokenizer, cut into the same windows.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from qwen2q import __version__
+from qwen2q.config import Qwen2Config
+from qwen2q.errors import Qwen2qError
+from qwen2q.evals.data import EvalText
+from qwen2q.evals.drift import compare
+from qwen2q.evals.perplexity import perplexity
+from qwen2q.info import quantization_summary
+
+
+def method_label(path: Path) -> str:
+    """A short name for the checkpoint's format: 'bf16', 'nf4', 'int8', 'int4-g128', 'awq-g128', ..."""
+    cfg = Qwen2Config.from_file(path / "config.json")
+    note = cfg.raw.get("qwen2q") or {}
+    if note.get("method"):
+        g = note.get("group_size")
+        return f"{note['method']}-g{g}" if g else note["method"]
+    if cfg.quantization_config:
+        return quantization_summary(cfg)
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(cfg.dtype, cfg.dtype)
+
+
+def weights_size(path: Path) -> int:
+    from qwen2q.checkpoint import weight_files
+
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
+def choose_seq_len(requested: int | None, config: Qwen2Config) -> int:
+    limit = config.max_position_embeddings
+    seq_len = min(requested or 2048, limit)
+    if seq_len < 2:
+        raise Qwen2qError(f"--seq-len must be at least 2, got {requested}")
+    return seq_len
+
+
+def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, seq_len: int | None = None,
+             max_windows: int | None = None, device: str = "cpu", dtype: str | None = None,
+             progress: bool = True) -> dict:
+    """Rows of figures for each model in `models` (and the reference), plus the settings used."""
+    import qwen2q
+    from tqdm import tqdm
+
+    tok_source = reference or models[0]
+    first = qwen2q.load(tok_source, device=device, dtype=dtype)
+    seq_len = choose_seq_len(seq_len, first.config)
+    ids = torch.tensor(first.tokenizer.encode(text.text), dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise Qwen2qError(f"{text.name} has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    n_windows = ids.numel() // seq_len if max_windows is None else min(max_windows, ids.numel() // seq_len)
+    settings = {"dataset": text.name, "source": text.source, "seq_len": seq_len, "windows": n_windows,
+                "scored_tokens": n_windows * (seq_len - 1), "device": device, "dtype": str(first.dtype),
+                "reference": str(reference) if reference else None, "qwen2q": __version__,
+                "torch": torch.__version__, "python": platform.python_version()}
+    rows = []
+    ref_model = first.model if reference else None
+    if reference:
+        t0 = time.perf_counter()
+        r = perplexity(ref_model, ids, seq_len, max_windows=n_windows, batch_size=1)
+        rows.append({"model": str(reference), "method": method_label(Path(reference)), "size_bytes":
+                     weights_size(Path(reference)), "ppl": r["ppl"], "seconds": time.perf_counter() - t0})
+    for path in models:
+        path = Path(path)
+        m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(path, device=device, dtype=dtype)
+        t0 = time.perf_counter()
+        bar = tqdm(total=n_windows, desc=f"eval {path.name}", unit="window", disable=not progress, leave=False)
+        if reference:
+            d = compare(ref_model, m.model, ids, seq_len, max_windows=n_windows, progress=bar.update)
+            row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
+                   "top1": d["top1"]}
+        else:
+            row = {"ppl": perplexity(m.model, ids, seq_len, max_windows=n_windows, batch_size=1)["ppl"]}
+        bar.close()
+        rows.append({"model": str(path), "method": method_label(path), "size_bytes": weights_size(path), **row,
+                     "seconds": time.perf_counter() - t0})
+    return {"settings": settings, "rows": rows}
+
+
+# (header, width, format, row key); the first column is left-aligned.
+COLUMNS = [("method", 14, "{}", "method"), ("size MiB", 10, "{:.2f}", "size_mib"), ("ppl", 10, "{:.4f}", "ppl"),
+           ("delta", 10, "{:+.4f}", "ppl_delta"), ("KL", 10, "{:.5f}", "kl"), ("top-1", 8, "{:.2%}", "top1")]
+EXTRA_COLUMNS = [("bits/w", 8, "{:.3f}", "bits_per_weight"), ("quant s", 9, "{:.1f}", "quantize_seconds")]
+
+
+def format_table(result: dict, extra_columns: tuple[str, ...] = ()) -> str:
+    """A plain-text table of `result["rows"]` under a line with the settings used."""
+    s = result["settings"]
+    cols = COLUMNS + [c for c in EXTRA_COLUMNS if c[3] in extra_columns]
+    lines = [f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
+             f"{s['scored_tokens']} scored tokens, {s['dtype']} on {s['device']}"]
+
+    def cell(i, width, text):
+        return f"{text:<{width}}" if i == 0 else f"{text:>{width}}"
+
+    lines.append("".join(cell(i, w, name) for i, (name, w, _, _) in enumerate(cols)))
+    for row in result["rows"]:
+        row = {**row, "size_mib": row.get("size_bytes", 0) / 2**20}
+        lines.append("".join(cell(i, w, "-" if row.get(key) is None else fmt.format(row[key]))
+                             for i, (_, w, fmt, key) in enumerate(cols)))
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def plot(result: dict, path: str | Path) -> None:
+    """Bar charts of KL and perplexity delta by method (needs matplotlib: pip install qwen2q[plot])."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise Qwen2qError("--plot needs matplotlib: pip install 'qwen2q[plot]'") from None
+    rows = [r for r in result["rows"] if "kl" in r]
+    if not rows:
+        raise Qwen2qError("--plot needs --reference (it draws drift against the reference)")
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar(names, [r["kl"] for r in rows], color="tab:blue")
+    axes[0].set_title("mean KL(reference || quantized)")
+    axes[1].bar(names, [r["ppl_delta"] for r in rows], color="tab:orange")
+    axes[1].set_title("perplexity delta")
+    s = result["settings"]
+    fig.suptitle(f"{s['dataset']}, seq len {s['seq_len']}, {s['scored_tokens']} tokens", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
