@@ -180,3 +180,19 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int4Wei
         raise ValueError(f"{prefix}: AWQ tensors do not fit together: got {found}")
     check_shape(in_features, packed_out * PACK_FACTOR, in_features // num_groups)
     return q
+
+
+def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Round-to-nearest quantize then dequantize weight [out_features, in_features], in fp32.
+
+    Equal to dequantize(quantize(weight, *compute_scales_zeros(weight, group_size)), torch.float32)
+    (scales rounded to fp16 first, as stored), without packing: what calibration searches score.
+    """
+    out_features, in_features = weight.shape
+    check_shape(in_features, out_features, group_size)
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scales = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16).float()
+    zeros = (-torch.round(low / scales)).clamp(0, _MAX_CODE)
+    codes = (torch.round(groups / scales) + zeros).clamp(0, _MAX_CODE)
+    return ((codes - zeros) * scales).reshape(out_features, in_features)

@@ -142,3 +142,33 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict 
     """Write one safetensors file; tensors are made contiguous and distinct (tied weights saved once by the caller)."""
     state = {k: v.detach().contiguous() for k, v in state.items()}
     save_file(state, str(path), metadata=metadata or {"format": "pt"})
+
+
+class TensorIndex:
+    """Random access to a checkpoint's tensors by name, memory-mapped, one tensor read at a time."""
+
+    def __init__(self, files: list[Path]):
+        self._files: dict[str, Path] = {}
+        for f in files:
+            if f.suffix == ".bin":
+                raise Qwen2qError(f"{f}: random access needs safetensors; convert pickle checkpoints first")
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    self._files.update({name: f for name in sf.keys()})
+            except SafetensorError as e:
+                raise Qwen2qError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
+        self._open: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._files.get(name)
+        if f is None:
+            raise Qwen2qError(f"checkpoint lacks tensor {name}")
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="pt")
+        return self._open[f].get_tensor(name)

@@ -70,7 +70,7 @@ def _remove_stale_partials(dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -117,58 +117,108 @@ class _ShardWriter:
         return n
 
 
+class CheckpointWriter:
+    """Writes a checkpoint directory atomically: shards stream into a hidden temporary directory beside
+    `dst`; `finish(config)` copies the side files from `src`, writes config.json last and renames the
+    directory into place.  Leaving the `with` block early (an error, Ctrl-C) deletes the temporary
+    directory; a killed process leaves one without config.json, which the next run into `dst` removes."""
+
+    def __init__(self, src: Path, dst: Path, force: bool, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        _check_destination(src, dst, force)
+        self.src, self.dst = src, dst
+        self.tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+        self.max_shard_bytes = max_shard_bytes
+
+    def __enter__(self) -> "CheckpointWriter":
+        _remove_stale_partials(self.dst)
+        self.tmp.mkdir(parents=True)
+        self.shards = _ShardWriter(self.tmp, self.max_shard_bytes)
+        return self
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.shards.add(tensors)
+
+    def finish(self, config: dict) -> int:
+        """Complete the checkpoint with `config` as config.json; return the number of shards."""
+        n = self.shards.finish()
+        for side in SIDE_FILES:
+            if (self.src / side).is_file():
+                shutil.copy2(self.src / side, self.tmp / side)
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: only now it loads
+        if self.dst.exists():
+            shutil.rmtree(self.dst)
+        os.replace(self.tmp, self.dst)
+        return n
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_source(src) -> tuple[Path, Qwen2Config, list[Path]]:
+    """Check that `src` is an unquantized checkpoint; return its path, config and weight files."""
+    src = check_model_dir(src)
+    config = Qwen2Config.from_file(src / "config.json")
+    if config.quantization_config:
+        raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
+                          "give a bf16/fp16/fp32 checkpoint")
+    return src, config, weight_files(src)
+
+
+def quantized_config(config: Qwen2Config, qcfg: QuantConfig, src: Path, **note) -> dict:
+    """config.json for the output: the source's, plus quantization_config and a note of how it was made."""
+    cfg = config.to_dict()
+    cfg["quantization_config"] = qcfg.to_hf()
+    cfg["qwen2q"] = {"version": __version__, "method": qcfg.method, "source": src.name,
+                     "group_size": qcfg.group_size if qcfg.method in ("int4", "awq") else None, **note}
+    return cfg
+
+
+def with_source_dtype(qcfg: QuantConfig, config: Qwen2Config) -> QuantConfig:
+    """Peers compute in the checkpoint's dtype: record it as the bitsandbytes compute dtype."""
+    if config.dtype in ("bfloat16", "float16", "float32"):
+        return dataclasses.replace(qcfg, compute_dtype=config.dtype)
+    return qcfg
+
+
+def is_quantized_linear(name: str, qcfg: QuantConfig) -> bool:
+    """Whether tensor `name` is the weight of a decoder linear that `qcfg` quantizes."""
+    return bool(LINEAR_WEIGHT.match(name)) and not qcfg.skips(name[: -len(".weight")])
+
+
+def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config) -> dict:
+    """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of
+    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16)."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return {}
+    if name.endswith(".bias") and qcfg.method in ("int4", "awq") and is_quantized_linear(name[:-5] + ".weight", qcfg):
+        return {name: tensor.to(torch.float16)}
+    return {name: tensor.clone()}
+
+
 def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
             progress: bool = True) -> ConversionReport:
     """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods)."""
     from tqdm import tqdm
 
-    src, dst = check_model_dir(src), Path(dst)
-    config = Qwen2Config.from_file(src / "config.json")
-    if config.quantization_config:
-        raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
-                          "give a bf16/fp16/fp32 checkpoint")
-    _check_destination(src, dst, force)
-    if config.dtype in ("bfloat16", "float16", "float32"):  # peers compute in the source's dtype
-        qcfg = dataclasses.replace(qcfg, compute_dtype=config.dtype)
-    files = weight_files(src)
-    names = tensor_names(files)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    _remove_stale_partials(dst)
-    tmp.mkdir(parents=True)
+    if qcfg.method == "awq":
+        raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
+    src, config, files = read_source(src)
+    dst = Path(dst)
+    qcfg = with_source_dtype(qcfg, config)
     start = time.perf_counter()
-    try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        q_elems = q_bytes = 0
-        for name, tensor in tqdm(iter_tensors(files), total=len(names), desc=f"quantize {qcfg.method}",
+    q_elems = q_bytes = 0
+    with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
+        for name, tensor in tqdm(iter_tensors(files), total=len(tensor_names(files)), desc=f"quantize {qcfg.method}",
                                  unit="tensor", disable=not progress):
-            module = name[: -len(".weight")]
-            if LINEAR_WEIGHT.match(name) and not qcfg.skips(module):
-                out = quantize_linear(qcfg, module, tensor)
+            if is_quantized_linear(name, qcfg):
+                tensors = quantize_linear(qcfg, name[: -len(".weight")], tensor)
                 q_elems += tensor.numel()
-                q_bytes += sum(t.numel() * t.element_size() for t in out.values())
-            elif name.endswith(".bias") and LINEAR_WEIGHT.match(name[: -len(".bias")] + ".weight") \
-                    and not qcfg.skips(name[: -len(".bias")]) and qcfg.method in ("int4", "awq"):
-                out = {name: tensor.to(torch.float16)}  # AutoAWQ's WQLinear_GEMM keeps its bias in fp16
-            elif name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
+                q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             else:
-                out = {name: tensor.clone()}
-            writer.add(out)
-        shards = writer.finish()
-        for side in SIDE_FILES:
-            if (src / side).is_file():
-                shutil.copy2(src / side, tmp / side)
-        cfg = config.to_dict()
-        cfg["quantization_config"] = qcfg.to_hf()
-        cfg["qwen2q"] = {"version": __version__, "method": qcfg.method, "group_size": qcfg.group_size
-                         if qcfg.method in ("int4", "awq") else None, "source": src.name}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # last: only now does tmp load
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                tensors = passthrough(name, tensor, qcfg, config)
+            out.add(tensors)
+        shards = out.finish(quantized_config(config, qcfg, src))
     return ConversionReport(
         method=qcfg.method,
         seconds=time.perf_counter() - start,
@@ -176,6 +226,6 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
         bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
         quantized_weights=q_elems,
         quantized_bytes=q_bytes,
-        peak_rss_bytes=_peak_rss_bytes(),
+        peak_rss_bytes=peak_rss_bytes(),
         shards=shards,
     )

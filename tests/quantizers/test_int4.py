@@ -169,3 +169,12 @@ def test_rejects_nan_and_inf(bad):
     scales, zeros = torch.ones(1, 16, dtype=torch.float16), torch.zeros(1, 16)
     with pytest.raises(ValueError, match="NaN or Inf"):
         int4.quantize(weight, scales, zeros)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_fake_quantize_equals_quantize_then_dequantize(group_size):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(4), dtype=torch.float32) * 0.05
+    w[3, 7] = 0.9  # an outlier in one group
+    scales, zeros = int4.compute_scales_zeros(w, group_size)
+    ref = int4.dequantize(int4.quantize(w, scales, zeros), torch.float32)
+    assert torch.equal(int4.fake_quantize(w, group_size), ref)
