@@ -164,16 +164,26 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[SRC] DST")
-@click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4"]), required=True,
+@click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4", "awq"]), required=True,
               help="nf4: bitsandbytes NF4 + double quant; int8: bitsandbytes int8 storage; "
-                   "int4: AWQ-layout group-wise uint4, round-to-nearest.")
+                   "int4: AWQ-layout group-wise uint4, round-to-nearest; awq: the same layout, calibrated.")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               help="Input channels per scale/zero (int4).")
 @click.option("--skip", multiple=True, metavar="MODULE",
               help="Keep these linears in full precision (name or suffix, repeatable); lm_head is always kept.")
 @click.option("--max-shard-size", default="4GB", show_default=True, help="Largest output shard, e.g. 500MB, 4GB.")
 @click.option("--force", is_flag=True, help="Replace DST if it is not empty.")
-def quantize(paths, method, group_size, skip, max_shard_size, force):
+@click.option("--calib-data", default=None, metavar="FILE|DIR|HUB_ID",
+              help="awq: calibration text (.txt/.jsonl file, folder, or datasets hub id); "
+                   "default $QWEN2Q_DATA/calib/wiki.utf8 or ../shared/data/calib/wiki.utf8.")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="awq: samples.")
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(min=2), help="awq: tokens per sample.")
+@click.option("--chat-template", is_flag=True, help="awq: render calibration text through the chat template.")
+@click.option("--search-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="awq: tokens the scale search scores (statistics use all calibration tokens).")
+@click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
+def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
+             chat_template, search_tokens, device):
     """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
 
     Streams shard by shard (peak memory near one output shard), writes into a temporary directory
@@ -183,6 +193,7 @@ def quantize(paths, method, group_size, skip, max_shard_size, force):
     \b
     Examples:
       qwen2q quantize ./tiny-nf4 --method nf4
+      qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq -m awq --calib-data wiki.txt --calib-samples 48 --chat-template
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
     """
@@ -194,16 +205,29 @@ def quantize(paths, method, group_size, skip, max_shard_size, force):
         raise Qwen2qError(f"expected [SRC] DST, got {len(paths)} paths")
     src, dst = (DEFAULT_MODEL, paths[0]) if len(paths) == 1 else paths
     qcfg = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
-    report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
+    rows = []
+    if method == "awq":
+        from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+
+        if skip:
+            raise Qwen2qError("--skip is not supported with --method awq yet")
+        calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens)
+        report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
+                                      max_shard_bytes=_parse_size(max_shard_size))
+        rows.append(("calibration", details["calibration"]))
+        if details["peak_device_bytes"] is not None:
+            rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
+    else:
+        report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
     rows = [
-        ("method", f"{method}" + (f" g{group_size}" if method == "int4" else "")),
+        ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),
         ("shards", str(report.shards)),
         ("time", f"{report.seconds:.1f} s"),
         ("peak RSS", f"{report.peak_rss_bytes / 2**20:,.0f} MiB"),
-    ]
+    ] + rows
     click.echo(f"wrote {dst}")
     for k, v in rows:
         click.echo(f"  {k:<14}{v}")

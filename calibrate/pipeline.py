@@ -1,0 +1,219 @@
+"""`qwen2q quantize --method awq`: calibrate and quantize a checkpoint one decoder layer at a time.
+
+Memory: only one decoder layer's weights are on the compute device at once, read from the memory-mapped
+source shards on demand; the calibration activations (N x L x hidden, fp32) live on the device; the
+output streams into shards like every other conversion.  Each layer's quantized output feeds the next
+layer, so later layers calibrate on the activations they will really see.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qwen2q.calibrate.awq import QWEN2_GROUPS, NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
+from qwen2q.calibrate.data import calibration_tokens
+from qwen2q.checkpoint import TensorIndex, check_filled, fill_module, weight_files
+from qwen2q.convert import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointWriter,
+    ConversionReport,
+    passthrough,
+    peak_rss_bytes,
+    quantized_config,
+    read_source,
+)
+from qwen2q.errors import Qwen2qError
+from qwen2q.model import DecoderLayer
+from qwen2q.qconfig import QuantConfig
+from qwen2q.quantizers import int4
+from qwen2q.rope import RotaryEmbedding
+from qwen2q.tokenizer import Tokenizer
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Which captured activation each scaling group's linears read.
+GROUP_INPUT = {"input_layernorm": "attn_in", "self_attn.v_proj": "o_in", "post_attention_layernorm": "mlp_in",
+               "mlp.up_proj": "down_in"}
+LINEAR_INPUT = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+                "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
+                "mlp.down_proj": "down_in"}
+HOOKED = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
+          "down_in": "mlp.down_proj"}
+
+
+@dataclasses.dataclass
+class CalibrationSettings:
+    source: str | None = None  # file, folder or hub id; None: ../shared/data/calib/wiki.utf8
+    samples: int = 128
+    seq_len: int = 512
+    chat_template: bool = False
+    search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
+
+
+def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
+    """Decoder layer `i` in fp32 on `device`, read from the source shards."""
+    with torch.device("meta"):
+        layer = DecoderLayer(config, i)
+    prefix = f"model.layers.{i}."
+    tensors = ((n[len(prefix):], index.get(n)) for n in index.names() if n.startswith(prefix))
+    fill_module(layer, tensors, torch.float32, device)
+    check_filled(layer)
+    return layer
+
+
+class _Recorder:
+    """Forward pre-hook that sums |input| per channel and keeps the inputs while `keeping` is set."""
+
+    def __init__(self):
+        self.total, self.count, self.kept, self.keeping = 0.0, 0, [], False
+
+    def __call__(self, module, args):
+        a = args[0]
+        self.total = self.total + a.abs().reshape(-1, a.shape[-1]).double().sum(0)
+        self.count += a.numel() // a.shape[-1]
+        if self.keeping:
+            self.kept.append(a.clone())
+
+
+@torch.no_grad()
+def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, batch: int = 8):
+    """Run `layer` over x [N, L, H] in batches of samples.
+
+    Returns (means, inputs): for each activation kind of HOOKED, mean |input| per channel (fp32 [C],
+    over all N x L tokens), and the activations of the first n_search samples: attn_in [n, L, H] (the
+    attention needs whole sequences), the others flattened to [n * L, C].
+    """
+    recorders = {kind: _Recorder() for kind in HOOKED}
+    hooks = [layer.get_submodule(HOOKED[k]).register_forward_pre_hook(r) for k, r in recorders.items()]
+    try:
+        for b in range(0, x.shape[0], batch):
+            for r in recorders.values():
+                r.keeping = b < n_search
+            layer(x[b : b + batch], cos, sin)
+    finally:
+        for h in hooks:
+            h.remove()
+    means = {k: (r.total / r.count).float() for k, r in recorders.items()}
+    inputs = {}
+    for kind, r in recorders.items():
+        kept = torch.cat(r.kept)[:n_search]
+        inputs[kind] = kept if kind == "attn_in" else kept.reshape(-1, kept.shape[-1])
+    return means, inputs
+
+
+@torch.no_grad()
+def run_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, batch: int = 8) -> torch.Tensor:
+    return torch.cat([layer(x[b : b + batch], cos, sin) for b in range(0, x.shape[0], batch)])
+
+
+def _inspector(layer: DecoderLayer, inspect: str, cos, sin):
+    """inputs -> output of the module the loss scores (the attention block needs its rotary tables)."""
+    module = layer.get_submodule(inspect)
+    if inspect == "self_attn":
+        return lambda x: module(x, cos, sin, None, 0)
+    return module
+
+
+@torch.no_grad()
+def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str) -> dict:
+    """Search, fold and clip the scales of one layer in place; return {linear name: alpha or clip note}."""
+    seq_len = x.shape[1]
+    n_search = max(1, min(x.shape[0], math.ceil(search_tokens / seq_len)))
+    means, inputs = capture(layer, x, cos, sin, n_search)
+    chosen = {}
+    for group in QWEN2_GROUPS:
+        if group.needs_same_shape:
+            prev, first = layer.get_submodule(group.prev), layer.get_submodule(group.linears[0])
+            if prev.out_features != first.in_features:
+                continue  # GQA: v's output is narrower than o's input, nothing to fold
+        kind = GROUP_INPUT[group.prev]
+        s, alpha, loss = search_scales(layer, group, means[kind], inputs[kind],
+                                       _inspector(layer, group.inspect, cos, sin), group_size, where)
+        fold_scales(layer, group, s)
+        inputs[kind] = inputs[kind] / s  # what the scaled linears now read
+        chosen[group.prev] = alpha
+    for name in LINEARS:
+        if name.rsplit(".", 1)[-1] in NO_CLIP:
+            continue
+        lin = layer.get_submodule(name)
+        x_in = inputs[LINEAR_INPUT[name]].reshape(-1, lin.in_features)
+        apply_clip(lin, search_clip(lin.weight.data, x_in, group_size), group_size)
+    return chosen
+
+
+@torch.no_grad()
+def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: torch.dtype) -> dict:
+    """The layer's checkpoint tensors (int4 linears, fp16 biases, folded norms in the source dtype); the
+    layer's linears are left holding their dequantized weights, so it computes what the file will."""
+    out = {}
+    prefix = f"model.layers.{i}."
+    for name in LINEARS:
+        lin = layer.get_submodule(name)
+        scales, zeros = int4.compute_scales_zeros(lin.weight.data, group_size)
+        q = int4.quantize(lin.weight.data, scales, zeros)
+        out.update(int4.to_state_dict(q, prefix + name))
+        if lin.bias is not None:
+            out[prefix + name + ".bias"] = lin.bias.data.to(torch.float16)
+        lin.weight.data = int4.dequantize(q, torch.float32)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[prefix + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(source_dtype).cpu()
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None = None, device: str = "cpu",
+                force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True):
+    """Calibrated int4 (AWQ) conversion of checkpoint `src` into `dst`; returns (ConversionReport, details)."""
+    from tqdm import tqdm
+
+    calib = calib or CalibrationSettings()
+    src, config, files = read_source(src)
+    dst = Path(dst)
+    group_size = qcfg.group_size
+    for name, shape in (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
+                        ("self_attn.o_proj", (config.hidden_size, config.num_attention_heads * config.head_dim)),
+                        ("mlp.up_proj", (config.intermediate_size, config.hidden_size))):
+        try:
+            int4.check_shape(shape[1], shape[0], group_size)
+        except ValueError as e:
+            raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
+    device = torch.device(device)
+    start = time.perf_counter()
+    ids, described = calibration_tokens(Tokenizer(src), calib.source, calib.samples, calib.seq_len, calib.chat_template)
+    index = TensorIndex(files)
+    source_dtype = index.get("model.embed_tokens.weight").dtype
+    rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    cos, sin = rotary(torch.arange(calib.seq_len, device=device)[None], torch.float32, seq_end=calib.seq_len)
+    x = F.embedding(ids.to(device), index.get("model.embed_tokens.weight").to(device, torch.float32))
+    alphas = []
+    with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
+        for name in index.names():
+            if not name.startswith("model.layers."):
+                out.add(passthrough(name, index.get(name), qcfg, config))
+        q_elems = q_bytes = 0
+        for i in tqdm(range(config.num_hidden_layers), desc="awq", unit="layer", disable=not progress):
+            layer = load_layer(index, config, i, device)
+            q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
+            alphas.append(calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}"))
+            tensors = quantize_layer(layer, i, group_size, source_dtype)
+            q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[-1]
+                           in ("qweight", "qzeros", "scales"))
+            out.add(tensors)
+            x = run_layer(layer, x, cos, sin)
+            if not torch.isfinite(x).all():
+                raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
+            del layer
+        shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
+                                             search_tokens=calib.search_tokens))
+    report = ConversionReport(
+        method="awq", seconds=time.perf_counter() - start,
+        bytes_before=sum(f.stat().st_size for f in files),
+        bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
+        quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(), shards=shards)
+    details = {"calibration": described, "alphas": alphas,
+               "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return report, details
