@@ -1,0 +1,101 @@
+"""AWQ: folding is exact, the searches behave, failures are named, and calibration beats round-to-nearest."""
+import pytest
+import torch
+
+from conftest import make_hf_checkpoint, shared_data
+from qwen2q.calibrate.awq import QWEN2_GROUPS, fold_scales, search_clip, search_scales
+from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert, calibrate_layer, load_layer
+from qwen2q.checkpoint import TensorIndex, weight_files
+from qwen2q.config import Qwen2Config
+from qwen2q.errors import Qwen2qError
+from qwen2q.qconfig import QuantConfig
+from qwen2q.quantizers import int4
+from qwen2q.rope import RotaryEmbedding
+
+
+def _layer(tmp_path, **overrides):
+    make_hf_checkpoint(tmp_path, **overrides)
+    config = Qwen2Config.from_file(tmp_path / "config.json")
+    layer = load_layer(TensorIndex(weight_files(tmp_path)), config, 0, "cpu")
+    rotary = RotaryEmbedding(config.rope, config.head_dim)
+    cos, sin = rotary(torch.arange(32)[None], torch.float32)
+    x = torch.randn(4, 32, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return layer, x, cos, sin
+
+
+@pytest.mark.parametrize("heads", [2, 4])  # GQA (v -> o not foldable) and MHA (foldable)
+def test_folding_any_scales_leaves_the_float_layer_unchanged(tmp_path, heads):
+    layer, x, cos, sin = _layer(tmp_path, num_key_value_heads=heads)
+    before = layer(x, cos, sin)
+    g = torch.Generator().manual_seed(1)
+    for group in QWEN2_GROUPS:
+        first = layer.get_submodule(group.linears[0])
+        prev = layer.get_submodule(group.prev)
+        if group.needs_same_shape and prev.out_features != first.in_features:
+            continue
+        fold_scales(layer, group, torch.rand(first.in_features, generator=g) * 4 + 0.1)
+    assert torch.allclose(layer(x, cos, sin), before, rtol=1e-4, atol=1e-5)
+
+
+def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path):
+    layer, x, cos, sin = _layer(tmp_path)
+    x[..., 5] *= 20  # an outlier channel, the situation AWQ is for
+    reference = layer(x, cos, sin)
+
+    def quantized_error(lay):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            lin = lay.get_submodule(name)
+            lin.weight.data = int4.fake_quantize(lin.weight.data, 32)
+        return (lay(x, cos, sin) - reference).pow(2).mean().item()
+
+    rtn_error = quantized_error(_layer(tmp_path / "b")[0])
+    calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0")
+    assert quantized_error(layer) < rtn_error
+
+
+def test_clip_bounds_never_exceed_the_weight_range():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 64, generator=g)
+    bound = search_clip(w, torch.randn(100, 64, generator=g), 32)
+    assert bound.shape == (16, 2, 1)
+    assert (bound <= w.abs().view(16, 2, 32).amax(-1, keepdim=True)).all()
+    assert (bound >= 0.55 * w.abs().view(16, 2, 32).amax(-1, keepdim=True) - 1e-6).all()
+
+
+def test_non_finite_activations_stop_with_the_layer_named(tmp_path):
+    layer, x, cos, sin = _layer(tmp_path)
+    group = QWEN2_GROUPS[2]
+    inputs = torch.full((8, layer.mlp.gate_proj.in_features), float("nan"))
+    x_mean = torch.ones(layer.mlp.gate_proj.in_features)
+    with pytest.raises(Qwen2qError, match="layer 7.*gate_proj"):
+        search_scales(layer, group, x_mean, inputs, layer.mlp, 32, "layer 7")
+
+
+def test_group_size_must_divide_every_linear(tmp_path):
+    make_hf_checkpoint(tmp_path / "src", intermediate_size=96)
+    with pytest.raises(Qwen2qError, match="down_proj.*96"):
+        awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=64),
+                    CalibrationSettings(source=str(tmp_path / "src" / "tokenizer.json"), samples=1, seq_len=8))
+    assert not (tmp_path / "q").exists()
+
+
+def test_awq_checkpoint_loads_and_records_calibration(tmp_path):
+    import json
+
+    from qwen2q.loader import load_model
+
+    make_hf_checkpoint(tmp_path / "src", seed=5)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
+    report, details = awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
+                                  CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128),
+                                  progress=False)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["qwen2q"]["method"] == "awq"
+    assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
+    assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
+    model = load_model(tmp_path / "q", dtype="float32")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(40)[None])).all()
