@@ -305,6 +305,40 @@ def demo(dataset, max_windows, json_out, plot):
         click.echo(f"wrote {plot}")
 
 
+@main.command()
+@_model_argument
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--graph/--no-graph", "use_graph", default=None, help="CUDA graph for decode steps (default: on CUDA).")
+@click.option("--compare-transformers", is_flag=True, help="Also time transformers' generate (unquantized models).")
+@click.option("--json", "json_out", type=click.Path(), default=None)
+@_load_options
+def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle):
+    """Prefill and decode tokens/s at batch 1, and peak memory.
+
+    \b
+    Examples:
+      qwen2q bench ./Qwen2-7B-int4 --device cuda
+      qwen2q bench ./Qwen2-7B --device cuda --compare-transformers
+    """
+    import json
+
+    from qwen2q import bench as bench_mod
+
+    m = _load(model, device, dtype, allow_pickle)
+    result = bench_mod.run(m.model, prompt_len, new_tokens, use_graph)
+    if compare_transformers:
+        result.update(bench_mod.run_transformers(m.path, device, m.dtype, prompt_len, new_tokens))
+    click.echo(f"{m.path.name} on {result['device_name']} ({m.dtype}, CUDA graph: {result['cuda_graph']})")
+    click.echo(f"  prefill  {result['prefill_tokens_per_s']:10.1f} tokens/s  ({prompt_len} tokens)")
+    click.echo(f"  decode   {result['decode_tokens_per_s']:10.1f} tokens/s  ({new_tokens} tokens)")
+    if "generate_tokens_per_s" in result:
+        click.echo(f"  transformers generate {result['generate_tokens_per_s']:.1f} tokens/s")
+    click.echo(f"  peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def _parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()

@@ -52,6 +52,23 @@ class KVCache:
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def write_at(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Static-shape variant for CUDA graphs: store k, v at `positions` (int64 [T], a device tensor)
+        and return the whole buffers [B, n_kv, max_len, D]; the caller masks what is not written yet."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
+
+
+def static_attention_mask(positions: torch.Tensor, max_len: int, window: int | None) -> torch.Tensor:
+    """Boolean [T, max_len] mask for queries at `positions` (int64 [T]) over a whole static cache."""
+    q = positions[:, None]
+    k = torch.arange(max_len, device=positions.device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
 
 def attention_mask(start: int, T: int, S: int, window: int | None, device) -> torch.Tensor | None:
     """Boolean [T, S] mask (True = attend) for queries at positions start..start+T over keys 0..S.
@@ -84,16 +101,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, start: int):
+    def forward(self, x, cos, sin, cache: KVCache | None, start: int, positions: torch.Tensor | None = None):
+        """start: position of x's first token (dynamic path); positions: int64 [T] device tensor instead
+        (static path for CUDA graphs: fixed shapes, the cache read whole under a mask)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.write(self.layer_idx, k, v)
-        S = k.shape[2]
-        mask = attention_mask(start, T, S, self.window, x.device)
+        if positions is not None:
+            k, v = cache.write_at(self.layer_idx, k, v, positions)
+            mask = static_attention_mask(positions, cache.max_len, self.window)
+        else:
+            if cache is not None:
+                k, v = cache.write(self.layer_idx, k, v)
+            mask = attention_mask(start, T, k.shape[2], self.window, x.device)
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -120,8 +142,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache=None, start=0, positions=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, positions)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,22 +174,36 @@ class Qwen2ForCausalLM(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, batch, max_len, p.dtype, p.device)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] for `input_ids` [B, T], appended to `cache` if given."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for `input_ids` [B, T], appended to `cache` if given.
+
+        With `positions` (int64 [T] on the device) the tokens are written at those cache positions with
+        fixed shapes and no host-side bookkeeping, so the step can be captured in a CUDA graph; the
+        caller tracks the length.  Dynamic YaRN is not applied on that path.
+        """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        cos, sin = self.model.rotary(positions, x.dtype, seq_end=start + T)
+        if positions is not None:
+            if cache is None:
+                raise ValueError("positions= needs a cache")
+            cos, sin = self.model.rotary(positions.expand(B, T), x.dtype)
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, cache, 0, positions)
+            return self.model.norm(x)
+        start = cache.length if cache is not None else 0
+        pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        cos, sin = self.model.rotary(pos, x.dtype, seq_end=start + T)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + T
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                positions: torch.Tensor | None = None):
         """Logits [B, T, vocab] (or [B, 1, vocab] with `last_only`), in the parameters' dtype."""
-        h = self.hidden_states(input_ids, cache)
+        h = self.hidden_states(input_ids, cache, positions)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
