@@ -70,7 +70,14 @@ def test_truncated_file_is_one_line(hf_tiny):
     one_line_error(run("generate", str(hf_tiny[0]), "-p", "x"), "truncated or corrupt")
 
 
-@pytest.mark.parametrize("args", [["generate", "--help"], ["--help"], ["chat", "--help"], ["info", "--help"]])
-def test_help_has_examples(args):
-    r = run(*args)
-    assert r.returncode == 0 and "Example" in r.stdout
+@pytest.mark.parametrize("command", ["generate", "chat", "info", "quantize", "eval", "demo", "bench"])
+def test_help_has_examples(command):
+    r = run(command, "--help")
+    assert r.returncode == 0 and "Example" in r.stdout and f"qwen2q {command}" in r.stdout
+
+
+def test_bench_runs_on_cpu(hf_tiny, tmp_path):
+    r = run("bench", str(hf_tiny[0]), "--prompt-len", "8", "--new-tokens", "4", "--json", str(tmp_path / "b.json"))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["cuda_graph"] is False and result["decode_tokens_per_s"] > 0
