@@ -172,3 +172,16 @@ def test_autoawq_loads_our_int4(src, tmp_path, group_size, skip):
     # AutoAWQ skips a linear when an entry is a substring of its name inside the decoder layer
     # ("o_proj" in "self_attn.o_proj"); that o_proj then loads as a plain fp16 nn.Linear.
     _check(tmp_path / "q", n_int4=(7 - len(skip)) * 2)
+
+
+def test_autoawq_loads_our_calibrated_awq(src, tmp_path):
+    """qwen2q's calibrated AWQ (scales folded into the norms and up_proj) runs in AutoAWQ's own forward."""
+    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(_calibration_text(n=200, words=12)))
+    awq_convert(src, tmp_path / "q", QuantConfig("awq", group_size=64),
+                CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128), progress=False)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(load_model(tmp_path / "q").state_dict()[norm], load_model(src).state_dict()[norm])
+    _check(tmp_path / "q", n_int4=7 * 2)
