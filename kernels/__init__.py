@@ -2,8 +2,9 @@
 
 Each op takes activations x [..., K] (bf16, fp16 or fp32), a quantized weight object from
 `qwen2q.quantizers` describing W [N, K], and an optional bias [N]; it returns y [..., N] in x's dtype.
-On CUDA the Triton kernels run where they exist; everywhere else, or with QWEN2Q_KERNELS=reference,
-the plain-PyTorch reference runs: dequantize W to x's dtype, then `torch.nn.functional.linear`.
+On CUDA the Triton kernels (`triton_ops`) run for bf16 and fp16 activations; everywhere else, or with
+QWEN2Q_KERNELS=reference, the plain-PyTorch reference runs: dequantize W to x's dtype, then
+`torch.nn.functional.linear`.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ ENV = "QWEN2Q_KERNELS"  # "auto" (default) or "reference"
 
 
 def backend(x: torch.Tensor) -> str:
-    """'triton' or 'reference' for activations `x`."""
+    """'triton' or 'reference' for activations `x`; the kernels take bf16 and fp16 CUDA activations."""
     choice = os.environ.get(ENV, "auto").lower()
     if choice not in ("auto", "reference"):
         raise ValueError(f"{ENV}={choice!r}; use 'auto' or 'reference'")
-    if choice == "reference" or not x.is_cuda:
+    if choice == "reference" or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
         return "reference"
     return "triton" if _triton_ops() is not None else "reference"
 
@@ -37,7 +38,8 @@ def _triton_ops():
 
 
 def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if backend(x) == "triton":
+    # The kernel needs whole 64-weight absmax blocks per row, as every Qwen2 projection has.
+    if backend(x) == "triton" and w.shape[1] % nf4.BLOCK_SIZE == 0:
         return _triton_ops().nf4_linear(x, w, bias)
     return F.linear(x, nf4.dequantize(w, x.dtype), bias)
 

@@ -1,0 +1,208 @@
+"""Fused int4 (AWQ GEMM layout, group-wise with zeros) dequantize + matmul: y = x @ W^T, fp32 accumulation.
+
+The kernels read the checkpoint's own tensors (`qwen2q.quantizers.int4` owns the layout):
+
+    qweight int32 [K, N / 8]       nibble i of word [k, c] holds q[k, 8c + NIBBLE_COLUMNS[i]]
+    qzeros  int32 [K / G, N / 8]   zeros, packed the same way
+    scales  fp16  [K / G, N]
+    W^T[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n]     exact in fp32
+
+Nothing is repacked, so nothing is cached and no second copy of the weight is resident: a tile of
+BLOCK_K x BLOCK_N / 8 words is expanded in registers by shifting each word by the nibble of each of its
+8 columns, which puts the columns back in natural order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen2q.kernels import splitk
+from qwen2q.kernels.tiling import (
+    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
+    store_output,
+)
+from qwen2q.quantizers import int4
+
+
+@triton.jit
+def _column_shifts():
+    """int32 [8]: column j of a packed word sits in bits 4 * ((j % 2) * 4 + j // 2) and up, the inverse of
+    int4.NIBBLE_COLUMNS (0, 2, 4, 6, 1, 3, 5, 7); shifting by these puts the 8 columns in natural order."""
+    j = tl.arange(0, 8)
+    return ((j % 2) * 4 + j // 2) * 4
+
+
+@triton.jit
+def _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """One tile of W^T as fp32 [BLOCK_K, BLOCK_N] from qweight words [BLOCK_K, BLOCK_N / 8], qzeros words
+    [BLOCK_K / G, BLOCK_N / 8] and fp16 scales [BLOCK_K / G, BLOCK_N]; (q - zero) * scale is exact in fp32.
+    shifts [8]: `_column_shifts()`."""
+    # >> on int32 is arithmetic: the mask drops the sign bits of the top nibble.
+    codes = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_K, BLOCK_N / 8, 8]
+    zeros = (zero_words[:, :, None] >> shifts[None, None, :]) & 0xF
+    # Views by scale group: [groups, GROUP_SIZE, BLOCK_N] codes against [groups, 1, BLOCK_N] zeros and scales.
+    codes = tl.reshape(codes, (BLOCK_K // GROUP_SIZE, GROUP_SIZE, BLOCK_N))
+    zeros = tl.reshape(zeros, (BLOCK_K // GROUP_SIZE, 1, BLOCK_N))
+    # Float subtraction: integer arithmetic on whole tiles is what the interpreter is slowest at.
+    w = (codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)[:, None, :]
+    return tl.reshape(w, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def int4_decode_kernel(
+    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; partials fp32 [SPLIT_K, M, N]
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, partial_ptr,
+    # Sizes; each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
+    M, N, K, K_PER_SPLIT,
+    # Strides
+    stride_xm, stride_xk,
+    stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
+    stride_ps, stride_pm, stride_pn,
+    # Meta-parameters
+    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # packed columns
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
+    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < N // 8
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    q_ptrs = qweight_ptr + (k_start + offs_k)[:, None] * stride_qk + offs_c[None, :] * stride_qc
+    z_ptrs = qzeros_ptr + (k_start // GROUP_SIZE + offs_g)[:, None] * stride_zg + offs_c[None, :] * stride_zc
+    s_ptrs = scales_ptr + (k_start // GROUP_SIZE + offs_g)[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    # Pointer steps and group offsets hoisted out of the loop: under the interpreter every integer
+    # add or multiply costs an overflow check, and on a GPU they are loop-invariant anyway.
+    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
+    z_step, s_step = BLOCK_K // GROUP_SIZE * stride_zg, BLOCK_K // GROUP_SIZE * stride_sg
+    group_starts = offs_g * GROUP_SIZE
+    shifts = _column_shifts()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_left = k_end - k0
+        k_mask = offs_k < k_left
+        g_mask = group_starts < k_left
+        words = tl.load(q_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0)
+        zero_words = tl.load(z_ptrs, mask=g_mask[:, None] & c_mask[None, :], other=0)
+        scales = tl.load(s_ptrs, mask=g_mask[:, None] & n_mask[None, :], other=0.0)
+        w = _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE, BLOCK_K, BLOCK_N)
+        # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc = multiply_accumulate(acc, x, w, BLOCK_M, DOT_DTYPE)
+        x_ptrs += x_step
+        q_ptrs += q_step
+        z_ptrs += z_step
+        s_ptrs += s_step
+    p_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    tl.store(p_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def int4_gemm_kernel(
+    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; bias [N] or None; out [M, N]
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    # Sizes
+    M, N, K,
+    # Strides
+    stride_xm, stride_xk,
+    stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
+    stride_om, stride_on,
+    # Meta-parameters
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M consecutive M tiles walk the same W columns while they are in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
+    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < N // 8
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    q_ptrs = qweight_ptr + offs_k[:, None] * stride_qk + offs_c[None, :] * stride_qc
+    z_ptrs = qzeros_ptr + offs_g[:, None] * stride_zg + offs_c[None, :] * stride_zc
+    s_ptrs = scales_ptr + offs_g[:, None] * stride_sg + offs_n[None, :] * stride_sn
+    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
+    z_step, s_step = BLOCK_K // GROUP_SIZE * stride_zg, BLOCK_K // GROUP_SIZE * stride_sg
+    group_starts = offs_g * GROUP_SIZE
+    shifts = _column_shifts()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_left = K - k0
+        k_mask = offs_k < k_left
+        g_mask = group_starts < k_left
+        words = tl.load(q_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0)
+        zero_words = tl.load(z_ptrs, mask=g_mask[:, None] & c_mask[None, :], other=0)
+        scales = tl.load(s_ptrs, mask=g_mask[:, None] & n_mask[None, :], other=0.0)
+        w = _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE, BLOCK_K, BLOCK_N)
+        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+        x_ptrs += x_step
+        q_ptrs += q_step
+        z_ptrs += z_step
+        s_ptrs += s_step
+    store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+
+
+def _weight_args(w: int4.Int4Weight) -> tuple:
+    return (w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1),
+            w.scales.stride(0), w.scales.stride(1))
+
+
+def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                config: Config | None = None) -> torch.Tensor:
+    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
+    `triton_ops`; here only the tiling constraints are."""
+    (M, K), N, G = x.shape, w.out_features, w.group_size
+    config = config or decode_config(M, N, K, G, interpreting())
+    if config.BLOCK_K % G or M > config.BLOCK_M or config.BLOCK_N % 8:
+        raise ValueError(f"{config} cannot tile M={M} with group_size={G}")
+    k_per_split = decode_k_per_split(K, config)
+    partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
+    int4_decode_kernel[grid](
+        x, w.qweight, w.qzeros, w.scales, partials,
+        M, N, K, k_per_split,
+        x.stride(0), x.stride(1), *_weight_args(w),
+        partials.stride(0), partials.stride(1), partials.stride(2),
+        GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return splitk.reduce(partials, bias, out)
+
+
+def int4_gemm(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+              config: Config | None = None) -> torch.Tensor:
+    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+    (M, K), N, G = x.shape, w.out_features, w.group_size
+    config = config or gemm_config(M, N, K, G, interpreting())
+    if config.BLOCK_K % G or config.BLOCK_M < 16 or config.BLOCK_N % 8:
+        raise ValueError(f"{config} cannot tile group_size={G} with tl.dot")
+    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
+    int4_gemm_kernel[grid](
+        x, w.qweight, w.qzeros, w.scales, bias, out,
+        M, N, K,
+        x.stride(0), x.stride(1), *_weight_args(w),
+        out.stride(0), out.stride(1),
+        GROUP_SIZE=G, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
+        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,59 @@
+"""Second pass of the decode path: sum the fp32 split-K partials in a fixed order, add the bias, cast.
+
+A fixed-order sum instead of fp32 atomics makes decode outputs bit-reproducible run to run (sampling
+with a seed repeats itself). The partials of one layer are M * N * SPLIT_K * 4 bytes, which stay in L2
+next to the weight bytes they replace.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen2q.kernels.tiling import store_output
+
+_BLOCK_M = 16
+_BLOCK_N = 256
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    # Pointers: partials fp32 [SPLIT_K, M, N], bias [N] (or None), out [M, N]
+    partial_ptr, bias_ptr, out_ptr,
+    # Sizes
+    M, N, SPLIT_K,
+    # Strides
+    stride_ps, stride_pm, stride_pn,
+    stride_om, stride_on,
+    # Meta-parameters
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = partial_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
+    store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+
+
+def reduce(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out [M, N] = partials.sum(0) + bias, in out's dtype. partials: fp32 [SPLIT_K, M, N]."""
+    split_k, M, N = partials.shape
+    if partials.dtype != torch.float32 or out.shape != (M, N):
+        raise ValueError(f"partials must be fp32 [S, M, N] and out [M, N]; got {partials.dtype} "
+                         f"{list(partials.shape)} and {list(out.shape)}")
+    grid = (triton.cdiv(M, _BLOCK_M), triton.cdiv(N, _BLOCK_N))
+    splitk_reduce_kernel[grid](
+        partials, bias, out,
+        M, N, split_k,
+        partials.stride(0), partials.stride(1), partials.stride(2),
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
+    )
+    return out

@@ -1,0 +1,119 @@
+"""How the quantized matmuls cut work into tiles: the path and block sizes for (M, N, K), and the steps every
+format's kernels share (the inner multiply-accumulate and the output epilogue).
+
+Two paths, picked by M (the number of activation rows):
+
+    decode  M <= DECODE_MAX_M   grid (N tiles, SPLIT_K); each program reduces one K slice of one N tile for
+                                all M rows and writes fp32 partials [SPLIT_K, M, N]; `splitk.reduce` sums
+                                them in a fixed order, adds the bias and casts (deterministic, no atomics).
+                                BLOCK_M = 1 for M = 1: a CUDA-core GEMV (multiply, then `tl.sum` over K);
+                                BLOCK_M = 16 for M = 2..16: `tl.dot` (tensor cores need M >= 16).
+    gemm    M > DECODE_MAX_M    the Triton tutorial's grouped 2-D tiling, `tl.dot` with fp32 accumulation,
+                                bias and cast in the epilogue.
+
+Block sizes are a small function of (M, N, K), not tuned: tuning is a GPU job. Under the Triton
+interpreter (TRITON_INTERPRET=1, CPU tensors) every program and every tensor op costs Python overhead,
+so blocks there are one power of two covering the shape (capped) and SPLIT_K is 2, which still
+exercises masking, the K loop and the split-K reduction.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+DECODE_MAX_M = 16
+DOT_MIN_M = 16  # tl.dot needs at least 16 rows on a GPU
+_DECODE_PROGRAMS = 512  # enough programs to keep every SM of an H100/H200 (132 SMs) streaming weights
+_MAX_SPLIT_K = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    SPLIT_K: int = 1  # decode path only
+    GROUP_M: int = 8  # gemm path only: M tiles that share a band of W in L2
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def interpreting() -> bool:
+    """True when kernels run under the Triton interpreter (TRITON_INTERPRET=1; tensors may be on the CPU)."""
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; earlier versions read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtype(x: torch.Tensor):
+    """tl.dot operand type: x's own type on a GPU (so bf16 is never cast through fp16). The interpreter
+    gets bf16 dots wrong, so there both operands go in as fp32 (exact products, fp32 sums)."""
+    if interpreting():
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _interpreter_block(size: int, cap: int, multiple: int) -> int:
+    """Under the interpreter: one power-of-two block covering `size`, at most `cap` (and >= `multiple`)."""
+    return max(multiple, min(cap, triton.next_power_of_2(size)))
+
+
+def decode_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Config:
+    """Decode path (M <= DECODE_MAX_M). BLOCK_K is a multiple of `k_multiple` (the format's scale group)."""
+    block_m = 1 if M == 1 else DOT_MIN_M
+    if interpret:
+        block_n, block_k, split_k = _interpreter_block(N, 1024, 16), _interpreter_block(K, 512, k_multiple), 2
+    else:
+        # BLOCK_M * BLOCK_K * BLOCK_N products live in registers in the GEMV (BLOCK_M = 1).
+        block_n, block_k = 64, max(128, k_multiple)
+        split_k = max(1, min(_MAX_SPLIT_K, _DECODE_PROGRAMS // triton.cdiv(N, block_n)))
+    k_tiles = triton.cdiv(K, block_k)
+    tiles_per_split = triton.cdiv(k_tiles, min(split_k, k_tiles))
+    return Config(block_m, block_n, block_k, SPLIT_K=triton.cdiv(k_tiles, tiles_per_split), num_warps=4)
+
+
+def decode_k_per_split(K: int, config: Config) -> int:
+    """Length of each program's K slice: a whole number of BLOCK_K tiles."""
+    return _round_up(triton.cdiv(K, config.SPLIT_K), config.BLOCK_K)
+
+
+def gemm_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Config:
+    """GEMM path (M > DECODE_MAX_M). BLOCK_K is a multiple of `k_multiple`."""
+    if interpret:
+        block_m = _interpreter_block(M, 128, DOT_MIN_M)
+        return Config(block_m, _interpreter_block(N, 512, 16), _interpreter_block(K, 512, k_multiple))
+    block_m = 64 if M <= 64 else 128
+    return Config(block_m, 128, max(64, k_multiple), num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+@triton.jit
+def multiply_accumulate(acc, x, w, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 += x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N], both given in fp32.
+
+    BLOCK_M < 16 runs on CUDA cores (GEMV: products, then a sum over K); otherwise `tl.dot` in DOT_DTYPE.
+    """
+    if BLOCK_M < 16:
+        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    else:
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+    return acc
+
+
+@triton.jit
+def store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    """Epilogue: out[offs_m, offs_n] = acc + bias, cast once from fp32 to out's dtype; rows/columns out of
+    range are not written."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)

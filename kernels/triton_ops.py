@@ -1,0 +1,123 @@
+"""Triton implementations of the ops `qwen2q.kernels` dispatches: y = x @ W^T + b with W stored quantized.
+
+Contract (each op): x bf16 or fp16 [..., K] (any leading dims); w a weight object from
+`qwen2q.quantizers` describing W [N, K]; bias None or [N] in x's dtype; out None or a contiguous
+[..., N] tensor in x's dtype to write into. Returns y [..., N] in x's dtype, accumulated in fp32 with
+the bias added before the single rounding to x's dtype; bf16 is never cast through fp16.
+
+M = the number of rows of x picks the path (see `tiling`): M <= 16 the split-K decode kernels, larger
+M the tl.dot GEMM kernels. Bad input raises ValueError naming the value and what would be valid. The
+kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 before
+triton is imported), which the tests use.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, tiling
+from qwen2q.quantizers import int4, int8, nf4
+
+_ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+_MAX_INDEX = 2**31  # kernels index weights and activations with int32 offsets
+
+
+def _check_device(op: str, x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> None:
+    if not x.is_cuda and not tiling.interpreting():
+        raise ValueError(f"{op}: x is on {x.device}; the Triton kernels need CUDA tensors"
+                         " (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move both to one device")
+
+
+def _check_tensor(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+
+
+def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+         out: torch.Tensor | None, decode: Callable, gemm: Callable) -> torch.Tensor:
+    """Check x, bias and out against W [N, K], flatten x to [M, K], launch `decode` (M <= 16) or `gemm`."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _ACTIVATION_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{op}: x must be a bfloat16 or float16 tensor, got {got}"
+                         " (float32 activations take the reference path)")
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"{op}: x has shape {list(x.shape)}; its last dim must equal the weight's in_features={K}")
+    _check_device(op, x, {**weights, "bias": bias, "out": out})
+    if bias is not None:
+        _check_tensor(op, "bias", bias, x.dtype, (N,))
+    out_shape = (*x.shape[:-1], N)
+    if out is not None and (out.dtype != x.dtype or tuple(out.shape) != out_shape or not out.is_contiguous()):
+        raise ValueError(f"{op}: out must be a contiguous {x.dtype} {list(out_shape)} tensor, got"
+                         f" {out.dtype} {list(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
+    if max(N * K, x.numel(), math.prod(out_shape)) >= _MAX_INDEX:
+        raise ValueError(f"{op}: W [{N}, {K}], x {list(x.shape)} or y {list(out_shape)} has 2**31 elements or more;"
+                         " split the call")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device) if out is None else out
+    if M == 0:
+        return out
+    bias = bias.contiguous() if bias is not None else None
+    (decode if M <= tiling.DECODE_MAX_M else gemm)(x2, w, bias, out.view(M, N))
+    return out
+
+
+def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for an AWQ-GEMM int4 weight (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
+    scales fp16 [K/G, N])."""
+    op = "int4_linear"
+    if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
+        raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
+                         f" and {list(w.scales.shape)}")
+    K, N = w.in_features, w.out_features
+    groups = w.scales.shape[0]
+    if K % groups:
+        raise ValueError(f"{op}: in_features={K} is not a multiple of the {groups} scale groups")
+    try:
+        int4.check_shape(K, N, K // groups)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+    _check_tensor(op, "qweight", w.qweight, torch.int32, (K, N // int4.PACK_FACTOR))
+    _check_tensor(op, "qzeros", w.qzeros, torch.int32, (groups, N // int4.PACK_FACTOR))
+    _check_tensor(op, "scales", w.scales, torch.float16, (groups, N))
+    weights = {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales}
+    return _run(op, x, w, N, K, weights, bias, out, int4_gemm.int4_decode, int4_gemm.int4_gemm)
+
+
+def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a bitsandbytes NF4 weight with double-quantized absmax; needs K % 64 == 0."""
+    op = "nf4_linear"
+    N, K = w.shape
+    if K % nf4.BLOCK_SIZE:
+        raise ValueError(f"{op}: in_features={K} is not a multiple of {nf4.BLOCK_SIZE}; the kernel needs whole"
+                         " 64-weight absmax blocks per row (use the reference path: QWEN2Q_KERNELS=reference)")
+    blocks = N * K // nf4.BLOCK_SIZE
+    _check_tensor(op, "packed", w.packed, torch.uint8, (N * K // 2, 1))
+    _check_tensor(op, "absmax", w.absmax, torch.uint8, (blocks,))
+    _check_tensor(op, "nested_absmax", w.nested_absmax, torch.float32, (-(-blocks // nf4.NESTED_BLOCK_SIZE),))
+    weights = {"packed": w.packed, "absmax": w.absmax, "nested_absmax": w.nested_absmax}
+    if not all(t.is_contiguous() for t in weights.values()):
+        raise ValueError(f"{op}: packed, absmax and nested_absmax must be contiguous")
+    return _run(op, x, w, N, K, weights, bias, out, nf4_gemm.nf4_decode, nf4_gemm.nf4_gemm)
+
+
+def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + bias for a per-row int8 weight (qweight int8 [N, K], absmax fp32 [N])."""
+    op = "int8_linear"
+    if w.qweight.dim() != 2:
+        raise ValueError(f"{op}: qweight must be int8 [out_features, in_features], got {list(w.qweight.shape)}")
+    N, K = w.qweight.shape
+    _check_tensor(op, "qweight", w.qweight, torch.int8, (N, K))
+    _check_tensor(op, "absmax", w.absmax, torch.float32, (N,))
+    if not w.absmax.is_contiguous():
+        raise ValueError(f"{op}: absmax must be contiguous")
+    weights = {"qweight": w.qweight, "absmax": w.absmax}
+    return _run(op, x, w, N, K, weights, bias, out, int8_gemm.int8_decode, int8_gemm.int8_gemm)
