@@ -1,0 +1,22 @@
+"""int4 (AWQ GEMM layout) kernels, both paths, against int4.dequantize + a float64 matmul."""
+import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
+
+import pytest
+
+from qwen2q.kernels import triton_ops
+
+# Group size per shape: 128 (AWQ's default) on the Qwen2 shapes, 32 and 64 where K allows; 320 x 200 is
+# a multiple of no tile (K of 512 or 64, N of 1024 or 64).
+GROUP_SIZES = {(896, 896): 128, (896, 128): 32, (896, 4864): 128, (4864, 896): 128, (320, 200): 64,
+               kt.BIG_SHAPE: 128}
+SHAPES = (*kt.QWEN2_SHAPES, (320, 200))
+
+
+@pytest.mark.parametrize("M, shape, dtype, has_bias", kt.matrix(SHAPES) + kt.big_cases())
+def test_int4_linear_matches_reference(M, shape, dtype, has_bias):
+    K, N = shape
+    w, W = kt.reference_weight("int4", K, N, GROUP_SIZES[shape])
+    x, bias, out = kt.inputs(M, K, N, dtype, has_bias)
+    y = triton_ops.int4_linear(x, w, bias, out=out)
+    assert y is out
+    kt.assert_close(y, kt.reference(x, W, bias), dtype)

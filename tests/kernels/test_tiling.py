@@ -1,0 +1,52 @@
+"""Block configs: valid tilings for every path, and the GPU configs computing correctly in the interpreter."""
+import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
+
+import pytest
+import torch
+import triton
+
+from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, tiling
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("k_multiple", [16, 32, 64, 128])
+@pytest.mark.parametrize("M", [1, 2, 16])
+@pytest.mark.parametrize("N, K", [(128, 896), (18944, 3584), (896, 4864), (75, 197), (8, 64)])
+def test_decode_splits_cover_k_without_empty_programs(interpret, k_multiple, M, N, K):
+    c = tiling.decode_config(M, N, K, k_multiple, interpret)
+    k_per_split = tiling.decode_k_per_split(K, c)
+    assert c.BLOCK_M == (1 if M == 1 else 16) and c.BLOCK_K % k_multiple == 0
+    assert k_per_split % c.BLOCK_K == 0 and c.SPLIT_K >= 1
+    assert (c.SPLIT_K - 1) * k_per_split < K <= c.SPLIT_K * k_per_split
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("M", [17, 33, 64, 65, 128, 4096])
+def test_gemm_blocks_suit_tl_dot(interpret, M):
+    c = tiling.gemm_config(M, 4864, 896, 128, interpret)
+    assert c.BLOCK_M >= tiling.DOT_MIN_M and c.BLOCK_N >= 16 and c.BLOCK_K % 128 == 0
+
+
+# The GPU configs (small blocks, many K steps and splits) on a shape where each program loops over K.
+CASES = {
+    "int4": (lambda: kt.reference_weight("int4", 4864, 136, 32), int4_gemm.int4_decode, int4_gemm.int4_gemm, 32),
+    "nf4": (lambda: kt.reference_weight("nf4", 4864, 136), nf4_gemm.nf4_decode, nf4_gemm.nf4_gemm, 64),
+    "int8": (lambda: kt.reference_weight("int8", 4801, 133), int8_gemm.int8_decode, int8_gemm.int8_gemm, 16),
+}
+
+
+@pytest.mark.parametrize("fmt", CASES)
+@pytest.mark.parametrize("M", [1, 5, 40])
+def test_gpu_configs_in_the_interpreter(fmt, M):
+    make, decode, gemm, k_multiple = CASES[fmt]
+    w, W = make()
+    N, K = W.shape
+    x, bias, out = kt.inputs(M, K, N, torch.bfloat16, True)
+    if M <= tiling.DECODE_MAX_M:
+        config = tiling.decode_config(M, N, K, k_multiple, interpret=False)
+        assert config.SPLIT_K > 1 and triton.cdiv(tiling.decode_k_per_split(K, config), config.BLOCK_K) > 1
+        decode(x, w, bias, out, config)
+    else:
+        config = tiling.gemm_config(M, N, K, k_multiple, interpret=False)
+        gemm(x, w, bias, out, config)
+    kt.assert_close(out, kt.reference(x, W, bias), torch.bfloat16)
