@@ -1,0 +1,497 @@
+"""qwen2q's quantizers next to the peers', on one model, one text and the same windows.
+
+    python -m qwen2q.evals.compare_peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 512]
+        [--max-windows 32] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
+        [--with-autoawq] [--autoawq-dtype float32] [--calib PATH] [--calib-samples 128] [--calib-seq-len 512]
+
+Rows (names for --only):
+  transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
+                      transformers row (what KL two correct bf16 implementations already show)
+  qwen2q-nf4 / qwen2q-int8 / qwen2q-int4-g128   `qwen2q quantize` (round to nearest), run by qwen2q
+  qwen2q-awq-g128     qwen2q's calibrated AWQ (qwen2q.calibrate; "not available" until it exists)
+  bnb-nf4             transformers + bitsandbytes NF4, double quant, compute dtype bf16, quantized at load
+  bnb-int8            transformers + bitsandbytes LLM.int8 (`load_in_8bit=True`), quantized at load
+  autoawq-g128        AutoAWQ 0.2.9 (w_bit 4, g128, zero point, GEMM), opt-in with --with-autoawq;
+                      its checkpoint is run by qwen2q (same layout as qwen2q-int4)
+
+Protocol: the text is tokenized once with MODEL_DIR's tokenizer and cut into non-overlapping windows
+(`evals.perplexity`); the bf16 model, loaded by qwen2q, is the reference of every row
+(`evals.drift.compare`: perplexity, KL(reference || row), top-1 agreement).  The reference runs once:
+its logits per window are kept on disk in the work directory (bf16 logits, stored exactly) and
+replayed for each row, so memory holds one model at a time and every row sees identical reference
+figures (disk: seq_len * vocab * 2 bytes a window, 150 MiB for Qwen2 at 512; the default work
+directory is temporary and removed at the end).  Rows run one at a time; each is deleted before the next.  Every row computes in the
+checkpoint's dtype.  A row whose peer is not installed (or not opted in) is reported with the reason,
+never fatal; a row that fails is reported with its error and the exit status is 1.
+
+Columns: bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
+bias excluded) * 8 / their weight count; size = bytes of all stored tensors (what the checkpoint holds,
+tied lm_head once); quant s = wall time to quantize (qwen2q: `convert` to disk; transformers: load +
+quantize in memory; AutoAWQ: `quantize()` including calibration).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from qwen2q import __version__
+from qwen2q.checkpoint import iter_tensors, weight_files
+from qwen2q.config import Qwen2Config
+from qwen2q.convert import SIDE_FILES, convert
+from qwen2q.errors import Qwen2qError
+from qwen2q.evals.data import load_text
+from qwen2q.evals.drift import compare
+from qwen2q.evals.harness import choose_seq_len
+from qwen2q.evals.perplexity import _windows, perplexity
+from qwen2q.loader import load_model, parse_dtype
+from qwen2q.qconfig import QuantConfig
+from qwen2q.qlinear import QUANTIZABLE
+from qwen2q.tokenizer import Tokenizer
+
+_REPO = Path(__file__).resolve().parents[1]
+GROUP_SIZE = 128
+AVX512_NOTE = ("bitsandbytes' AVX512-BF16 CPU fast path switched off on every Linear4bit: it repacks NF4 and "
+               "rounds absmax to bf16, an approximation its GPU path does not make")
+
+
+class Unavailable(Exception):
+    """The row's peer is not installed, not implemented yet, or not opted in; the message says which."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One quantized model ready to evaluate.  forward: input_ids [1, T] -> logits [1, T, V]."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]]  # its stored tensors, for size and bits/w
+    quantize_seconds: float | None
+    load_seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Context:
+    src: Path
+    work: Path
+    dtype: torch.dtype
+    args: argparse.Namespace
+    _calib: torch.Tensor | None = None
+
+    def calibration_ids(self) -> torch.Tensor:
+        """[samples, calib_seq_len] token blocks shared by every calibrated row (computed once)."""
+        if self._calib is None:
+            self._calib = calibration_blocks(self.args.calib, Tokenizer(self.src), self.args.calib_samples,
+                                             self.args.calib_seq_len)
+        return self._calib
+
+
+def default_calib() -> Path:
+    for folder in (os.environ.get("QWEN2Q_DATA"), _REPO.parent / "shared" / "data"):
+        if folder and (Path(folder) / "calib" / "wiki.utf8").is_file():
+            return Path(folder) / "calib" / "wiki.utf8"
+    return _REPO.parent / "shared" / "data" / "calib" / "wiki.utf8"
+
+
+def calibration_blocks(path: Path, tokenizer: Tokenizer, samples: int, seq_len: int) -> torch.Tensor:
+    """The first `samples` * `seq_len` tokens of the text file `path` (WikiExtractor <doc> tag lines
+    removed), as [samples, seq_len]: AutoAWQ's concatenate-and-recut protocol, with no sample dropped."""
+    if not Path(path).is_file():
+        raise Unavailable(f"calibration text {path} not found (pass --calib PATH)")
+    text = re.sub(r"(?m)^</?doc\b[^\n]*\n?", "", Path(path).read_text(encoding="utf-8"))
+    need, chars = samples * seq_len, samples * seq_len * 6
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        if len(ids) >= need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise Qwen2qError(f"{path} has {len(ids)} tokens, fewer than --calib-samples * --calib-seq-len = {need}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(samples, seq_len)
+
+
+# ---- rows -------------------------------------------------------------------------------------------
+
+def _checkpoint_tensors(path: Path):
+    return lambda: iter_tensors(weight_files(path))
+
+
+def _qwen2q_load(path: Path, ctx: Context, quantize_seconds: float | None, notes=()) -> Candidate:
+    t0 = time.perf_counter()
+    model = load_model(path, dtype=ctx.dtype)
+    return Candidate(model, _checkpoint_tensors(path), quantize_seconds, time.perf_counter() - t0, list(notes))
+
+
+def qwen2q_rtn(method: str) -> Callable[[Context], Candidate]:
+    def build(ctx: Context) -> Candidate:
+        dst = ctx.work / f"qwen2q-{method}"
+        report = convert(ctx.src, dst, QuantConfig(method, group_size=GROUP_SIZE), force=True, progress=False)
+        note = "weight-only int8 (bf16 activations)" if method == "int8" else "round to nearest"
+        return _qwen2q_load(dst, ctx, report.seconds, [note])
+    return build
+
+
+def qwen2q_awq(ctx: Context) -> Candidate:
+    """qwen2q's calibrated AWQ.  Wire-up point: expects `qwen2q.calibrate.quantize_awq(src, dst, qcfg,
+    calib_ids [samples, seq_len])` to write a checkpoint to `dst`; change only this function."""
+    try:
+        from qwen2q import calibrate
+    except ImportError as e:
+        raise Unavailable(f"qwen2q.calibrate is not importable ({e})") from None
+    entry = getattr(calibrate, "quantize_awq", None)
+    if entry is None:
+        raise Unavailable("qwen2q.calibrate has no AWQ entry point yet (expected quantize_awq(src, dst, qcfg, calib_ids))")
+    calib = ctx.calibration_ids()
+    dst = ctx.work / "qwen2q-awq"
+    t0 = time.perf_counter()
+    entry(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), calib)
+    return _qwen2q_load(dst, ctx, time.perf_counter() - t0, [f"calibration: {_calib_label(ctx)}"])
+
+
+def _hf_state_tensors(model):
+    """The model's state dict, each storage once (the tied lm_head shares the embedding's)."""
+    def tensors():
+        seen = set()
+        for name, t in model.state_dict().items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                yield name, t
+    return tensors
+
+
+def _hf_candidate(ctx: Context, quantization_config=None, notes=()) -> Candidate:
+    try:
+        import accelerate  # noqa: F401  (transformers needs it for device_map and bitsandbytes)
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise Unavailable(f"transformers/accelerate not installed ({e.name}); pip install transformers accelerate") from None
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ctx.src, device_map="cpu", dtype=ctx.dtype,
+                                                 quantization_config=quantization_config).eval()
+    seconds = time.perf_counter() - t0
+    notes = list(notes)
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    if switched:
+        notes.append(AVX512_NOTE)
+
+    def forward(ids):
+        return model(input_ids=ids, use_cache=False).logits
+
+    return Candidate(forward, _hf_state_tensors(model), seconds if quantization_config else None,
+                     seconds, notes)
+
+
+def transformers_bf16(ctx: Context) -> Candidate:
+    return _hf_candidate(ctx, notes=["not quantized: transformers' own bf16 forward (implementation floor)"])
+
+
+def _bnb_config(**kw):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise Unavailable(f"{e.name} not installed; pip install bitsandbytes transformers accelerate") from None
+    # LLM.int8 logs this on every matmul; the bnb-int8 row's notes say it once.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(lambda r: "MatMul8bitLt" not in r.getMessage())
+    return BitsAndBytesConfig(**kw)
+
+
+def bnb_nf4(ctx: Context) -> Candidate:
+    cfg = _bnb_config(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                      bnb_4bit_compute_dtype=ctx.dtype)
+    return _hf_candidate(ctx, cfg, ["quantized by transformers at load (quant s includes the load)"])
+
+
+def bnb_int8(ctx: Context) -> Candidate:
+    cfg = _bnb_config(load_in_8bit=True)
+    return _hf_candidate(ctx, cfg, ["LLM.int8: int8 activations, fp16 outlier path above 6.0; bitsandbytes casts "
+                                    "bf16 inputs to fp16", "quantized by transformers at load (quant s includes the load)"])
+
+
+def autoawq(ctx: Context) -> Candidate:
+    """AutoAWQ quantizes (calibrated, in --autoawq-dtype rather than its fp16 default) and saves; qwen2q runs
+    the saved GEMM checkpoint in the checkpoint's dtype (AutoAWQ's own kernels compute in fp16)."""
+    if not ctx.args.with_autoawq:
+        raise Unavailable("opt-in: pass --with-autoawq (AutoAWQ's quantize takes tens of minutes for 0.5B on CPU)")
+    try:
+        from awq import AutoAWQForCausalLM
+    except ImportError as e:
+        raise Unavailable(f"autoawq not installed ({e}); pip install autoawq==0.2.9 -c .ci/constraints.txt") from None
+    calib = ctx.calibration_ids()
+    dtype = getattr(torch, ctx.args.autoawq_dtype)
+    dst = ctx.work / "autoawq"
+    model = AutoAWQForCausalLM.from_pretrained(str(ctx.src), torch_dtype=dtype, device_map="cpu")
+    t0 = time.perf_counter()
+    model.quantize(None, quant_config={"zero_point": True, "q_group_size": GROUP_SIZE, "w_bit": 4, "version": "GEMM"},
+                   calib_data=calib.tolist(), max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1])
+    seconds = time.perf_counter() - t0
+    if dst.exists():
+        shutil.rmtree(dst)
+    model.save_quantized(str(dst))
+    del model
+    gc.collect()
+    for side in SIDE_FILES:
+        if (ctx.src / side).is_file() and not (dst / side).exists():
+            shutil.copy2(ctx.src / side, dst / side)
+    notes = [f"AutoAWQ quantized in {ctx.args.autoawq_dtype}; calibration: {_calib_label(ctx)}; run by qwen2q"]
+    if dtype != ctx.dtype:
+        notes.append(f"its checkpoint keeps the unquantized tensors in {ctx.args.autoawq_dtype} (size)")
+    return _qwen2q_load(dst, ctx, seconds, notes)
+
+
+def _calib_label(ctx: Context) -> str:
+    return f"{ctx.args.calib_samples} x {ctx.args.calib_seq_len} tokens of {Path(ctx.args.calib).name}"
+
+
+ROWS: dict[str, tuple[str, Callable[[Context], Candidate]]] = {
+    "transformers-bf16": ("transformers bf16", transformers_bf16),
+    "qwen2q-nf4": ("qwen2q nf4", qwen2q_rtn("nf4")),
+    "bnb-nf4": ("transformers+bnb nf4", bnb_nf4),
+    "qwen2q-int8": ("qwen2q int8", qwen2q_rtn("int8")),
+    "bnb-int8": ("transformers+bnb int8", bnb_int8),
+    "qwen2q-int4-g128": ("qwen2q int4 g128", qwen2q_rtn("int4")),
+    "qwen2q-awq-g128": ("qwen2q awq g128", qwen2q_awq),
+    "autoawq-g128": ("AutoAWQ g128", autoawq),
+}
+
+
+# ---- measuring --------------------------------------------------------------------------------------
+
+def linear_weight_counts(config: Qwen2Config) -> dict[str, int]:
+    """Module name -> weight count of every decoder linear (the ones each method quantizes)."""
+    with torch.device("meta"):
+        from qwen2q.model import Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM(config)
+    return {n: m.weight.numel() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in QUANTIZABLE}
+
+
+def storage_figures(tensors: Iterable[tuple[str, torch.Tensor]], linears: dict[str, int]) -> tuple[int, float]:
+    """(bytes of all `tensors`, bits per weight of the tensors stored for the `linears`, bias excluded).
+
+    A tensor belongs to the linear whose module name prefixes its name: `P.weight`, `P.weight.absmax`,
+    `P.SCB`, `P.qweight`, ... all count for module `P`."""
+    total = linear_bytes = 0
+    for name, t in tensors:
+        size = t.numel() * t.element_size()
+        total += size
+        parts = name.split(".")
+        if parts[-1] != "bias" and any(".".join(parts[:k]) in linears for k in range(len(parts) - 1, 0, -1)):
+            linear_bytes += size
+    return total, 8 * linear_bytes / sum(linears.values())
+
+
+class ReferenceLogits:
+    """The reference's logits, computed once per window and replayed from disk.
+
+    `record(model)` returns a callable that runs `model` and stores each window's logits (in the model's
+    own output dtype, so exactly) under a hash of the window's ids; the instance itself is the replaying
+    callable, input_ids [1, T] -> logits [1, T, V], for `evals.drift.compare`.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, ids: torch.Tensor) -> Path:
+        return self.folder / (hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest() + ".pt")
+
+    def record(self, model):
+        def forward(ids):
+            logits = model(ids)
+            for i in range(ids.shape[0]):
+                torch.save(logits[i : i + 1].clone(), self._file(ids[i : i + 1]))
+            return logits
+        return forward
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.load(self._file(ids), weights_only=True)
+
+
+def _progress(label: str, total: int):
+    state = {"done": 0, "t0": time.perf_counter()}
+    every = max(1, total // 8)
+
+    def tick():
+        state["done"] += 1
+        if state["done"] % every == 0 or state["done"] == total:
+            _log(f"  {label}: window {state['done']}/{total} ({time.perf_counter() - state['t0']:.0f} s)")
+    return tick
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    """Evaluate the rows `args.only` (default: all) of checkpoint `args.model` against it, keeping checkpoints
+    and reference logits under `work`: {"settings": ..., "rows": [...]} as written by --json."""
+    src = args.model
+    started, t_start = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    config = Qwen2Config.from_file(Path(src) / "config.json")
+    seq_len = choose_seq_len(args.seq_len, config)
+    text = load_text(args.dataset)
+    ids = torch.tensor(Tokenizer(src).encode(text.text), dtype=torch.long)
+    n_windows = _windows(ids, seq_len, args.max_windows).shape[0]
+    linears = linear_weight_counts(config)
+    settings = {
+        "model": str(src), "dataset": text.name, "source": text.source, "text_tokens": int(ids.numel()),
+        "seq_len": seq_len, "windows": n_windows, "scored_tokens": n_windows * (seq_len - 1),
+        "reference": "qwen2q, checkpoint dtype", "dtype": config.dtype, "group_size": GROUP_SIZE,
+        "calibration": {"path": str(args.calib), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+                        "autoawq_dtype": args.autoawq_dtype, "with_autoawq": args.with_autoawq},
+        "versions": {"qwen2q": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                     **{d: _version(d) for d in ("transformers", "accelerate", "bitsandbytes", "autoawq")}},
+        "torch_threads": torch.get_num_threads(), "started": started,
+    }
+    ctx = Context(Path(src), work, parse_dtype(None, config.dtype), args)
+    reference = ReferenceLogits(work / "reference-logits")
+
+    _log(f"reference: {src} on {text.name}, {n_windows} windows of {seq_len}")
+    t0 = time.perf_counter()
+    ref_model = load_model(src, dtype=ctx.dtype)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = perplexity(reference.record(ref_model), ids, seq_len, max_windows=n_windows, batch_size=1)
+    size, bits = storage_figures(iter_tensors(weight_files(Path(src))), linears)
+    rows = [{"row": "reference", "label": f"reference ({config.dtype})", "status": "ok", "ppl": r["ppl"],
+             "bits_per_weight": bits, "size_bytes": size, "load_seconds": load_s,
+             "eval_seconds": time.perf_counter() - t0, "notes": ["qwen2q, not quantized"]}]
+    del ref_model
+    gc.collect()
+
+    for name in args.only or list(ROWS):
+        label, build = ROWS[name]
+        row = {"row": name, "label": label}
+        _log(f"{name}: quantize and load")
+        try:
+            cand = build(ctx)
+        except Unavailable as e:
+            rows.append({**row, "status": f"not available: {e}"})
+            _log(f"{name}: not available: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001  one row's failure must not lose the other rows
+            rows.append({**row, "status": f"failed: {type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+            _log(f"{name}: failed\n{traceback.format_exc()}")
+            continue
+        try:
+            size, bits = storage_figures(cand.tensors(), linears)
+            t0 = time.perf_counter()
+            d = compare(reference, cand.forward, ids, seq_len, max_windows=n_windows, progress=_progress(name, n_windows))
+            row.update(status="ok", ppl=d["ppl"], ppl_delta=d["ppl_delta"], ppl_ratio=d["ppl_ratio"], kl=d["kl"],
+                       top1=d["top1"], ppl_reference=d["ppl_reference"], bits_per_weight=bits, size_bytes=size,
+                       quantize_seconds=cand.quantize_seconds, load_seconds=cand.load_seconds,
+                       eval_seconds=time.perf_counter() - t0, notes=cand.notes)
+        except Exception as e:  # noqa: BLE001
+            row.update(status=f"failed: {type(e).__name__}: {e}", traceback=traceback.format_exc())
+            _log(f"{name}: failed\n{traceback.format_exc()}")
+        rows.append(row)
+        del cand
+        gc.collect()
+    settings["total_seconds"] = time.perf_counter() - t_start
+    return {"settings": settings, "rows": rows}
+
+
+COLUMNS = [("row", 24, None, "label"), ("bits/w", 7, "{:.3f}", "bits_per_weight"), ("size MiB", 9, "{:.1f}", "size_mib"),
+           ("ppl", 10, "{:.4f}", "ppl"), ("delta", 9, "{:+.4f}", "ppl_delta"), ("KL", 9, "{:.5f}", "kl"),
+           ("top-1", 8, "{:.2%}", "top1"), ("quant s", 8, "{:.1f}", "quantize_seconds")]
+
+
+def format_table(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
+             f"{s['scored_tokens']} scored tokens; reference: bf16 checkpoint run by qwen2q, every row in {s['dtype']}",
+             "".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _, _) in enumerate(COLUMNS))]
+    notes = []
+    for row in result["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"{row['label']:<{COLUMNS[0][1]}}  {row['status']}")
+            continue
+        row = {**row, "size_mib": row["size_bytes"] / 2**20}
+        cells = [f"{row['label']:<{COLUMNS[0][1]}}"]
+        for _, w, fmt, key in COLUMNS[1:]:
+            v = row.get(key)
+            cells.append(f"{'-' if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v):>{w}}")
+        lines.append("".join(cells))
+        notes += [f"  {row['label']}: {n}" for n in row.get("notes", [])]
+    return "\n".join(lines + (["notes:"] + notes if notes else []))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m qwen2q.evals.compare_peers", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", type=Path, help="bf16 (or fp16/fp32) Qwen2 checkpoint directory")
+    p.add_argument("--dataset", default="auto", help="auto, wikitext2, pydoc, or a text file / folder")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None, help="write every figure and the settings here")
+    p.add_argument("--only", default=None, help=f"comma-separated rows among: {', '.join(ROWS)}")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="keep checkpoints and reference logits here (default: a temporary folder, removed)")
+    p.add_argument("--with-autoawq", action="store_true", help="run the AutoAWQ row (slow: tens of minutes on CPU)")
+    p.add_argument("--autoawq-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype AutoAWQ quantizes in (its fp16 default broke Qwen2 on CPU)")
+    p.add_argument("--calib", type=Path, default=default_calib(), help="calibration text for the AWQ rows")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.only:
+        args.only = [r.strip() for r in args.only.split(",") if r.strip()]
+        unknown = [r for r in args.only if r not in ROWS]
+        if unknown:
+            p.error(f"unknown row(s) {', '.join(unknown)}; choose among {', '.join(ROWS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="qwen2q-peers-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(args, work)
+    except Qwen2qError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"].startswith("failed") for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
