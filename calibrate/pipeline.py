@@ -53,6 +53,7 @@ class CalibrationSettings:
     seq_len: int = 512
     chat_template: bool = False
     search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
+    ids: torch.Tensor | None = None  # ready-made int64 [samples, seq_len] tokens instead of `source`
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -183,7 +184,13 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
     device = torch.device(device)
     start = time.perf_counter()
-    ids, described = calibration_tokens(Tokenizer(src), calib.source, calib.samples, calib.seq_len, calib.chat_template)
+    if calib.ids is not None:
+        ids = calib.ids.long()
+        calib = dataclasses.replace(calib, samples=ids.shape[0], seq_len=ids.shape[1])
+        described = f"given tokens: {ids.shape[0]} x {ids.shape[1]}"
+    else:
+        ids, described = calibration_tokens(Tokenizer(src), calib.source, calib.samples, calib.seq_len,
+                                            calib.chat_template)
     index = TensorIndex(files)
     source_dtype = index.get("model.embed_tokens.weight").dtype
     rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)

@@ -149,19 +149,13 @@ def qwen2q_rtn(method: str) -> Callable[[Context], Candidate]:
 
 
 def qwen2q_awq(ctx: Context) -> Candidate:
-    """qwen2q's calibrated AWQ.  Wire-up point: expects `qwen2q.calibrate.quantize_awq(src, dst, qcfg,
-    calib_ids [samples, seq_len])` to write a checkpoint to `dst`; change only this function."""
-    try:
-        from qwen2q import calibrate
-    except ImportError as e:
-        raise Unavailable(f"qwen2q.calibrate is not importable ({e})") from None
-    entry = getattr(calibrate, "quantize_awq", None)
-    if entry is None:
-        raise Unavailable("qwen2q.calibrate has no AWQ entry point yet (expected quantize_awq(src, dst, qcfg, calib_ids))")
+    """qwen2q's calibrated AWQ on the same calibration blocks AutoAWQ gets."""
+    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+
     calib = ctx.calibration_ids()
     dst = ctx.work / "qwen2q-awq"
     t0 = time.perf_counter()
-    entry(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), calib)
+    awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), CalibrationSettings(ids=calib), progress=False)
     return _qwen2q_load(dst, ctx, time.perf_counter() - t0, [f"calibration: {_calib_label(ctx)}"])
 
 
