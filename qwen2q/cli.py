@@ -267,7 +267,14 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
                               max_windows=max_windows, device=device, dtype=dtype)
-    click.echo(harness.format_table(result))
+    _report(result, json_out, plot)
+
+
+def _report(result: dict, json_out, plot, extra_columns=()) -> None:
+    """Print the evaluation table; write the JSON and the plot when asked."""
+    from qwen2q.evals import harness
+
+    click.echo(harness.format_table(result, extra_columns=extra_columns))
     if json_out:
         harness.write_json(result, json_out)
         click.echo(f"wrote {json_out}")
@@ -292,17 +299,10 @@ def demo(dataset, max_windows, json_out, plot):
       qwen2q demo --json demo.json --plot demo.png
     """
     from qwen2q.evals import demo as demo_mod
-    from qwen2q.evals import harness
     from qwen2q.evals.data import load_text
 
     result = demo_mod.run(load_text(dataset), max_windows=max_windows)
-    click.echo(harness.format_table(result, extra_columns=("bits_per_weight", "quantize_seconds")))
-    if json_out:
-        harness.write_json(result, json_out)
-        click.echo(f"wrote {json_out}")
-    if plot:
-        harness.plot(result, plot)
-        click.echo(f"wrote {plot}")
+    _report(result, json_out, plot, extra_columns=("bits_per_weight", "quantize_seconds"))
 
 
 @main.command()
