@@ -99,3 +99,29 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path):
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(40)[None])).all()
+
+
+@pytest.mark.slow
+def test_awq_beats_round_to_nearest_on_the_embedded_model(tmp_path):
+    """The CI guard for calibration: on a trained model (the embedded one), AWQ int4 g128 drifts less than
+    round-to-nearest int4 g128 in both KL and perplexity delta."""
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.convert import convert
+    from qwen2q.evals.data import load_text
+    from qwen2q.evals.harness import evaluate
+
+    data = shared_data()
+    if data is None or not (data / "calib" / "wiki.utf8").is_file():
+        pytest.skip("calibration text ../shared/data/calib/wiki.utf8 (or QWEN2Q_DATA) not found")
+    if not (DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip("the embedded model is not present")
+    convert(DEFAULT_MODEL, tmp_path / "rtn", QuantConfig("int4", group_size=128), progress=False)
+    awq_convert(DEFAULT_MODEL, tmp_path / "awq", QuantConfig("awq", group_size=128),
+                CalibrationSettings(str(data / "calib" / "wiki.utf8"), samples=16, seq_len=512, search_tokens=2048),
+                progress=False)
+    result = evaluate([tmp_path / "rtn", tmp_path / "awq"], load_text("auto"), reference=DEFAULT_MODEL,
+                      max_windows=8, progress=False)
+    rtn, awq = result["rows"][1], result["rows"][2]
+    print(f"\nRTN KL {rtn['kl']:.5f} delta {rtn['ppl_delta']:+.3f}; AWQ KL {awq['kl']:.5f} delta {awq['ppl_delta']:+.3f}")
+    assert awq["kl"] < rtn["kl"]
+    assert abs(awq["ppl_delta"]) < abs(rtn["ppl_delta"])

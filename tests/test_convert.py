@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, make_hf_checkpoint
+from conftest import make_hf_checkpoint
 from qwen2q.convert import convert
 from qwen2q.errors import Qwen2qError
 from qwen2q.loader import load_model

@@ -1,6 +1,4 @@
 """Sampling filters against direct float64 computations, stop tokens, streaming and the load() API."""
-import io
-
 import pytest
 import torch
 
