@@ -10,20 +10,35 @@ from qwen2q.evals.harness import evaluate
 from qwen2q.qconfig import QuantConfig
 
 METHODS = (QuantConfig("nf4"), QuantConfig("int8"), QuantConfig("int4", group_size=128))
+AWQ = QuantConfig("awq", group_size=128)
+AWQ_CALIBRATION = dict(samples=16, seq_len=512, search_tokens=2048)  # small: the demo stays near a minute
 
 
 def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None, progress: bool = True) -> dict:
     """Quantize `source` (default: the embedded model) with each method into a temporary directory and
-    evaluate all against it; rows carry bits/weight and quantize time too."""
+    evaluate all against it; rows carry bits/weight and quantize time too.  AWQ joins when calibration
+    text is available (../shared/data/calib or $QWEN2Q_DATA); it never calibrates on the evaluation text."""
     from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.calibrate.data import default_source
+    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
 
     source = Path(source or DEFAULT_MODEL)
+    notes = []
     with tempfile.TemporaryDirectory(prefix="qwen2q-demo-") as tmp:
         reports, paths = {}, []
         for qcfg in METHODS:
             dst = Path(tmp) / qcfg.method
             reports[str(dst)] = convert(source, dst, qcfg, progress=False)
             paths.append(dst)
+        calib = default_source()
+        if calib is not None:
+            dst = Path(tmp) / "awq"
+            reports[str(dst)], details = awq_convert(source, dst, AWQ, CalibrationSettings(str(calib), **AWQ_CALIBRATION),
+                                                     progress=False)
+            paths.append(dst)
+            notes.append(f"awq calibration: {details['calibration']}")
+        else:
+            notes.append("awq skipped: no calibration text (set QWEN2Q_DATA to a folder with calib/wiki.utf8)")
         result = evaluate(paths, text, reference=source, max_windows=max_windows, progress=progress)
     for row in result["rows"]:
         report = reports.get(row["model"])
@@ -32,4 +47,5 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
             row["quantize_seconds"] = report.seconds
             row["peak_rss_bytes"] = report.peak_rss_bytes
         row["model"] = Path(row["model"]).name if report is not None else "embedded bf16"
+    result["notes"] = notes
     return result

@@ -302,6 +302,8 @@ def demo(dataset, max_windows, json_out, plot):
     from qwen2q.evals.data import load_text
 
     result = demo_mod.run(load_text(dataset), max_windows=max_windows)
+    for note in result["notes"]:
+        click.echo(note)
     _report(result, json_out, plot, extra_columns=("bits_per_weight", "quantize_seconds"))
 
 

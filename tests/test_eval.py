@@ -85,3 +85,20 @@ def test_eval_without_wikitext_says_so(pair):
     r = subprocess.run([sys.executable, "-m", "qwen2q.cli", "eval", str(pair / "bf16"), "--dataset", str(pair)],
                        capture_output=True, text=True, cwd="/", env=env, timeout=300)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "folder without" in r.stderr
+
+
+@pytest.mark.slow
+def test_demo_on_the_embedded_model(tmp_path):
+    from conftest import shared_data
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "qwen2q.cli", "demo", "--max-windows", "2", "--json", str(tmp_path / "d.json")],
+                       capture_output=True, text=True, cwd="/", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "d.json").read_text())
+    methods = [row["method"] for row in result["rows"]]
+    expected = ["bf16", "nf4", "int8", "int4-g128"] + (["awq-g128"] if shared_data() else [])
+    assert methods == expected
+    for row in result["rows"][1:]:
+        assert row["kl"] >= 0 and 0 < row["top1"] <= 1 and row["bits_per_weight"] > 4 and row["quantize_seconds"] >= 0
+    assert "bits/w" in r.stdout and "quant s" in r.stdout
