@@ -54,6 +54,7 @@ class CalibrationSettings:
     chat_template: bool = False
     search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
     ids: torch.Tensor | None = None  # ready-made int64 [samples, seq_len] tokens instead of `source`
+    feed: str = "quantized"  # next layer's input: the quantized layer's output, or "float" (AutoAWQ's choice)
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -204,13 +205,14 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
         q_elems = q_bytes = 0
         for i in tqdm(range(config.num_hidden_layers), desc="awq", unit="layer", disable=not progress):
             layer = load_layer(index, config, i, device)
+            x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
             alphas.append(calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}"))
             tensors = quantize_layer(layer, i, group_size, source_dtype)
             q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[-1]
                            in ("qweight", "qzeros", "scales"))
             out.add(tensors)
-            x = run_layer(layer, x, cos, sin)
+            x = x_float if x_float is not None else run_layer(layer, x, cos, sin)
             if not torch.isfinite(x).all():
                 raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
             del layer

@@ -80,7 +80,8 @@ def test_group_size_must_divide_every_linear(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_awq_checkpoint_loads_and_records_calibration(tmp_path):
+@pytest.mark.parametrize("feed", ["quantized", "float"])
+def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed):
     import json
 
     from qwen2q.loader import load_model
@@ -89,7 +90,7 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
     report, details = awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
-                                  CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128),
+                                  CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128, feed=feed),
                                   progress=False)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["qwen2q"]["method"] == "awq"
