@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_weight
+
 GROUP_SIZES = (32, 64, 128)
 NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK_FACTOR = len(NIBBLE_COLUMNS)  # 4-bit codes per int32
 _MAX_CODE = 15
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,14 +72,6 @@ def check_shape(in_features: int, out_features: int, group_size: int) -> None:
         )
 
 
-def _check_weight(weight: torch.Tensor) -> None:
-    if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"weight must be a 2-D float32/float16/bfloat16 [out_features, in_features] tensor,"
-            f" got {weight.dtype} {list(weight.shape)}"
-        )
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values; cannot quantize")
 
 
 def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +80,7 @@ def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     Returns (scales fp16 [in_features / G, out_features], zeros uint8 [in_features / G, out_features]).
     Raises ValueError for unsupported sizes, NaN/Inf, or a weight range too large for fp16 scales.
     """
-    _check_weight(weight)
+    check_weight(weight)
     out_features, in_features = weight.shape
     check_shape(in_features, out_features, group_size)
     groups = weight.detach().float().view(out_features, in_features // group_size, group_size)
@@ -129,7 +122,7 @@ def quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
     scales are rounded to fp16 (the stored dtype) first and must be positive; zeros must be whole numbers
     in 0..15 (any dtype). G is in_features / scales.shape[0]. Raises ValueError on bad shapes or values.
     """
-    _check_weight(weight)
+    check_weight(weight)
     out_features, in_features = weight.shape
     num_groups = scales.shape[0] if scales.dim() == 2 else 0
     fits = num_groups > 0 and in_features % num_groups == 0 and scales.shape[1] == out_features

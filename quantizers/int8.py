@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .checks import check_weight
+
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
 
 
@@ -31,12 +32,7 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
 
     Raises ValueError for a non-2-D or non-float weight, or one containing NaN/Inf.
     """
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"weight must be non-empty [out_features, in_features], got {list(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values; cannot quantize")
+    check_weight(weight)
     weight = weight.detach()
     absmax = weight.abs().amax(dim=1).float()
     factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)

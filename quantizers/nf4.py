@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import FLOAT_DTYPES, check_weight
+
 BLOCK_SIZE = 64
 NESTED_BLOCK_SIZE = 256
 
@@ -40,7 +42,6 @@ NF4_LEVELS = torch.tensor(
     dtype=torch.float32,
 )
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TINY = 1e-38  # bitsandbytes' guard against dividing by a zero absmax
 _LUT_SIZE = 65536  # bins of bitsandbytes' CPU lookup table over [-1, 1]
 
@@ -79,13 +80,6 @@ def dynamic_map() -> torch.Tensor:
     return torch.sort(torch.cat(values)).values
 
 
-def _check_weight(weight: torch.Tensor) -> None:
-    if weight.dim() != 2 or weight.numel() == 0:
-        raise ValueError(f"weight must be non-empty [out_features, in_features], got {list(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values; cannot quantize")
 
 
 def _nf4_codes(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +136,7 @@ def quantize(weight: torch.Tensor) -> NF4Weight:
 
     Raises ValueError for a non-2-D or non-float weight, or one containing NaN/Inf.
     """
-    _check_weight(weight)
+    check_weight(weight)
     codes, absmax = _nf4_codes(weight.detach().reshape(-1).float())
     packed = (codes[0::2] << 4 | codes[1::2]).unsqueeze(1)
     offset = absmax.mean()
@@ -221,7 +215,7 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> NF4Weig
     if not torch.equal(tensors[f"{p}.nested_quant_map"].float().cpu(), dynamic_map()):
         raise ValueError(f"{p}.nested_quant_map is not the standard signed dynamic map")
     dtype = getattr(torch, state["dtype"], None)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{p}: quant_state dtype {state['dtype']!r} is not float32, float16 or bfloat16")
     shape = tuple(state["shape"])
     if len(shape) != 2:
