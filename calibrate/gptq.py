@@ -1,0 +1,69 @@
+r"""Error-compensating rounding (GPTQ, Frantar et al. 2022) onto the int4 AWQ grid.
+
+Round-to-nearest rounds every weight on its own.  GPTQ rounds the input columns of W [N, K] one at a
+time and pushes each column's rounding error onto the columns not yet rounded, in the way that
+minimises the layer's output error over the calibration inputs X [T, K]:
+
+    H = X^T X + λ I          (λ = 1% of mean diag(H); dead inputs, diag 0, get weight 0)
+    U = chol(H^-1)^T         (upper triangular, so H^-1 = U^T U)
+    for column j:   q_j = Q(w_j),   e_j = (w_j - q_j) / U[j, j],   w_{j+1..} -= e_j U[j, j+1..]
+
+Groups of G consecutive columns share one asymmetric uint4 grid (scale fp16, zero 0..15, exactly the
+format of `qwen2q.quantizers.int4`); each group's grid is fixed from the min and max of its columns
+as they stand, error-updated, when the sweep reaches the group.  So the result is an ordinary AWQ
+checkpoint: only which grid point each weight takes differs from round-to-nearest.
+
+Runs in fp32 with the Cholesky factorisations in fp64; never fp16.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwen2q.quantizers import int4
+
+DAMPING = 0.01
+_MAX_CODE = 15
+
+
+@torch.no_grad()
+def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round weight [N, K] onto per-group int4 grids, compensating errors through gram = X^T X [K, K].
+
+    Returns (dequantized weight fp32 [N, K], scales fp16 [K / G, N], zeros uint8 [K / G, N]), so that
+    int4.quantize(dequantized, scales, zeros) stores exactly the codes chosen here.
+    """
+    n_out, k = weight.shape
+    int4.check_shape(k, n_out, group_size)
+    if gram.shape != (k, k):
+        raise ValueError(f"gram must be [{k}, {k}] for weight {list(weight.shape)}, got {list(gram.shape)}")
+    w = weight.detach().float().clone()
+    h = gram.detach().double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    result = torch.empty_like(w)
+    scales = torch.empty(k // group_size, n_out, dtype=torch.float16, device=w.device)
+    zeros = torch.empty(k // group_size, n_out, dtype=torch.uint8, device=w.device)
+    for g, start in enumerate(range(0, k, group_size)):
+        end = start + group_size
+        block = w[:, start:end]  # a view: updates below land in w
+        low, high = block.amin(dim=1), block.amax(dim=1)
+        scale = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16)
+        if not torch.isfinite(scale).all():
+            raise ValueError("weight range exceeds what float16 scales can hold")
+        s = scale.float()
+        zero = (-torch.round(low / s)).clamp(0, _MAX_CODE)
+        errors = torch.empty_like(block)
+        for j in range(group_size):
+            col = start + j
+            q = ((torch.round(block[:, j] / s) + zero).clamp(0, _MAX_CODE) - zero) * s
+            result[:, col] = q
+            err = (block[:, j] - q) / u[col, col]
+            block[:, j:] -= err[:, None] * u[col, col:end][None, :]
+            errors[:, j] = err
+        w[:, end:] -= errors @ u[start:end, end:]
+        scales[g], zeros[g] = scale, zero.to(torch.uint8)
+    return result, scales, zeros
