@@ -73,12 +73,14 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 
 @torch.no_grad()
 def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, inputs: torch.Tensor,
-                  run_inspect, group_size: int, where: str) -> tuple[torch.Tensor, float, float]:
+                  run_inspect, group_size: int, where: str, fake_quant=None) -> tuple[torch.Tensor, float, float]:
     """Grid-search α for `group`; return (best s fp32 [C], best α, its loss).
 
     inputs: the search sample of the group's input X; run_inspect(inputs) -> the inspected module's
-    output, computed with whatever weights the linears hold at call time.
+    output, computed with whatever weights the linears hold at call time.  fake_quant(w) -> Q(w) fp32,
+    default int4 round-to-nearest with groups of `group_size` (which also sets w_mean's groups).
     """
+    fake_quant = fake_quant or (lambda w: int4.fake_quantize(w, group_size))
     linears = [_get(layer, n) for n in group.linears]
     originals = [lin.weight.data.clone() for lin in linears]
     reference = run_inspect(inputs)
@@ -87,7 +89,7 @@ def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, inp
     for alpha in ALPHA_GRID:
         s = scales_for(alpha, x_mean, wmean)
         for lin, w in zip(linears, originals):
-            lin.weight.data = int4.fake_quantize(w * s, group_size) / s
+            lin.weight.data = fake_quant(w * s) / s
         loss = (run_inspect(inputs) - reference).float().pow(2).mean().item()
         if loss < best[2]:
             best = (s, alpha, loss)

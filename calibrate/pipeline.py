@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qwen2q.calibrate.awq import QWEN2_GROUPS, NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
 from qwen2q.calibrate.data import calibration_tokens
+from qwen2q.calibrate.gptq import gptq_quantize
 from qwen2q.checkpoint import TensorIndex, check_filled, fill_module, weight_files
 from qwen2q.convert import (
     DEFAULT_SHARD_BYTES,
@@ -26,11 +26,12 @@ from qwen2q.convert import (
     peak_rss_bytes,
     quantized_config,
     read_source,
+    with_source_dtype,
 )
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import DecoderLayer
 from qwen2q.qconfig import QuantConfig
-from qwen2q.quantizers import int4
+from qwen2q.quantizers import int4, nf4
 from qwen2q.rope import RotaryEmbedding
 from qwen2q.tokenizer import Tokenizer
 
@@ -55,6 +56,7 @@ class CalibrationSettings:
     search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
     ids: torch.Tensor | None = None  # ready-made int64 [samples, seq_len] tokens instead of `source`
     feed: str = "quantized"  # next layer's input: the quantized layer's output, or "float" (AutoAWQ's choice)
+    rounding: str = "nearest"  # after scaling: clip search + round to nearest (AWQ), or "gptq" error feedback
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -69,43 +71,50 @@ def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
 
 
 class _Recorder:
-    """Forward pre-hook that sums |input| per channel and keeps the inputs while `keeping` is set."""
+    """Forward pre-hook that sums |input| per channel (and X^T X when `gram` is set) and keeps the
+    inputs while `keeping` is set."""
 
-    def __init__(self):
+    def __init__(self, gram: bool = False):
         self.total, self.count, self.kept, self.keeping = 0.0, 0, [], False
+        self.gram = 0.0 if gram else None
 
     def __call__(self, module, args):
         a = args[0]
-        self.total = self.total + a.abs().reshape(-1, a.shape[-1]).double().sum(0)
-        self.count += a.numel() // a.shape[-1]
+        flat = a.reshape(-1, a.shape[-1]).float()
+        self.total = self.total + flat.abs().double().sum(0)
+        self.count += flat.shape[0]
+        if self.gram is not None:
+            self.gram = self.gram + flat.t() @ flat
         if self.keeping:
             self.kept.append(a.clone())
 
 
 @torch.no_grad()
-def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, batch: int = 8):
+def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, grams: bool = False):
     """Run `layer` over x [N, L, H] in batches of samples.
 
-    Returns (means, inputs): for each activation kind of HOOKED, mean |input| per channel (fp32 [C],
-    over all N x L tokens), and the activations of the first n_search samples: attn_in [n, L, H] (the
-    attention needs whole sequences), the others flattened to [n * L, C].
+    Returns (means, inputs, grams): for each activation kind of HOOKED, mean |input| per channel (fp32
+    [C], over all N x L tokens); the activations of n_search samples spread evenly over the N: attn_in
+    [n, L, H] (the attention needs whole sequences), the others flattened to [n * L, C]; and, when
+    `grams` is set, X^T X (fp32 [C, C], over all tokens), else None.
     """
-    recorders = {kind: _Recorder() for kind in HOOKED}
+    keep = set(torch.linspace(0, x.shape[0] - 1, n_search).round().long().tolist())
+    recorders = {kind: _Recorder(grams) for kind in HOOKED}
     hooks = [layer.get_submodule(HOOKED[k]).register_forward_pre_hook(r) for k, r in recorders.items()]
     try:
-        for b in range(0, x.shape[0], batch):
+        for b in range(x.shape[0]):  # one sample at a time, so the kept ones can be any
             for r in recorders.values():
-                r.keeping = b < n_search
-            layer(x[b : b + batch], cos, sin)
+                r.keeping = b in keep
+            layer(x[b : b + 1], cos, sin)
     finally:
         for h in hooks:
             h.remove()
     means = {k: (r.total / r.count).float() for k, r in recorders.items()}
     inputs = {}
     for kind, r in recorders.items():
-        kept = torch.cat(r.kept)[:n_search]
+        kept = torch.cat(r.kept)
         inputs[kind] = kept if kind == "attn_in" else kept.reshape(-1, kept.shape[-1])
-    return means, inputs
+    return means, inputs, ({k: r.gram for k, r in recorders.items()} if grams else None)
 
 
 @torch.no_grad()
@@ -121,12 +130,30 @@ def _inspector(layer: DecoderLayer, inspect: str, cos, sin):
     return module
 
 
+def nf4_fake_quantize(weight: torch.Tensor) -> torch.Tensor:
+    """NF4 (double quant) quantize then dequantize, fp32: what the NF4 scale search scores."""
+    return nf4.dequantize(nf4.quantize(weight), torch.float32)
+
+
 @torch.no_grad()
-def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str) -> dict:
-    """Search, fold and clip the scales of one layer in place; return {linear name: alpha or clip note}."""
+def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str,
+                    rounding: str = "nearest", target: str = "int4") -> tuple[dict, dict]:
+    """Search and fold the scales of one layer in place, then either search clipping (rounding
+    "nearest") or round every linear with GPTQ (rounding "gptq", leaving the linears on their grids).
+    target "nf4": the search scores NF4 (blocks of 64) instead of int4, and nothing follows it.
+
+    Returns ({scaling group: alpha}, {linear name: (scales, zeros)} chosen by GPTQ, empty otherwise).
+    """
+    if rounding not in ("nearest", "gptq"):
+        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
+    if target not in ("int4", "nf4") or (target == "nf4" and rounding != "nearest"):
+        raise ValueError(f"target must be 'int4', or 'nf4' with rounding 'nearest'; got {target!r}, {rounding!r}")
+    fake_quant = nf4_fake_quantize if target == "nf4" else None
+    if target == "nf4":
+        group_size = nf4.BLOCK_SIZE
     seq_len = x.shape[1]
     n_search = max(1, min(x.shape[0], math.ceil(search_tokens / seq_len)))
-    means, inputs = capture(layer, x, cos, sin, n_search)
+    means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=rounding == "gptq")
     chosen = {}
     for group in QWEN2_GROUPS:
         if group.needs_same_shape:
@@ -135,33 +162,53 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_to
                 continue  # GQA: v's output is narrower than o's input, nothing to fold
         kind = GROUP_INPUT[group.prev]
         s, alpha, loss = search_scales(layer, group, means[kind], inputs[kind],
-                                       _inspector(layer, group.inspect, cos, sin), group_size, where)
+                                       _inspector(layer, group.inspect, cos, sin), group_size, where, fake_quant)
         fold_scales(layer, group, s)
         inputs[kind] = inputs[kind] / s  # what the scaled linears now read
+        if grams is not None:
+            grams[kind] = grams[kind] / (s[:, None] * s[None, :])
         chosen[group.prev] = alpha
+    if grams is not None:
+        grids = {}
+        for name in LINEARS:
+            lin = layer.get_submodule(name)
+            dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[LINEAR_INPUT[name]], group_size)
+            lin.weight.data = dequantized
+            grids[name] = (scales, zeros)
+        return chosen, grids
+    if target == "nf4":
+        return chosen, {}
     for name in LINEARS:
         if name.rsplit(".", 1)[-1] in NO_CLIP:
             continue
         lin = layer.get_submodule(name)
         x_in = inputs[LINEAR_INPUT[name]].reshape(-1, lin.in_features)
         apply_clip(lin, search_clip(lin.weight.data, x_in, group_size), group_size)
-    return chosen
+    return chosen, {}
 
 
 @torch.no_grad()
-def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: torch.dtype) -> dict:
-    """The layer's checkpoint tensors (int4 linears, fp16 biases, folded norms in the source dtype); the
-    layer's linears are left holding their dequantized weights, so it computes what the file will."""
+def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: torch.dtype,
+                   grids: dict | None = None, target: str = "int4") -> dict:
+    """The layer's checkpoint tensors (int4 linears with fp16 biases, or NF4 linears (weights cast to the
+    source dtype first, as bitsandbytes quantizes them) with source-dtype biases; folded norms in the
+    source dtype); the layer's linears are left holding their dequantized weights, so it computes what
+    the file will.  grids: {linear name: (scales, zeros)} already chosen (GPTQ); round-to-nearest otherwise."""
     out = {}
     prefix = f"model.layers.{i}."
     for name in LINEARS:
         lin = layer.get_submodule(name)
-        scales, zeros = int4.compute_scales_zeros(lin.weight.data, group_size)
-        q = int4.quantize(lin.weight.data, scales, zeros)
-        out.update(int4.to_state_dict(q, prefix + name))
+        if target == "nf4":
+            q = nf4.quantize(lin.weight.data.to(source_dtype))
+            out.update(nf4.to_state_dict(q, prefix + name))
+            bias_dtype, lin.weight.data = source_dtype, nf4.dequantize(q, torch.float32)
+        else:
+            scales, zeros = (grids or {}).get(name) or int4.compute_scales_zeros(lin.weight.data, group_size)
+            q = int4.quantize(lin.weight.data, scales, zeros)
+            out.update(int4.to_state_dict(q, prefix + name))
+            bias_dtype, lin.weight.data = torch.float16, int4.dequantize(q, torch.float32)
         if lin.bias is not None:
-            out[prefix + name + ".bias"] = lin.bias.data.to(torch.float16)
-        lin.weight.data = int4.dequantize(q, torch.float32)
+            out[prefix + name + ".bias"] = lin.bias.data.to(bias_dtype)
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[prefix + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(source_dtype).cpu()
     return {k: v.cpu() for k, v in out.items()}
@@ -169,14 +216,25 @@ def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: t
 
 def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None = None, device: str = "cpu",
                 force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True):
-    """Calibrated int4 (AWQ) conversion of checkpoint `src` into `dst`; returns (ConversionReport, details)."""
+    """Calibrated conversion of checkpoint `src` into `dst`; returns (ConversionReport, details).
+
+    qcfg.method "awq": AWQ int4 (AutoAWQ GEMM layout); "nf4": the same scale search in front of
+    bitsandbytes NF4 (scales folded into the norms and up_proj, so the output is a plain NF4 checkpoint).
+    """
     from tqdm import tqdm
 
     calib = calib or CalibrationSettings()
+    if qcfg.method not in ("awq", "nf4"):
+        raise Qwen2qError(f"calibrated conversion is for --method awq or nf4 (--awq-scales), not {qcfg.method}")
+    target = "nf4" if qcfg.method == "nf4" else "int4"
+    if target == "nf4" and calib.rounding != "nearest":
+        raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
     src, config, files = read_source(src)
     dst = Path(dst)
     group_size = qcfg.group_size
-    for name, shape in (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
+    if target == "nf4":
+        qcfg = with_source_dtype(qcfg, config)
+    for name, shape in () if target == "nf4" else (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
                         ("self_attn.o_proj", (config.hidden_size, config.num_attention_heads * config.head_dim)),
                         ("mlp.up_proj", (config.intermediate_size, config.hidden_size))):
         try:
@@ -196,30 +254,34 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     source_dtype = index.get("model.embed_tokens.weight").dtype
     rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
     cos, sin = rotary(torch.arange(calib.seq_len, device=device)[None], torch.float32, seq_end=calib.seq_len)
-    x = F.embedding(ids.to(device), index.get("model.embed_tokens.weight").to(device, torch.float32))
+    x = index.get("model.embed_tokens.weight")[ids].to(device, torch.float32)  # only the rows used, never the table in fp32
     alphas = []
     with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
         for name in index.names():
             if not name.startswith("model.layers."):
                 out.add(passthrough(name, index.get(name), qcfg, config))
         q_elems = q_bytes = 0
-        for i in tqdm(range(config.num_hidden_layers), desc="awq", unit="layer", disable=not progress):
+        desc = "awq" if target == "int4" else "awq scales, nf4"
+        for i in tqdm(range(config.num_hidden_layers), desc=desc, unit="layer", disable=not progress):
             layer = load_layer(index, config, i, device)
             x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
-            alphas.append(calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}"))
-            tensors = quantize_layer(layer, i, group_size, source_dtype)
-            q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[-1]
-                           in ("qweight", "qzeros", "scales"))
+            chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",
+                                            calib.rounding, target)
+            alphas.append(chosen)
+            tensors = quantize_layer(layer, i, group_size, source_dtype, grids, target)
+            q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items()
+                           if not (k.endswith(".bias") or k.endswith("layernorm.weight")))
             out.add(tensors)
             x = x_float if x_float is not None else run_layer(layer, x, cos, sin)
             if not torch.isfinite(x).all():
                 raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
             del layer
+        how = {"rounding": calib.rounding} if target == "int4" else {"awq_scales": True}
         shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
-                                             search_tokens=calib.search_tokens))
+                                             search_tokens=calib.search_tokens, **how))
     report = ConversionReport(
-        method="awq", seconds=time.perf_counter() - start,
+        method=qcfg.method, seconds=time.perf_counter() - start,
         bytes_before=sum(f.stat().st_size for f in files),
         bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
         quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(), shards=shards)

@@ -181,9 +181,15 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
 @click.option("--chat-template", is_flag=True, help="awq: render calibration text through the chat template.")
 @click.option("--search-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
               help="awq: tokens the scale search scores (statistics use all calibration tokens).")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
+              help="awq: after the scale search, clip search + round to nearest (AutoAWQ's AWQ), or GPTQ "
+                   "error-compensating rounding onto the same int4 grid.")
+@click.option("--awq-scales", is_flag=True,
+              help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
+                   "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
 def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
-             chat_template, search_tokens, device):
+             chat_template, search_tokens, rounding, awq_scales, device):
     """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
 
     Streams shard by shard (peak memory near one output shard), writes into a temporary directory
@@ -194,6 +200,8 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
     Examples:
       qwen2q quantize ./tiny-nf4 --method nf4
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq -m awq --calib-data wiki.txt --calib-samples 48 --chat-template
+      qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq-gptq -m awq --rounding gptq --calib-samples 48
+      qwen2q quantize ./Qwen2-0.5B-Instruct ./q-nf4-awq -m nf4 --awq-scales --calib-samples 48
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
     """
@@ -206,12 +214,15 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
     src, dst = (DEFAULT_MODEL, paths[0]) if len(paths) == 1 else paths
     qcfg = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
     rows = []
-    if method == "awq":
+    if awq_scales and method != "nf4":
+        raise Qwen2qError(f"--awq-scales goes with --method nf4 (--method awq searches scales already), not {method}")
+    if method == "awq" or awq_scales:
         from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
 
         if skip:
-            raise Qwen2qError("--skip is not supported with --method awq yet")
-        calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens)
+            raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
+        calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
+                                    rounding=rounding)
         report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
                                       max_shard_bytes=_parse_size(max_shard_size))
         rows.append(("calibration", details["calibration"]))
@@ -220,7 +231,8 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
     else:
         report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
     rows = [
-        ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")),
+        ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
+         + (" + AWQ scales" if awq_scales else "") + (" (GPTQ rounding)" if method == "awq" and rounding == "gptq" else "")),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),

@@ -37,7 +37,8 @@ def test_folding_any_scales_leaves_the_float_layer_unchanged(tmp_path, heads):
     assert torch.allclose(layer(x, cos, sin), before, rtol=1e-4, atol=1e-5)
 
 
-def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path):
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding):
     layer, x, cos, sin = _layer(tmp_path)
     x[..., 5] *= 20  # an outlier channel, the situation AWQ is for
     reference = layer(x, cos, sin)
@@ -50,7 +51,9 @@ def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path):
         return (lay(x, cos, sin) - reference).pow(2).mean().item()
 
     rtn_error = quantized_error(_layer(tmp_path / "b")[0])
-    calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0")
+    _, grids = calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0",
+                               rounding=rounding)
+    assert bool(grids) == (rounding == "gptq")
     assert quantized_error(layer) < rtn_error
 
 
@@ -80,8 +83,8 @@ def test_group_size_must_divide_every_linear(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("feed", ["quantized", "float"])
-def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed):
+@pytest.mark.parametrize("feed, rounding", [("quantized", "nearest"), ("float", "nearest"), ("quantized", "gptq")])
+def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     import json
 
     from qwen2q.loader import load_model
@@ -90,12 +93,14 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed):
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
     report, details = awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
-                                  CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128, feed=feed),
+                                  CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128, feed=feed,
+                                                      rounding=rounding),
                                   progress=False)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["qwen2q"]["method"] == "awq"
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
     assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
+    assert cfg["qwen2q"]["rounding"] == rounding
     model = load_model(tmp_path / "q", dtype="float32")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
@@ -126,3 +131,32 @@ def test_awq_beats_round_to_nearest_on_the_embedded_model(tmp_path):
     print(f"\nRTN KL {rtn['kl']:.5f} delta {rtn['ppl_delta']:+.3f}; AWQ KL {awq['kl']:.5f} delta {awq['ppl_delta']:+.3f}")
     assert awq["kl"] < rtn["kl"]
     assert abs(awq["ppl_delta"]) < abs(rtn["ppl_delta"])
+
+
+def test_nf4_with_awq_scales_is_a_plain_nf4_checkpoint_closer_than_nf4(tmp_path):
+    """--method nf4 --awq-scales: the scales fold into the norms and up_proj, so the file is ordinary NF4
+    (qwen2q's NF4 modules load it), and on calibration-like inputs the layer drifts less than plain NF4."""
+    import json
+
+    from qwen2q.convert import convert
+    from qwen2q.loader import load_model
+
+    make_hf_checkpoint(tmp_path / "src", seed=6)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
+    calib = CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128)
+    awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("nf4"), calib, progress=False)
+    convert(tmp_path / "src", tmp_path / "plain", QuantConfig("nf4"), progress=False)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["bnb_4bit_quant_type"] == "nf4" and cfg["qwen2q"]["awq_scales"] is True
+    ref, scaled, plain = (load_model(tmp_path / d, dtype="float32") for d in ("src", "q", "plain"))
+    assert type(scaled.model.layers[0].mlp.up_proj).__name__ == "NF4Linear"
+    ids = torch.tensor([[0] + list(range(3, 60))])  # tokens the calibration text is made of, and others
+    with torch.no_grad():
+        want = torch.log_softmax(ref(ids), -1)
+        kl = [torch.nn.functional.kl_div(torch.log_softmax(m(ids), -1), want, log_target=True, reduction="sum").item()
+              for m in (scaled, plain)]
+    assert kl[0] < kl[1]
+    with pytest.raises(Qwen2qError, match="gptq"):
+        awq_convert(tmp_path / "src", tmp_path / "q2", QuantConfig("nf4"),
+                    CalibrationSettings(str(text), samples=2, seq_len=32, rounding="gptq"), progress=False)

@@ -71,6 +71,20 @@ def test_transformers_loads_our_nf4(src, tmp_path):
         assert (ours(IDS) - hf(IDS).logits).abs().max().item() <= 1e-4
 
 
+def test_transformers_loads_our_nf4_with_awq_scales(src, tmp_path):
+    """The AWQ scales fold into norms and up_proj: transformers + bitsandbytes still read a plain NF4 file."""
+    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"Calibration sentence number {i} about foxes and dogs." for i in range(300)))
+    awq_convert(src, tmp_path / "q", QuantConfig("nf4"), CalibrationSettings(str(text), samples=2, seq_len=64,
+                                                                             search_tokens=64), progress=False)
+    ours, hf = load_model(tmp_path / "q", dtype="float32"), _hf_load(tmp_path / "q", torch.float32)
+    _same_nf4_weights(ours, hf)
+    with torch.no_grad():
+        assert (ours(IDS) - hf(IDS).logits).abs().max().item() <= 1e-4
+
+
 def test_transformers_loads_our_int8(src, tmp_path):
     convert(src, tmp_path / "q", QuantConfig("int8"), progress=False)
     ours, hf = load_model(tmp_path / "q", dtype="float32"), _hf_load(tmp_path / "q", torch.float32)
