@@ -1,0 +1,24 @@
+"""evals/random_checkpoint.py writes a sharded checkpoint that qwen2q (and its index) read like a real one."""
+import json
+
+import torch
+
+from qwen2q.evals import random_checkpoint
+from qwen2q.loader import load_model
+
+
+def test_sharded_random_checkpoint_loads_with_the_requested_shapes(tmp_path, monkeypatch):
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    monkeypatch.setitem(random_checkpoint.SHAPES, "tiny", tiny)
+    total = random_checkpoint.write(tmp_path, "tiny", None, shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == total == 2 * sum(
+        torch.Size(shape).numel() for _, shape in random_checkpoint.tensor_shapes(random_checkpoint.config_for("tiny")))
+    model = load_model(tmp_path, dtype="float32")
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (64, 128)
+    assert model.lm_head.weight.shape == (256, 64) and model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(10)[None])).all()
