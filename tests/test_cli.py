@@ -81,3 +81,23 @@ def test_bench_runs_on_cpu(hf_tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["cuda_graph"] is False and result["decode_tokens_per_s"] > 0
+
+
+def test_awq_scales_needs_nf4_and_gptq_needs_int4(hf_tiny, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("out")
+    one_line_error(run("quantize", str(hf_tiny[0]), str(tmp_path / "a"), "-m", "int4", "--awq-scales"),
+                   "--awq-scales", "nf4")
+    one_line_error(run("quantize", str(hf_tiny[0]), str(tmp_path / "b"), "-m", "nf4", "--awq-scales",
+                       "--rounding", "gptq", "--calib-data", str(tmp_path / "none.txt")), "gptq")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_quantize_awq_with_gptq_rounding(hf_tiny, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("out")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(f"Sentence {i} for calibrating a tiny model." for i in range(200)))
+    r = run("quantize", str(hf_tiny[0]), str(tmp_path / "q"), "-m", "awq", "--group-size", "32", "--rounding", "gptq",
+            "--calib-data", str(text), "--calib-samples", "2", "--calib-seq-len", "32", "--search-tokens", "32")
+    assert r.returncode == 0, r.stderr
+    assert "GPTQ rounding" in r.stdout and "calibration" in r.stdout
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["qwen2q"]["rounding"] == "gptq"
