@@ -43,7 +43,10 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    h = torch.linalg.cholesky(h)  # each step replaces the last: two K x K fp64 matrices at most
+    h = torch.cholesky_inverse(h)
+    u = torch.linalg.cholesky(h, upper=True).float()
+    del h
     result = torch.empty_like(w)
     scales = torch.empty(k // group_size, n_out, dtype=torch.float16, device=w.device)
     zeros = torch.empty(k // group_size, n_out, dtype=torch.uint8, device=w.device)

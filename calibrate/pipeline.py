@@ -56,7 +56,8 @@ class CalibrationSettings:
     search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
     ids: torch.Tensor | None = None  # ready-made int64 [samples, seq_len] tokens instead of `source`
     feed: str = "quantized"  # next layer's input: the quantized layer's output, or "float" (AutoAWQ's choice)
-    rounding: str = "nearest"  # after scaling: clip search + round to nearest (AWQ), or "gptq" error feedback
+    rounding: str | None = None  # after scaling: "gptq" error feedback (awq's default) or "nearest" (clip search
+    # + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -227,8 +228,9 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     if qcfg.method not in ("awq", "nf4"):
         raise Qwen2qError(f"calibrated conversion is for --method awq or nf4 (--awq-scales), not {qcfg.method}")
     target = "nf4" if qcfg.method == "nf4" else "int4"
-    if target == "nf4" and calib.rounding != "nearest":
+    if target == "nf4" and calib.rounding not in (None, "nearest"):
         raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
+    calib = dataclasses.replace(calib, rounding=calib.rounding or ("gptq" if target == "int4" else "nearest"))
     src, config, files = read_source(src)
     dst = Path(dst)
     group_size = qcfg.group_size

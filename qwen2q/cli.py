@@ -1,6 +1,7 @@
 """The `qwen2q` command.  Commands parse options, call the library and print; nothing more."""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,10 +33,15 @@ def _sampling_options(f):
     return f
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (2 for bad usage), Ctrl-C into 130."""
 
     def main(self, *args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminated)  # `kill` cleans up like Ctrl-C: no partial output left
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:  # `qwen2q cmd` with nothing: show the help
@@ -181,9 +187,9 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
 @click.option("--chat-template", is_flag=True, help="awq: render calibration text through the chat template.")
 @click.option("--search-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
               help="awq: tokens the scale search scores (statistics use all calibration tokens).")
-@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), default="nearest", show_default=True,
-              help="awq: after the scale search, clip search + round to nearest (AutoAWQ's AWQ), or GPTQ "
-                   "error-compensating rounding onto the same int4 grid.")
+@click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default=None,
+              help="awq: after the scale search, GPTQ error-compensating rounding onto the int4 grid (default), or "
+                   "clip search + round to nearest (AutoAWQ's AWQ exactly).  nf4 --awq-scales: nearest only.")
 @click.option("--awq-scales", is_flag=True,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
@@ -200,7 +206,7 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
     Examples:
       qwen2q quantize ./tiny-nf4 --method nf4
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq -m awq --calib-data wiki.txt --calib-samples 48 --chat-template
-      qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq-gptq -m awq --rounding gptq --calib-samples 48
+      qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq-autoawq -m awq --rounding nearest --calib-samples 48
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-nf4-awq -m nf4 --awq-scales --calib-samples 48
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
@@ -232,7 +238,7 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
         report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
-         + (" + AWQ scales" if awq_scales else "") + (" (GPTQ rounding)" if method == "awq" and rounding == "gptq" else "")),
+         + (" + AWQ scales" if awq_scales else "") + (f" ({rounding or 'gptq'} rounding)" if method == "awq" else "")),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),

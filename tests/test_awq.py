@@ -83,7 +83,7 @@ def test_group_size_must_divide_every_linear(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("feed, rounding", [("quantized", "nearest"), ("float", "nearest"), ("quantized", "gptq")])
+@pytest.mark.parametrize("feed, rounding", [("quantized", "nearest"), ("float", "nearest"), ("quantized", None)])
 def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     import json
 
@@ -100,7 +100,7 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["qwen2q"]["method"] == "awq"
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
     assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
-    assert cfg["qwen2q"]["rounding"] == rounding
+    assert cfg["qwen2q"]["rounding"] == (rounding or "gptq")  # GPTQ rounding is the default
     model = load_model(tmp_path / "q", dtype="float32")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
