@@ -1,4 +1,10 @@
-"""`qwen2q quantize --method awq`: calibrate and quantize a checkpoint one decoder layer at a time.
+"""`qwen2q quantize --method awq` (and `--method nf4 --awq-scales`): calibrate and quantize a checkpoint
+one decoder layer at a time.
+
+Per layer: capture its inputs, search and fold AWQ's scales (`awq.py`), then round every linear onto the
+int4 grid, with GPTQ's error feedback (`gptq.py`, the default) or with AWQ's clip search and
+round-to-nearest (`rounding="nearest"`, AutoAWQ's algorithm); for NF4 the search scores NF4 and the
+linears are then quantized to NF4 as bitsandbytes would.
 
 Memory: only one decoder layer's weights are on the compute device at once, read from the memory-mapped
 source shards on demand; the calibration activations (N x L x hidden, fp32) live on the device; the
