@@ -123,10 +123,12 @@ def test_awq_beats_round_to_nearest_on_the_embedded_model(tmp_path):
         pytest.skip("the embedded model is not present")
     convert(DEFAULT_MODEL, tmp_path / "rtn", QuantConfig("int4", group_size=128), progress=False)
     awq_convert(DEFAULT_MODEL, tmp_path / "awq", QuantConfig("awq", group_size=128),
-                CalibrationSettings(str(data / "calib" / "wiki.utf8"), samples=16, seq_len=512, search_tokens=2048),
+                CalibrationSettings(str(data / "calib" / "wiki.utf8"), samples=48, seq_len=512),
                 progress=False)
+    # The closing note's protocol: 48 x 512 calibration tokens, 32 windows (16k scored tokens); on 8
+    # windows the perplexity delta of a model this small is noise-dominated (KL is not).
     result = evaluate([tmp_path / "rtn", tmp_path / "awq"], load_text("auto"), reference=DEFAULT_MODEL,
-                      max_windows=8, progress=False)
+                      max_windows=32, progress=False)
     rtn, awq = result["rows"][1], result["rows"][2]
     print(f"\nRTN KL {rtn['kl']:.5f} delta {rtn['ppl_delta']:+.3f}; AWQ KL {awq['kl']:.5f} delta {awq['ppl_delta']:+.3f}")
     assert awq["kl"] < rtn["kl"]
