@@ -2,17 +2,30 @@
 
     python -m qwen2q.evals.compare_peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 512]
         [--max-windows 32] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
-        [--with-autoawq] [--autoawq-dtype float32] [--calib PATH] [--calib-samples 128] [--calib-seq-len 512]
+        [--with-autoawq] [--autoawq-dtype float32] [--autoawq-stock] [--calib PATH] [--calib-samples 128]
+        [--calib-seq-len 512]
 
 Rows (names for --only):
   transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
                       transformers row (what KL two correct bf16 implementations already show)
   qwen2q-nf4 / qwen2q-int8 / qwen2q-int4-g128   `qwen2q quantize` (round to nearest), run by qwen2q
   qwen2q-awq-g128     qwen2q's calibrated AWQ (qwen2q.calibrate; "not available" until it exists)
+  qwen2q-awq-gptq-g128  the same AWQ scales, then GPTQ rounding instead of clip search + round to nearest
+                      (`CalibrationSettings(rounding="gptq")`; "not available" where qwen2q lacks it)
   bnb-nf4             transformers + bitsandbytes NF4, double quant, compute dtype bf16, quantized at load
   bnb-int8            transformers + bitsandbytes LLM.int8 (`load_in_8bit=True`), quantized at load
   autoawq-g128        AutoAWQ 0.2.9 (w_bit 4, g128, zero point, GEMM), opt-in with --with-autoawq;
-                      its checkpoint is run by qwen2q (same layout as qwen2q-int4)
+                      its checkpoint is run by qwen2q (same layout as qwen2q-int4).  On a CPU-resident model
+                      AutoAWQ's scale search corrupts the weights (its backup `{k: v.cpu()}` of the inspected
+                      module's state dict aliases the live tensors, which `weight.mul_(scales)` then scales in
+                      place, so every "restore" leaves W * s(ratio 0) and the saved layers are off by that
+                      factor, in fp16 and fp32 alike); the row backs up copies instead (--autoawq-stock: don't)
+  llmcompressor-awq-g128  llm-compressor 0.14 `oneshot` with AWQModifier + W4A16_ASYM (group 128, lm_head
+                      kept), on the same calibration blocks; its in-memory model (weights fake-quantized
+                      once with its own scales and zero points) is run by transformers; size and bits/w are
+                      those of its pack-quantized tensors (compressed-tensors' compressor, not saved); on a
+                      CPU-only torch its `IntermediatesCache.pin_memory` (llmcompressor.pipelines.cache) is a
+                      no-op here (pinning needs an accelerator)
 
 Protocol: the text is tokenized once with MODEL_DIR's tokenizer and cut into non-overlapping windows
 (`evals.perplexity`); the bf16 model, loaded by qwen2q, is the reference of every row
@@ -27,11 +40,14 @@ never fatal; a row that fails is reported with its error and the exit status is 
 Columns: bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
 bias excluded) * 8 / their weight count; size = bytes of all stored tensors (what the checkpoint holds,
 tied lm_head once); quant s = wall time to quantize (qwen2q: `convert` to disk; transformers: load +
-quantize in memory; AutoAWQ: `quantize()` including calibration).
+quantize in memory; AutoAWQ: `quantize()` including calibration; llm-compressor: `oneshot`); cpu s = CPU
+seconds (user + system, this process and its waited-for children) over the same span: on a shared
+machine wall time also counts the other jobs, CPU time does not.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -41,6 +57,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -85,6 +102,7 @@ class Candidate:
     quantize_seconds: float | None
     load_seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
+    quantize_cpu_seconds: float | None = None
 
 
 @dataclasses.dataclass
@@ -127,36 +145,68 @@ def calibration_blocks(path: Path, tokenizer: Tokenizer, samples: int, seq_len: 
     return torch.tensor(ids[:need], dtype=torch.long).view(samples, seq_len)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its children that were waited for, so far."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Clock:
+    """Wall and CPU seconds of a `with` block: `.wall`, `.cpu`."""
+
+    def __enter__(self):
+        self.wall = self.cpu = None
+        self._wall, self._cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self._wall, cpu_seconds() - self._cpu
+        return False
+
+
 # ---- rows -------------------------------------------------------------------------------------------
 
 def _checkpoint_tensors(path: Path):
     return lambda: iter_tensors(weight_files(path))
 
 
-def _qwen2q_load(path: Path, ctx: Context, quantize_seconds: float | None, notes=()) -> Candidate:
+def _qwen2q_load(path: Path, ctx: Context, clock: Clock, notes=()) -> Candidate:
     t0 = time.perf_counter()
     model = load_model(path, dtype=ctx.dtype)
-    return Candidate(model, _checkpoint_tensors(path), quantize_seconds, time.perf_counter() - t0, list(notes))
+    return Candidate(model, _checkpoint_tensors(path), clock.wall, time.perf_counter() - t0, list(notes), clock.cpu)
 
 
 def qwen2q_rtn(method: str) -> Callable[[Context], Candidate]:
     def build(ctx: Context) -> Candidate:
         dst = ctx.work / f"qwen2q-{method}"
-        report = convert(ctx.src, dst, QuantConfig(method, group_size=GROUP_SIZE), force=True, progress=False)
+        with Clock() as clock:
+            convert(ctx.src, dst, QuantConfig(method, group_size=GROUP_SIZE), force=True, progress=False)
         note = "weight-only int8 (bf16 activations)" if method == "int8" else "round to nearest"
-        return _qwen2q_load(dst, ctx, report.seconds, [note])
+        return _qwen2q_load(dst, ctx, clock, [note])
     return build
 
 
-def qwen2q_awq(ctx: Context) -> Candidate:
-    """qwen2q's calibrated AWQ on the same calibration blocks AutoAWQ gets."""
-    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
-
-    calib = ctx.calibration_ids()
-    dst = ctx.work / "qwen2q-awq"
-    t0 = time.perf_counter()
-    awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), CalibrationSettings(ids=calib), progress=False)
-    return _qwen2q_load(dst, ctx, time.perf_counter() - t0, [f"calibration: {_calib_label(ctx)}"])
+def qwen2q_awq(rounding: str = "nearest") -> Callable[[Context], Candidate]:
+    """qwen2q's calibrated AWQ on the same calibration blocks AutoAWQ gets; `rounding` "gptq" swaps the clip
+    search and round to nearest for GPTQ rounding (a CalibrationSettings field newer qwen2q versions have)."""
+    def build(ctx: Context) -> Candidate:
+        try:
+            from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+        except ImportError as e:
+            raise Unavailable(f"qwen2q.calibrate has no AWQ pipeline here ({e})") from None
+        extra = {}
+        if "rounding" in {f.name for f in dataclasses.fields(CalibrationSettings)}:
+            extra["rounding"] = rounding  # always explicit: the default changed to gptq
+        elif rounding != "nearest":
+            raise Unavailable(f"this qwen2q's CalibrationSettings has no `rounding` (no {rounding} rounding yet)")
+        calib = ctx.calibration_ids()
+        dst = ctx.work / ("qwen2q-awq" if rounding == "nearest" else f"qwen2q-awq-{rounding}")
+        with Clock() as clock:
+            awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), CalibrationSettings(ids=calib, **extra),
+                        progress=False)
+        notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}"]
+        return _qwen2q_load(dst, ctx, clock, notes)
+    return build
 
 
 def _hf_state_tensors(model):
@@ -177,10 +227,14 @@ def _hf_candidate(ctx: Context, quantization_config=None, notes=()) -> Candidate
         from transformers import AutoModelForCausalLM
     except ImportError as e:
         raise Unavailable(f"transformers/accelerate not installed ({e.name}); pip install transformers accelerate") from None
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(ctx.src, device_map="cpu", dtype=ctx.dtype,
-                                                 quantization_config=quantization_config).eval()
-    seconds = time.perf_counter() - t0
+    with Clock() as clock:
+        model = AutoModelForCausalLM.from_pretrained(ctx.src, device_map="cpu", dtype=ctx.dtype,
+                                                     quantization_config=quantization_config).eval()
+    return _hf_wrap(model, clock.wall, clock if quantization_config else None, notes)
+
+
+def _hf_wrap(model, load_seconds: float, clock: Clock | None, notes=(), tensors=None) -> Candidate:
+    """A transformers model as a Candidate; `clock` times its quantization (None: not quantized)."""
     notes = list(notes)
     switched = 0
     for module in model.modules():
@@ -193,8 +247,8 @@ def _hf_candidate(ctx: Context, quantization_config=None, notes=()) -> Candidate
     def forward(ids):
         return model(input_ids=ids, use_cache=False).logits
 
-    return Candidate(forward, _hf_state_tensors(model), seconds if quantization_config else None,
-                     seconds, notes)
+    return Candidate(forward, tensors or _hf_state_tensors(model), clock.wall if clock else None, load_seconds,
+                     notes, clock.cpu if clock else None)
 
 
 def transformers_bf16(ctx: Context) -> Candidate:
@@ -224,23 +278,46 @@ def bnb_int8(ctx: Context) -> Candidate:
                                     "bf16 inputs to fp16", "quantized by transformers at load (quant s includes the load)"])
 
 
+def copying_backup(quantizer_cls):
+    """AutoAWQ's quantizer with the weight backup of its scale search made of copies.
+
+    `AwqQuantizer._compute_best_scale` backs the inspected module up as `{k: v.cpu() for k, v in
+    module.state_dict().items()}` and, per grid ratio, runs `fc.weight.mul_(scales)` then
+    `fc.weight.data = Q(fc.weight) / scales` and `load_state_dict(backup)`.  On CUDA `.cpu()` copies; on a
+    CPU-resident model it returns the live tensor itself, so the in-place `mul_` scales the backup and every
+    restore leaves W * s(ratio 0): ratios after the first are scored on corrupted weights (the search picks
+    ratio 0) and the layer keeps that extra factor, which no norm compensates.  Here the backup is cloned."""
+    class CopyingBackup(quantizer_cls):
+        def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, *args, **kwargs):
+            live = module2inspect.state_dict
+            module2inspect.state_dict = lambda *a, **k: {n: t.clone() for n, t in live(*a, **k).items()}
+            try:
+                return super()._compute_best_scale(x, w_mean, x_mean, module2inspect, *args, **kwargs)
+            finally:
+                del module2inspect.state_dict  # the class's method again
+    return CopyingBackup
+
+
 def autoawq(ctx: Context) -> Candidate:
-    """AutoAWQ quantizes (calibrated, in --autoawq-dtype rather than its fp16 default) and saves; qwen2q runs
-    the saved GEMM checkpoint in the checkpoint's dtype (AutoAWQ's own kernels compute in fp16)."""
+    """AutoAWQ quantizes (calibrated, in --autoawq-dtype rather than its fp16 default, with its CPU weight
+    backup fixed unless --autoawq-stock) and saves; qwen2q runs the saved GEMM checkpoint in the checkpoint's
+    dtype (AutoAWQ's own kernels compute in fp16)."""
     if not ctx.args.with_autoawq:
-        raise Unavailable("opt-in: pass --with-autoawq (AutoAWQ's quantize takes tens of minutes for 0.5B on CPU)")
+        raise Unavailable("opt-in: pass --with-autoawq (AutoAWQ's quantize takes hours for 0.5B on a 2-core CPU)")
     try:
         from awq import AutoAWQForCausalLM
+        from awq.quantize.quantizer import AwqQuantizer
     except ImportError as e:
         raise Unavailable(f"autoawq not installed ({e}); pip install autoawq==0.2.9 -c .ci/constraints.txt") from None
     calib = ctx.calibration_ids()
     dtype = getattr(torch, ctx.args.autoawq_dtype)
     dst = ctx.work / "autoawq"
     model = AutoAWQForCausalLM.from_pretrained(str(ctx.src), torch_dtype=dtype, device_map="cpu")
-    t0 = time.perf_counter()
-    model.quantize(None, quant_config={"zero_point": True, "q_group_size": GROUP_SIZE, "w_bit": 4, "version": "GEMM"},
-                   calib_data=calib.tolist(), max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1])
-    seconds = time.perf_counter() - t0
+    patched = not ctx.args.autoawq_stock  # the copies cost nothing that matters on an accelerator either
+    with Clock() as clock:
+        model.quantize(None, quant_config={"zero_point": True, "q_group_size": GROUP_SIZE, "w_bit": 4, "version": "GEMM"},
+                       calib_data=calib.tolist(), max_calib_samples=calib.shape[0], max_calib_seq_len=calib.shape[1],
+                       quantizer_cls=copying_backup(AwqQuantizer) if patched else AwqQuantizer)
     if dst.exists():
         shutil.rmtree(dst)
     model.save_quantized(str(dst))
@@ -250,9 +327,106 @@ def autoawq(ctx: Context) -> Candidate:
         if (ctx.src / side).is_file() and not (dst / side).exists():
             shutil.copy2(ctx.src / side, dst / side)
     notes = [f"AutoAWQ quantized in {ctx.args.autoawq_dtype}; calibration: {_calib_label(ctx)}; run by qwen2q"]
+    if patched:
+        notes.append("AutoAWQ's scale-search weight backup cloned (stock AutoAWQ corrupts CPU-resident layers)")
+    else:
+        notes.append("stock AutoAWQ (--autoawq-stock): on CPU its scale search corrupts the layers it scales")
     if dtype != ctx.dtype:
         notes.append(f"its checkpoint keeps the unquantized tensors in {ctx.args.autoawq_dtype} (size)")
-    return _qwen2q_load(dst, ctx, seconds, notes)
+    return _qwen2q_load(dst, ctx, clock, notes)
+
+
+def _no_pin_memory(cache_cls):
+    """llm-compressor's AWQ pins its cached layer inputs (`IntermediatesCache.pin_memory`) for faster
+    host-to-device copies; a CPU-only torch cannot pin memory, so without an accelerator pinning is skipped."""
+    if torch.cuda.is_available() or "pin_memory" not in vars(cache_cls):
+        return contextlib.nullcontext()
+    return _patched(cache_cls, "pin_memory", lambda self, batch_index, input_names=None: None)
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    old = vars(owner)[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def _calibration_loader(calib: torch.Tensor):
+    """The calibration blocks as the tokenized batches llm-compressor's `oneshot` takes as they are (a
+    DataLoader bypasses its dataset loading and tokenization): one [1, seq_len] block per batch, in order."""
+    from torch.utils.data import DataLoader
+
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in calib]
+    return DataLoader(rows, batch_size=1, shuffle=False)
+
+
+def _packed_tensors(model, compressor):
+    """What llm-compressor would save for `model` (compressed-tensors pack-quantized): every quantized
+    linear's state run through `compressor.compress` (int32-packed codes and zero points, scales, shape),
+    every other tensor as it is."""
+    quantized = {n: m for n, m in model.named_modules()
+                 if getattr(getattr(m, "quantization_scheme", None), "weights", None) is not None}
+
+    def tensors():
+        for name, t in _hf_state_tensors(model)():
+            if name.rpartition(".")[0] not in quantized:
+                yield name, t
+        for owner, m in quantized.items():
+            local = {k: v for k, v in m.state_dict().items() if "." not in k}
+            for k, v in compressor.compress(local, m.quantization_scheme).items():
+                yield f"{owner}.{k}", v
+    return tensors
+
+
+def _bake_fake_quant(model, forward_quantize) -> int:
+    """Replace each quantized linear's weight by its fake-quantized value (what its quantized forward computes
+    on every call) and switch the on-the-fly quantization off; returns how many linears were baked."""
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            scheme = getattr(m, "quantization_scheme", None)
+            if getattr(scheme, "weights", None) is None:
+                continue
+            m.weight.data = forward_quantize(m, m.weight.data, "weight", scheme.weights)
+            m.quantization_enabled = False
+            n += 1
+    return n
+
+
+def llmcompressor_awq(ctx: Context) -> Candidate:
+    """llm-compressor's AWQ (AWQModifier, then W4A16_ASYM group 128 with lm_head kept) on the shared
+    calibration blocks; its model stays in memory, fake-quantized, and transformers runs it."""
+    try:
+        import accelerate  # noqa: F401
+        from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise Unavailable(f"llm-compressor not installed ({e}); pip install 'llmcompressor==0.14.*' "
+                          "-c .ci/constraints.txt") from None
+    calib = ctx.calibration_ids()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ctx.src, dtype=ctx.dtype).eval()
+    load_seconds = time.perf_counter() - t0
+    recipe = [AWQModifier(),  # its defaults: duo scaling, 20-point grid
+              QuantizationModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"])]
+    with _no_pin_memory(IntermediatesCache), Clock() as clock:
+        oneshot(model=model, tokenizer=str(ctx.src), dataset=_calibration_loader(calib), recipe=recipe,
+                num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1])
+    baked = _bake_fake_quant(model, forward_quantize)
+    if not baked:
+        raise RuntimeError("llm-compressor left no quantized linear")
+    notes = [f"llm-compressor AWQModifier + W4A16_ASYM g{GROUP_SIZE} in {ctx.dtype}; calibration: {_calib_label(ctx)}",
+             f"run by transformers: {baked} linears' weights fake-quantized with llm-compressor's scales and zero "
+             "points; size and bits/w: its pack-quantized tensors (computed, not saved)"]
+    return _hf_wrap(model, load_seconds, clock, notes, _packed_tensors(model, PackedQuantizationCompressor))
 
 
 def _calib_label(ctx: Context) -> str:
@@ -266,8 +440,10 @@ ROWS: dict[str, tuple[str, Callable[[Context], Candidate]]] = {
     "qwen2q-int8": ("qwen2q int8", qwen2q_rtn("int8")),
     "bnb-int8": ("transformers+bnb int8", bnb_int8),
     "qwen2q-int4-g128": ("qwen2q int4 g128", qwen2q_rtn("int4")),
-    "qwen2q-awq-g128": ("qwen2q awq g128", qwen2q_awq),
+    "qwen2q-awq-g128": ("qwen2q awq g128", qwen2q_awq()),
+    "qwen2q-awq-gptq-g128": ("qwen2q awq+gptq g128", qwen2q_awq("gptq")),
     "autoawq-g128": ("AutoAWQ g128", autoawq),
+    "llmcompressor-awq-g128": ("llm-compressor awq g128", llmcompressor_awq),
 }
 
 
@@ -363,9 +539,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "seq_len": seq_len, "windows": n_windows, "scored_tokens": n_windows * (seq_len - 1),
         "reference": "qwen2q, checkpoint dtype", "dtype": config.dtype, "group_size": GROUP_SIZE,
         "calibration": {"path": str(args.calib), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
-                        "autoawq_dtype": args.autoawq_dtype, "with_autoawq": args.with_autoawq},
+                        "autoawq_dtype": args.autoawq_dtype, "with_autoawq": args.with_autoawq,
+                        "autoawq_stock": args.autoawq_stock},
         "versions": {"qwen2q": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                     **{d: _version(d) for d in ("transformers", "accelerate", "bitsandbytes", "autoawq")}},
+                     **{d: _version(d) for d in ("transformers", "accelerate", "bitsandbytes", "autoawq", "llmcompressor",
+                                                  "compressed-tensors")}},
         "torch_threads": torch.get_num_threads(), "started": started,
     }
     ctx = Context(Path(src), work, parse_dtype(None, config.dtype), args)
@@ -404,7 +582,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             d = compare(reference, cand.forward, ids, seq_len, max_windows=n_windows, progress=_progress(name, n_windows))
             row.update(status="ok", ppl=d["ppl"], ppl_delta=d["ppl_delta"], ppl_ratio=d["ppl_ratio"], kl=d["kl"],
                        top1=d["top1"], ppl_reference=d["ppl_reference"], bits_per_weight=bits, size_bytes=size,
-                       quantize_seconds=cand.quantize_seconds, load_seconds=cand.load_seconds,
+                       quantize_seconds=cand.quantize_seconds, quantize_cpu_seconds=cand.quantize_cpu_seconds,
+                       load_seconds=cand.load_seconds,
                        eval_seconds=time.perf_counter() - t0, notes=cand.notes)
         except Exception as e:  # noqa: BLE001
             row.update(status=f"failed: {type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -418,7 +597,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 COLUMNS = [("row", 24, None, "label"), ("bits/w", 7, "{:.3f}", "bits_per_weight"), ("size MiB", 9, "{:.1f}", "size_mib"),
            ("ppl", 10, "{:.4f}", "ppl"), ("delta", 9, "{:+.4f}", "ppl_delta"), ("KL", 9, "{:.5f}", "kl"),
-           ("top-1", 8, "{:.2%}", "top1"), ("quant s", 8, "{:.1f}", "quantize_seconds")]
+           ("top-1", 8, "{:.2%}", "top1"), ("quant s", 8, "{:.1f}", "quantize_seconds"),
+           ("cpu s", 8, "{:.1f}", "quantize_cpu_seconds")]
 
 
 def format_table(result: dict) -> str:
@@ -452,9 +632,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated rows among: {', '.join(ROWS)}")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep checkpoints and reference logits here (default: a temporary folder, removed)")
-    p.add_argument("--with-autoawq", action="store_true", help="run the AutoAWQ row (slow: tens of minutes on CPU)")
+    p.add_argument("--with-autoawq", action="store_true", help="run the AutoAWQ row (slow: hours for 0.5B on a 2-core CPU)")
     p.add_argument("--autoawq-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype AutoAWQ quantizes in (its fp16 default broke Qwen2 on CPU)")
+                   help="dtype AutoAWQ quantizes in (AutoAWQ's own default is fp16)")
+    p.add_argument("--autoawq-stock", action="store_true",
+                   help="run AutoAWQ's quantizer unpatched (on CPU its scale search corrupts the weights)")
     p.add_argument("--calib", type=Path, default=default_calib(), help="calibration text for the AWQ rows")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)

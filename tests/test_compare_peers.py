@@ -36,11 +36,18 @@ def test_all_rows_side_by_side(src, tmp_path, capsys):
     assert list(rows) == ["reference", *compare_peers.ROWS]
     for name in ("reference", "transformers-bf16", "qwen2q-nf4", "bnb-nf4", "qwen2q-int8", "bnb-int8", "qwen2q-int4-g128"):
         assert rows[name]["status"] == "ok", rows[name]
-    awq = rows["qwen2q-awq-g128"]["status"]
     from conftest import shared_data
 
-    assert awq == "ok" if shared_data() else awq != "ok", awq  # calibrates on ../shared/data/calib
+    for name in ("qwen2q-awq-g128", "qwen2q-awq-gptq-g128"):  # calibrate on ../shared/data/calib
+        awq = rows[name]["status"]
+        assert awq == "ok" if shared_data() else awq != "ok", (name, awq)
     assert rows["autoawq-g128"]["status"].startswith("not available: opt-in")
+    llmc = rows["llmcompressor-awq-g128"]["status"]
+    assert llmc == "ok" or llmc.startswith("not available"), llmc
+    for r in rows.values():  # every row that quantizes says its wall and CPU seconds
+        if r["status"] == "ok" and r["row"] not in ("reference", "transformers-bf16"):
+            assert r["quantize_seconds"] > 0 and r["quantize_cpu_seconds"] > 0, r
+    assert rows["transformers-bf16"]["quantize_cpu_seconds"] is None
 
     ref = rows["reference"]["ppl"]
     for r in rows.values():
@@ -59,6 +66,7 @@ def test_all_rows_side_by_side(src, tmp_path, capsys):
     assert {"torch", "transformers", "bitsandbytes", "autoawq"} <= set(s["versions"])
     table = capsys.readouterr().out
     assert "transformers+bnb nf4" in table and "not available" in table and "AVX512-BF16" in table
+    assert "cpu s" in table
 
 
 def test_missing_peer_is_reported_not_fatal(src, tmp_path, monkeypatch):
@@ -68,6 +76,131 @@ def test_missing_peer_is_reported_not_fatal(src, tmp_path, monkeypatch):
     rows = {r["row"]: r for r in result["rows"]}
     assert rows["bnb-nf4"]["status"].startswith("not available") and "bitsandbytes" in rows["bnb-nf4"]["status"]
     assert rows["qwen2q-int8"]["status"] == "ok"
+
+
+def test_missing_llmcompressor_is_reported_not_fatal(src, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llmcompressor", None)
+    rc, result = _run(src, tmp_path, "--only", "llmcompressor-awq-g128")
+    assert rc == 0
+    status = result["rows"][-1]["status"]
+    assert status.startswith("not available") and "llm-compressor" in status, status
+
+
+def test_gptq_rounding_missing_is_unavailable(monkeypatch, tmp_path):
+    """A qwen2q whose CalibrationSettings has no `rounding` field: the GPTQ row says so, before any work."""
+    import dataclasses
+
+    from qwen2q.calibrate import pipeline
+
+    @dataclasses.dataclass
+    class OldSettings:
+        ids: torch.Tensor | None = None
+
+    monkeypatch.setattr(pipeline, "CalibrationSettings", OldSettings)
+    ctx = compare_peers.Context(tmp_path, tmp_path, torch.bfloat16, None)  # calibration_ids() would fail: not reached
+    with pytest.raises(compare_peers.Unavailable, match="rounding"):
+        compare_peers.qwen2q_awq("gptq")(ctx)
+
+
+def test_clock_counts_cpu_seconds():
+    with compare_peers.Clock() as clock:
+        t = torch.randn(256, 256)
+        for _ in range(200):
+            t = torch.tanh(t @ t.T / 256)
+    assert clock.wall > 0 and clock.cpu > 0
+
+
+class _AliasingBackup:
+    """AutoAWQ's scale-search pattern, in miniature: back up with `.cpu()`, scale in place, quantize, restore."""
+
+    def _compute_best_scale(self, x, w_mean, x_mean, module2inspect, linears2scale, *args, **kwargs):
+        backup = {k: v.cpu() for k, v in module2inspect.state_dict().items()}
+        with torch.no_grad():
+            for fc in linears2scale:
+                fc.weight.mul_(2.0)
+                fc.weight.data = torch.round(fc.weight.data) / 2.0
+            module2inspect.load_state_dict(backup)
+        return torch.ones(1)
+
+
+def test_copying_backup_keeps_weights():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    w = lin.weight.detach().clone()
+    _AliasingBackup()._compute_best_scale(None, None, None, lin, [lin])
+    assert torch.equal(lin.weight, 2 * w)  # the stock pattern corrupts a CPU-resident module
+    lin.weight.data = w.clone()
+    compare_peers.copying_backup(_AliasingBackup)()._compute_best_scale(None, None, None, lin, [lin])
+    assert torch.equal(lin.weight, w)
+    assert "state_dict" not in vars(lin)  # the module's own method is back
+
+
+def test_copying_backup_on_autoawq_search():
+    """The real AutoAWQ 0.2.9 grid search on one CPU linear: stock leaves the weights scaled, the fix does not."""
+    pytest.importorskip("awq")
+    from awq.quantize.quantizer import AwqQuantizer
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256) * torch.linspace(0.1, 4, 256)
+    results = {}
+    for name, cls in (("stock", AwqQuantizer), ("fixed", compare_peers.copying_backup(AwqQuantizer))):
+        lin = torch.nn.Linear(256, 64, bias=False)
+        torch.nn.init.normal_(lin.weight, std=0.05)
+        w = lin.weight.detach().clone()
+        q = object.__new__(cls)  # no calibration: only the attributes the search reads
+        q.w_bit, q.group_size, q.zero_point, q.duo_scaling, q.max_chunk_memory = 4, 128, True, True, 2**30
+        q.n_parallel_calib_samples = None
+        w_mean = (w.abs().view(-1, 128) / w.abs().view(-1, 128).amax(1, keepdim=True)).view_as(w).mean(0)
+        with torch.no_grad():
+            q._compute_best_scale(x, w_mean, x.abs().mean(0), lin, [lin], lin(x))
+        results[name] = (lin.weight - w).abs().max().item()
+    assert results["fixed"] == 0.0
+    assert results["stock"] > 0.0
+
+
+def test_no_pin_memory_patch():
+    class Cache:
+        def pin_memory(self, batch_index, input_names=None):
+            raise RuntimeError("cannot pin on a CPU-only torch")
+
+    original = Cache.pin_memory
+    with compare_peers._no_pin_memory(Cache):
+        if not torch.cuda.is_available():
+            assert Cache().pin_memory(0) is None
+    assert Cache.pin_memory is original
+
+
+def test_calibration_loader_keeps_blocks_in_order():
+    calib = torch.arange(12).view(3, 4)
+    batches = list(compare_peers._calibration_loader(calib))
+    assert [b["input_ids"].tolist() for b in batches] == [[r] for r in calib.tolist()]
+    assert all(b["attention_mask"].sum() == 4 for b in batches)
+
+
+def test_bake_and_packed_tensors():
+    """Fake-quantized weights replace the float ones; the storage counts the compressor's tensors instead."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    model[0].quantization_scheme = SimpleNamespace(weights="w4")
+    model[0].register_parameter("weight_scale", torch.nn.Parameter(torch.ones(8, 1)))
+
+    def forward_quantize(module, value, base_name, args):
+        assert (base_name, args) == ("weight", "w4")
+        return torch.round(value * 4) / 4
+
+    assert compare_peers._bake_fake_quant(model, forward_quantize) == 1
+    assert torch.equal(model[0].weight, torch.round(model[0].weight * 4) / 4) and not model[0].quantization_enabled
+
+    class Compressor:
+        @staticmethod
+        def compress(state, scheme):
+            assert set(state) == {"weight", "bias", "weight_scale"}
+            return {"weight_packed": torch.zeros(8, 1, dtype=torch.int32), "weight_scale": state["weight_scale"],
+                    "bias": state["bias"]}
+
+    names = [n for n, _ in compare_peers._packed_tensors(model, Compressor)()]
+    assert sorted(names) == ["0.bias", "0.weight_packed", "0.weight_scale", "1.bias", "1.weight", "2.bias", "2.weight"]
 
 
 def test_unknown_row_is_refused(src):
