@@ -102,6 +102,24 @@ def test_gptq_rounding_missing_is_unavailable(monkeypatch, tmp_path):
         compare_peers.qwen2q_awq("gptq")(ctx)
 
 
+def test_awq_rows_pass_rounding_explicitly(monkeypatch, tmp_path):
+    """qwen2q's default rounding changed (nearest, then gptq): each AWQ row asks for its own."""
+    from qwen2q.calibrate import pipeline
+
+    seen = []
+
+    def fake_convert(src, dst, qcfg, calib, progress=True):
+        seen.append(calib.rounding)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(pipeline, "awq_convert", fake_convert)
+    ctx = compare_peers.Context(tmp_path, tmp_path, torch.bfloat16, None, _calib=torch.zeros(1, 4, dtype=torch.long))
+    for rounding in ("nearest", "gptq"):
+        with pytest.raises(RuntimeError, match="stop"):
+            compare_peers.qwen2q_awq(rounding)(ctx)
+    assert seen == ["nearest", "gptq"]
+
+
 def test_clock_counts_cpu_seconds():
     with compare_peers.Clock() as clock:
         t = torch.randn(256, 256)
