@@ -22,7 +22,6 @@ import torch
 from qwen2q.quantizers import int4
 
 DAMPING = 0.01
-_MAX_CODE = 15
 
 
 @torch.no_grad()
@@ -53,16 +52,13 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int
     for g, start in enumerate(range(0, k, group_size)):
         end = start + group_size
         block = w[:, start:end]  # a view: updates below land in w
-        low, high = block.amin(dim=1), block.amax(dim=1)
-        scale = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16)
+        scale, zero = int4.grid(block.amin(dim=1), block.amax(dim=1))
         if not torch.isfinite(scale).all():
             raise ValueError("weight range exceeds what float16 scales can hold")
-        s = scale.float()
-        zero = (-torch.round(low / s)).clamp(0, _MAX_CODE)
         errors = torch.empty_like(block)
         for j in range(group_size):
             col = start + j
-            q = ((torch.round(block[:, j] / s) + zero).clamp(0, _MAX_CODE) - zero) * s
+            q = int4.snap(block[:, j], scale, zero)
             result[:, col] = q
             err = (block[:, j] - q) / u[col, col]
             block[:, j:] -= err[:, None] * u[col, col:end][None, :]

@@ -221,6 +221,17 @@ def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: t
     return {k: v.cpu() for k, v in out.items()}
 
 
+def _check_int4_shapes(config, group_size: int) -> None:
+    """Refuse, naming the linear, a model whose decoder linears the int4 layout cannot hold at group_size."""
+    for name, shape in (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
+                        ("self_attn.o_proj", (config.hidden_size, config.num_attention_heads * config.head_dim)),
+                        ("mlp.up_proj", (config.intermediate_size, config.hidden_size))):
+        try:
+            int4.check_shape(shape[1], shape[0], group_size)
+        except ValueError as e:
+            raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
+
+
 def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None = None, device: str = "cpu",
                 force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True):
     """Calibrated conversion of checkpoint `src` into `dst`; returns (ConversionReport, details).
@@ -242,13 +253,8 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     group_size = qcfg.group_size
     if target == "nf4":
         qcfg = with_source_dtype(qcfg, config)
-    for name, shape in () if target == "nf4" else (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
-                        ("self_attn.o_proj", (config.hidden_size, config.num_attention_heads * config.head_dim)),
-                        ("mlp.up_proj", (config.intermediate_size, config.hidden_size))):
-        try:
-            int4.check_shape(shape[1], shape[0], group_size)
-        except ValueError as e:
-            raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
+    else:
+        _check_int4_shapes(config, group_size)
     device = torch.device(device)
     start = time.perf_counter()
     if calib.ids is not None:

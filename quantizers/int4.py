@@ -74,6 +74,22 @@ def check_shape(in_features: int, out_features: int, group_size: int) -> None:
 
 
 
+def grid(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The round-to-nearest grid of groups with minimum `low` and maximum `high` (same shape, any float).
+
+    Returns (scale fp16, zero fp32 whole numbers 0..15), each of low's shape; a range too large for
+    fp16 gives an infinite scale, which callers that store it must refuse.
+    """
+    scale = ((high.float() - low.float()).clamp(min=1e-5) / _MAX_CODE).to(torch.float16)
+    return scale, (-torch.round(low.float() / scale.float())).clamp(0, _MAX_CODE)
+
+
+def snap(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round `weight` to its grid point and dequantize, fp32; scale/zero broadcast against weight."""
+    s = scale.float()
+    return ((torch.round(weight.float() / s) + zero).clamp(0, _MAX_CODE) - zero) * s
+
+
 def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest scales and zeros for weight [out_features, in_features].
 
@@ -84,11 +100,9 @@ def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     out_features, in_features = weight.shape
     check_shape(in_features, out_features, group_size)
     groups = weight.detach().float().view(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16)
+    scales, zeros = grid(groups.amin(dim=-1), groups.amax(dim=-1))
     if not torch.isfinite(scales).all():
         raise ValueError("weight range exceeds what float16 scales can hold (max - min > 15 * 65504)")
-    zeros = (-torch.round(low / scales.float())).clamp(0, _MAX_CODE)
     return scales.t().contiguous(), zeros.t().to(torch.uint8).contiguous()
 
 
@@ -184,8 +198,5 @@ def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     out_features, in_features = weight.shape
     check_shape(in_features, out_features, group_size)
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
-    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-    scales = ((high - low).clamp(min=1e-5) / _MAX_CODE).to(torch.float16).float()
-    zeros = (-torch.round(low / scales)).clamp(0, _MAX_CODE)
-    codes = (torch.round(groups / scales) + zeros).clamp(0, _MAX_CODE)
-    return ((codes - zeros) * scales).reshape(out_features, in_features)
+    scales, zeros = grid(groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True))
+    return snap(groups, scales, zeros).reshape(out_features, in_features)
