@@ -9,7 +9,7 @@ Rows (names for --only):
   transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
                       transformers row (what KL two correct bf16 implementations already show)
   qwen2q-nf4 / qwen2q-int8 / qwen2q-int4-g128   `qwen2q quantize` (round to nearest), run by qwen2q
-  qwen2q-awq-g128     qwen2q's calibrated AWQ (qwen2q.calibrate; "not available" until it exists)
+  qwen2q-awq-g128     qwen2q's calibrated AWQ with `--rounding nearest` (AutoAWQ's algorithm), on --calib
   qwen2q-awq-gptq-g128  the same AWQ scales, then GPTQ rounding instead of clip search + round to nearest
                       (`CalibrationSettings(rounding="gptq")`; "not available" where qwen2q lacks it)
   bnb-nf4             transformers + bitsandbytes NF4, double quant, compute dtype bf16, quantized at load
