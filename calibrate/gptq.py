@@ -13,6 +13,10 @@ format of `qwen2q.quantizers.int4`); each group's grid is fixed from the min and
 as they stand, error-updated, when the sweep reaches the group.  So the result is an ordinary AWQ
 checkpoint: only which grid point each weight takes differs from round-to-nearest.
 
+act_order: sweep the columns in order of decreasing diag(H) (the inputs with the most energy first,
+while the most columns are left to absorb their error).  The groups stay G consecutive columns in
+the stored layout, so their grids are fixed up front from the weight as given ("static groups").
+
 Runs in fp32 with the Cholesky factorisations in fp64; never fp16.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ DAMPING = 0.01
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int
+def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act_order: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round weight [N, K] onto per-group int4 grids, compensating errors through gram = X^T X [K, K].
 
@@ -42,27 +46,44 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
+    scales = torch.empty(k // group_size, n_out, dtype=torch.float16, device=w.device)
+    zeros = torch.empty(k // group_size, n_out, dtype=torch.uint8, device=w.device)
+    if act_order:
+        groups = w.view(n_out, k // group_size, group_size)
+        static_scale, static_zero = int4.grid(groups.amin(dim=-1), groups.amax(dim=-1))  # [N, K/G]
+        _check_finite(static_scale)
+        scales[:], zeros[:] = static_scale.t(), static_zero.t().to(torch.uint8)
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, order], h[order][:, order]
+        column_group = (order // group_size).tolist()
     h = torch.linalg.cholesky(h)  # each step replaces the last: two K x K fp64 matrices at most
     h = torch.cholesky_inverse(h)
     u = torch.linalg.cholesky(h, upper=True).float()
     del h
     result = torch.empty_like(w)
-    scales = torch.empty(k // group_size, n_out, dtype=torch.float16, device=w.device)
-    zeros = torch.empty(k // group_size, n_out, dtype=torch.uint8, device=w.device)
-    for g, start in enumerate(range(0, k, group_size)):
+    for g, start in enumerate(range(0, k, group_size)):  # blocks of G columns in sweep order
         end = start + group_size
         block = w[:, start:end]  # a view: updates below land in w
-        scale, zero = int4.grid(block.amin(dim=1), block.amax(dim=1))
-        if not torch.isfinite(scale).all():
-            raise ValueError("weight range exceeds what float16 scales can hold")
+        if not act_order:
+            scale, zero = int4.grid(block.amin(dim=1), block.amax(dim=1))
+            _check_finite(scale)
+            scales[g], zeros[g] = scale, zero.to(torch.uint8)
         errors = torch.empty_like(block)
         for j in range(group_size):
             col = start + j
+            if act_order:
+                scale, zero = static_scale[:, column_group[col]], static_zero[:, column_group[col]]
             q = int4.snap(block[:, j], scale, zero)
             result[:, col] = q
             err = (block[:, j] - q) / u[col, col]
             block[:, j:] -= err[:, None] * u[col, col:end][None, :]
             errors[:, j] = err
         w[:, end:] -= errors @ u[start:end, end:]
-        scales[g], zeros[g] = scale, zero.to(torch.uint8)
+    if act_order:
+        result[:, order] = result.clone()
     return result, scales, zeros
+
+
+def _check_finite(scale: torch.Tensor) -> None:
+    if not torch.isfinite(scale).all():
+        raise ValueError("weight range exceeds what float16 scales can hold")

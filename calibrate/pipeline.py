@@ -64,6 +64,7 @@ class CalibrationSettings:
     feed: str = "quantized"  # next layer's input: the quantized layer's output, or "float" (AutoAWQ's choice)
     rounding: str | None = None  # after scaling: "gptq" error feedback (awq's default) or "nearest" (clip search
     # + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
+    act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -144,7 +145,7 @@ def nf4_fake_quantize(weight: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str,
-                    rounding: str = "nearest", target: str = "int4") -> tuple[dict, dict]:
+                    rounding: str = "nearest", target: str = "int4", act_order: bool = False) -> tuple[dict, dict]:
     """Search and fold the scales of one layer in place, then either search clipping (rounding
     "nearest") or round every linear with GPTQ (rounding "gptq", leaving the linears on their grids).
     target "nf4": the search scores NF4 (blocks of 64) instead of int4, and nothing follows it.
@@ -179,7 +180,8 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_to
         grids = {}
         for name in LINEARS:
             lin = layer.get_submodule(name)
-            dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[LINEAR_INPUT[name]], group_size)
+            dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[LINEAR_INPUT[name]], group_size,
+                                                       act_order)
             lin.weight.data = dequantized
             grids[name] = (scales, zeros)
         return chosen, grids
@@ -248,6 +250,8 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     if target == "nf4" and calib.rounding not in (None, "nearest"):
         raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
     calib = dataclasses.replace(calib, rounding=calib.rounding or ("gptq" if target == "int4" else "nearest"))
+    if calib.act_order and calib.rounding != "gptq":
+        raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
     src, config, files = read_source(src)
     dst = Path(dst)
     group_size = qcfg.group_size
@@ -281,7 +285,7 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
             chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",
-                                            calib.rounding, target)
+                                            calib.rounding, target, calib.act_order)
             alphas.append(chosen)
             tensors = quantize_layer(layer, i, group_size, source_dtype, grids, target)
             q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items()
@@ -291,7 +295,8 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             if not torch.isfinite(x).all():
                 raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
             del layer
-        how = {"rounding": calib.rounding} if target == "int4" else {"awq_scales": True}
+        how = {"awq_scales": True} if target == "nf4" else {"rounding": calib.rounding} if calib.rounding == "nearest" \
+            else {"rounding": calib.rounding, "act_order": calib.act_order}
         shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
                                              search_tokens=calib.search_tokens, **how))
     report = ConversionReport(

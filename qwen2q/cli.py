@@ -190,12 +190,15 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
 @click.option("--rounding", type=click.Choice(["gptq", "nearest"]), default=None,
               help="awq: after the scale search, GPTQ error-compensating rounding onto the int4 grid (default), or "
                    "clip search + round to nearest (AutoAWQ's AWQ exactly).  nf4 --awq-scales: nearest only.")
+@click.option("--act-order/--no-act-order", default=False, show_default=True,
+              help="awq with gptq rounding: sweep the columns by decreasing input energy (GPTQ's act order, with "
+                   "the group grids fixed up front so the layout is unchanged).")
 @click.option("--awq-scales", is_flag=True,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
 def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
-             chat_template, search_tokens, rounding, awq_scales, device):
+             chat_template, search_tokens, rounding, act_order, awq_scales, device):
     """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
 
     Streams shard by shard (peak memory near one output shard), writes into a temporary directory
@@ -228,7 +231,7 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
         if skip:
             raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
         calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
-                                    rounding=rounding)
+                                    rounding=rounding, act_order=act_order)
         report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
                                       max_shard_bytes=_parse_size(max_shard_size))
         rows.append(("calibration", details["calibration"]))
@@ -238,7 +241,7 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
         report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
-         + (" + AWQ scales" if awq_scales else "") + (f" ({rounding or 'gptq'} rounding)" if method == "awq" else "")),
+         + (" + AWQ scales" if awq_scales else "") + (f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else "")),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),

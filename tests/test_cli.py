@@ -89,18 +89,22 @@ def test_awq_scales_needs_nf4_and_gptq_needs_int4(hf_tiny, tmp_path_factory):
                    "--awq-scales", "nf4")
     one_line_error(run("quantize", str(hf_tiny[0]), str(tmp_path / "b"), "-m", "nf4", "--awq-scales",
                        "--rounding", "gptq", "--calib-data", str(tmp_path / "none.txt")), "gptq")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    one_line_error(run("quantize", str(hf_tiny[0]), str(tmp_path / "c"), "-m", "awq", "--rounding", "nearest",
+                       "--act-order", "--calib-data", str(tmp_path / "none.txt")), "--act-order")
+    assert not any((tmp_path / d).exists() for d in "abc")
 
 
-def test_quantize_awq_with_gptq_rounding(hf_tiny, tmp_path_factory):
+@pytest.mark.parametrize("act_order", ["--act-order", "--no-act-order"])
+def test_quantize_awq_with_gptq_rounding(hf_tiny, tmp_path_factory, act_order):
     tmp_path = tmp_path_factory.mktemp("out")
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(f"Sentence {i} for calibrating a tiny model." for i in range(200)))
     r = run("quantize", str(hf_tiny[0]), str(tmp_path / "q"), "-m", "awq", "--group-size", "32", "--rounding", "gptq",
-            "--calib-data", str(text), "--calib-samples", "2", "--calib-seq-len", "32", "--search-tokens", "32")
+            act_order, "--calib-data", str(text), "--calib-samples", "2", "--calib-seq-len", "32", "--search-tokens", "32")
     assert r.returncode == 0, r.stderr
     assert "gptq rounding" in r.stdout and "calibration" in r.stdout
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["qwen2q"]["rounding"] == "gptq"
+    recorded = json.loads((tmp_path / "q" / "config.json").read_text())["qwen2q"]
+    assert recorded["rounding"] == "gptq" and recorded["act_order"] == (act_order == "--act-order")
 
 
 def test_killed_quantize_leaves_nothing_behind(hf_tiny, tmp_path_factory):

@@ -7,19 +7,30 @@ from qwen2q.calibrate.gptq import DAMPING, gptq_quantize
 from qwen2q.quantizers import int4
 
 
-def reference_gptq(weight, gram, group_size):
-    """Column by column in float64: q = Q(w_j); w -= (w_j - q) / Hinv[j, j] * Hinv[j, :]; downdate Hinv."""
+def _grid64(block):
+    low, high = block.amin(1), block.amax(1)
+    scale = ((high - low).clamp(min=1e-5) / 15).half().double()
+    return scale, (-torch.round(low / scale)).clamp(0, 15)
+
+
+def reference_gptq(weight, gram, group_size, act_order=False):
+    """Column by column in float64: q = Q(w_j); w -= (w_j - q) / Hinv[j, j] * Hinv[j, :]; downdate Hinv.
+
+    act_order: visit the columns by decreasing diag(H), each on its group's grid taken from the
+    original weight (groups stay consecutive columns)."""
     w = weight.double().clone()
     h = gram.double().clone()
     h += DAMPING * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.inv(h)
+    static = [_grid64(w[:, j : j + group_size]) for j in range(0, w.shape[1], group_size)]
+    order = torch.argsort(torch.diagonal(gram.double()), descending=True, stable=True).tolist() \
+        if act_order else range(w.shape[1])
     out = torch.empty_like(w)
-    for j in range(w.shape[1]):
-        if j % group_size == 0:
-            block = w[:, j : j + group_size]
-            low, high = block.amin(1), block.amax(1)
-            scale = ((high - low).clamp(min=1e-5) / 15).half().double()
-            zero = (-torch.round(low / scale)).clamp(0, 15)
+    for step, j in enumerate(order):
+        if act_order:
+            scale, zero = static[j // group_size]
+        elif j % group_size == 0:
+            scale, zero = _grid64(w[:, j : j + group_size])
         q = ((torch.round(w[:, j] / scale) + zero).clamp(0, 15) - zero) * scale
         out[:, j] = q
         w -= ((w[:, j] - q) / hinv[j, j])[:, None] * hinv[j][None, :]
@@ -39,44 +50,48 @@ def output_error(x, w, q):
     return (x @ (w - q).t()).pow(2).mean().item()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_matches_the_float64_reference(group_size):
+def test_matches_the_float64_reference(group_size, act_order):
     torch.manual_seed(1)
     n, k = 24, 128
     w = torch.randn(n, k)
     x = correlated_inputs(512, k)
-    q, _, _ = gptq_quantize(w, x.t() @ x, group_size)
-    expected = reference_gptq(w, x.t() @ x, group_size).float()
+    q, _, _ = gptq_quantize(w, x.t() @ x, group_size, act_order=act_order)
+    expected = reference_gptq(w, x.t() @ x, group_size, act_order).float()
     agree = torch.isclose(q, expected, rtol=0, atol=1e-5).float().mean().item()
     assert agree > 0.995, f"only {agree:.4f} of the weights took the reference's grid point"
 
 
-def test_codes_lie_exactly_on_the_stored_grid():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_codes_lie_exactly_on_the_stored_grid(act_order):
     torch.manual_seed(2)
     w = torch.randn(16, 256)
     x = correlated_inputs(300, 256)
-    q, scales, zeros = gptq_quantize(w, x.t() @ x, 128)
+    q, scales, zeros = gptq_quantize(w, x.t() @ x, 128, act_order=act_order)
     stored = int4.dequantize(int4.quantize(q, scales, zeros), torch.float32)
     assert torch.equal(stored, q)
     assert scales.dtype == torch.float16 and scales.shape == (2, 16)
     assert zeros.dtype == torch.uint8 and int(zeros.max()) <= 15
 
 
-def test_output_error_is_well_below_round_to_nearest():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_output_error_is_well_below_round_to_nearest(act_order):
     torch.manual_seed(3)
     w = torch.randn(64, 256)
     x = correlated_inputs(1024, 256, seed=3)
-    q, _, _ = gptq_quantize(w, x.t() @ x, 128)
+    q, _, _ = gptq_quantize(w, x.t() @ x, 128, act_order=act_order)
     rtn = int4.fake_quantize(w, 128)
     assert output_error(x, w, q) < 0.8 * output_error(x, w, rtn)
 
 
-def test_dead_inputs_get_zero_weight_and_shapes_are_checked():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_inputs_get_zero_weight_and_shapes_are_checked(act_order):
     torch.manual_seed(4)
     w = torch.randn(8, 128)
     x = correlated_inputs(256, 128)
     x[:, 5] = 0
-    q, scales, _ = gptq_quantize(w, x.t() @ x, 128)
+    q, scales, _ = gptq_quantize(w, x.t() @ x, 128, act_order=act_order)
     assert torch.isfinite(q).all()
     assert (q[:, 5].abs() <= scales[0].float() / 2 + 1e-6).all()  # the grid point nearest 0
     with pytest.raises(ValueError, match="gram must be"):
