@@ -295,8 +295,9 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             if not torch.isfinite(x).all():
                 raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
             del layer
-        how = {"awq_scales": True} if target == "nf4" else {"rounding": calib.rounding} if calib.rounding == "nearest" \
-            else {"rounding": calib.rounding, "act_order": calib.act_order}
+        how = {"awq_scales": True} if target == "nf4" else {"rounding": calib.rounding}
+        if calib.rounding == "gptq":
+            how["act_order"] = calib.act_order
         shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
                                              search_tokens=calib.search_tokens, **how))
     report = ConversionReport(

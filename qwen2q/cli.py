@@ -239,9 +239,10 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
             rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
     else:
         report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
+    how = f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else ""
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
-         + (" + AWQ scales" if awq_scales else "") + (f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else "")),
+         + (" + AWQ scales" if awq_scales else "") + how),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),
