@@ -278,10 +278,12 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
         for name in index.names():
             if not name.startswith("model.layers."):
                 out.add(passthrough(name, index.get(name), qcfg, config))
+        index.release()
         q_elems = q_bytes = 0
         desc = "awq" if target == "int4" else "awq scales, nf4"
         for i in tqdm(range(config.num_hidden_layers), desc=desc, unit="layer", disable=not progress):
             layer = load_layer(index, config, i, device)
+            index.release()  # unmap what this layer read, so host RSS does not grow layer by layer
             x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
             chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",

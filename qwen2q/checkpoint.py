@@ -7,6 +7,7 @@ can execute code when read and are refused unless the caller opts in.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +143,13 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict 
     """Write one safetensors file; tensors are made contiguous and distinct (tied weights saved once by the caller)."""
     state = {k: v.detach().contiguous() for k, v in state.items()}
     save_file(state, str(path), metadata=metadata or {"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates files 0600; give them the usual mode
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class TensorIndex:
@@ -172,3 +180,10 @@ class TensorIndex:
         if f not in self._open:
             self._open[f] = safe_open(str(f), framework="pt")
         return self._open[f].get_tensor(name)
+
+    def release(self) -> None:
+        """Close the open files.  Each open file is one memory map, and every page read through it
+        stays resident (counted in RSS) until it is unmapped, so a layer-by-layer reader calls this
+        after each layer to keep host memory at one layer's worth.  A map lives on while a tensor
+        read from it does; `get` reopens files as needed."""
+        self._open.clear()

@@ -1,11 +1,13 @@
 """Checkpoint directories: sharded loading, and a one-line error for every broken input."""
 import json
+import os
 
 import pytest
 import torch
 
 from conftest import make_hf_checkpoint
 from qwen2q.errors import Qwen2qError
+from qwen2q.checkpoint import TensorIndex, save_safetensors, weight_files
 from qwen2q.loader import load_model, save_model
 
 
@@ -94,3 +96,30 @@ def test_checkpoint_missing_a_tensor(hf_tiny):
 def test_unknown_dtype(hf_tiny):
     path, _ = hf_tiny
     assert "float64" in _error(path, dtype="float64")
+
+
+def _mapped(path) -> bool:
+    """Whether this process has `path` memory-mapped (Linux /proc)."""
+    with open("/proc/self/maps") as maps:
+        return any(str(path) in line for line in maps)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_tensor_index_release_unmaps_the_files(hf_tiny):
+    path, _ = hf_tiny
+    files = weight_files(path)
+    index = TensorIndex(files)
+    name = "model.layers.0.mlp.up_proj.weight"
+    first = index.get(name).clone()
+    assert _mapped(files[0])
+    index.release()
+    assert not _mapped(files[0])  # a layer-by-layer reader's RSS no longer holds the pages it read
+    assert torch.equal(index.get(name), first)  # and reading again reopens the file
+
+
+def test_written_shards_get_the_usual_file_mode(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_safetensors({"a": torch.zeros(3)}, path)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' own 0600
