@@ -5,7 +5,7 @@ time and pushes each column's rounding error onto the columns not yet rounded, i
 minimises the layer's output error over the calibration inputs X [T, K]:
 
     H = X^T X + λ I          (λ = 1% of mean diag(H); dead inputs, diag 0, get weight 0)
-    U = chol(H^-1)^T         (upper triangular, so H^-1 = U^T U)
+    U: upper triangular with H^-1 = U^T U  (the Cholesky factor of H^-1)
     for column j:   q_j = Q(w_j),   e_j = (w_j - q_j) / U[j, j],   w_{j+1..} -= e_j U[j, j+1..]
 
 Groups of G consecutive columns share one asymmetric uint4 grid (scale fp16, zero 0..15, exactly the
@@ -41,7 +41,7 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
     if gram.shape != (k, k):
         raise ValueError(f"gram must be [{k}, {k}] for weight {list(weight.shape)}, got {list(gram.shape)}")
     w = weight.detach().float().clone()
-    h = gram.detach().double().clone()
+    h = gram.detach().to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -56,9 +56,8 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
         column_group = (order // group_size).tolist()
-    h = torch.linalg.cholesky(h)  # each step replaces the last: two K x K fp64 matrices at most
-    h = torch.cholesky_inverse(h)
-    u = torch.linalg.cholesky(h, upper=True).float()
+    h = h.flip(0, 1)  # J H J, a copy; H in sweep order is dropped here
+    u = _upper_cholesky_of_inverse(h)
     del h
     result = torch.empty_like(w)
     for g, start in enumerate(range(0, k, group_size)):  # blocks of G columns in sweep order
@@ -82,6 +81,21 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
     if act_order:
         result[:, order] = result.clone()
     return result, scales, zeros
+
+
+def _upper_cholesky_of_inverse(h_reversed: torch.Tensor) -> torch.Tensor:
+    """U (fp32 [K, K]), upper triangular with H^-1 = U^T U, from h_reversed = J H J (fp64 [K, K], H
+    symmetric positive definite, J the reversal), which it overwrites.
+
+    J H J = M M^T (Cholesky, M lower) gives H^-1 = (M^-1 J)^T (M^-1 J) = U^T U for U = J M^-1 J, upper
+    triangular.  One factorisation and one triangular inverse, both in place: about 2.5x fewer flops
+    than Cholesky, inverse, Cholesky again, and two K x K fp64 matrices at most (K = 18944 for
+    Qwen2-7B's down_proj: 2.9 GB each)."""
+    m = torch.linalg.cholesky(h_reversed, out=h_reversed)
+    inverse = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    torch.linalg.solve_triangular(m, inverse, upper=False, out=inverse)
+    del m
+    return inverse.float().flip(0, 1)
 
 
 def _check_finite(scale: torch.Tensor) -> None:
