@@ -51,8 +51,6 @@ LINEAR_INPUT = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "s
                 "mlp.down_proj": "down_in"}
 HOOKED = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
           "down_in": "mlp.down_proj"}
-# GPTQ's order through a layer: each stage's linears read the outputs of the stages before it.
-STAGES = ("attn_in", "o_in", "mlp_in", "down_in")
 
 
 @dataclasses.dataclass
@@ -67,7 +65,6 @@ class CalibrationSettings:
     rounding: str | None = None  # after scaling: "gptq" error feedback (awq's default) or "nearest" (clip search
     # + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
     act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
-    sequential: bool = True  # gptq: each stage's X^T X from inputs the already-rounded stages produce
 
 
 def load_layer(index: TensorIndex, config, i: int, device) -> DecoderLayer:
@@ -101,16 +98,16 @@ class _Recorder:
 
 
 @torch.no_grad()
-def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, grams=()):
+def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, grams: bool = False):
     """Run `layer` over x [N, L, H] in batches of samples.
 
     Returns (means, inputs, grams): for each activation kind of HOOKED, mean |input| per channel (fp32
     [C], over all N x L tokens); the activations of n_search samples spread evenly over the N: attn_in
-    [n, L, H] (the attention needs whole sequences), the others flattened to [n * L, C]; and, for the
-    kinds named in `grams`, X^T X (fp32 [C, C], over all tokens), else None.
+    [n, L, H] (the attention needs whole sequences), the others flattened to [n * L, C]; and, when
+    `grams` is set, X^T X (fp32 [C, C], over all tokens), else None.
     """
     keep = set(torch.linspace(0, x.shape[0] - 1, n_search).round().long().tolist())
-    recorders = {kind: _Recorder(kind in grams) for kind in HOOKED}
+    recorders = {kind: _Recorder(grams) for kind in HOOKED}
     hooks = [layer.get_submodule(HOOKED[k]).register_forward_pre_hook(r) for k, r in recorders.items()]
     try:
         for b in range(x.shape[0]):  # one sample at a time, so the kept ones can be any
@@ -125,19 +122,7 @@ def capture(layer: DecoderLayer, x: torch.Tensor, cos, sin, n_search: int, grams
     for kind, r in recorders.items():
         kept = torch.cat(r.kept)
         inputs[kind] = kept if kind == "attn_in" else kept.reshape(-1, kept.shape[-1])
-    return means, inputs, ({k: recorders[k].gram for k in grams} if grams else None)
-
-
-@torch.no_grad()
-def input_gram(layer: DecoderLayer, x: torch.Tensor, cos, sin, kind: str, batch: int = 8) -> torch.Tensor:
-    """X^T X (fp32 [C, C]) of activation `kind`'s inputs over all of x [N, L, H], as `layer` now computes them."""
-    recorder = _Recorder(gram=True)
-    hook = layer.get_submodule(HOOKED[kind]).register_forward_pre_hook(recorder)
-    try:
-        run_layer(layer, x, cos, sin, batch)
-    finally:
-        hook.remove()
-    return recorder.gram
+    return means, inputs, ({k: r.gram for k, r in recorders.items()} if grams else None)
 
 
 @torch.no_grad()
@@ -160,15 +145,10 @@ def nf4_fake_quantize(weight: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str,
-                    rounding: str = "nearest", target: str = "int4", act_order: bool = False,
-                    sequential: bool = True) -> tuple[dict, dict]:
+                    rounding: str = "nearest", target: str = "int4", act_order: bool = False) -> tuple[dict, dict]:
     """Search and fold the scales of one layer in place, then either search clipping (rounding
     "nearest") or round every linear with GPTQ (rounding "gptq", leaving the linears on their grids).
     target "nf4": the search scores NF4 (blocks of 64) instead of int4, and nothing follows it.
-
-    GPTQ rounds the linears stage by stage (q/k/v, o, gate/up, down); with `sequential`, each stage's
-    X^T X is captured again from the layer as it stands, so it sees the earlier stages' rounding
-    ("true sequential"); without, every stage uses the float layer's statistics.
 
     Returns ({scaling group: alpha}, {linear name: (scales, zeros)} chosen by GPTQ, empty otherwise).
     """
@@ -181,8 +161,7 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_to
         group_size = nf4.BLOCK_SIZE
     seq_len = x.shape[1]
     n_search = max(1, min(x.shape[0], math.ceil(search_tokens / seq_len)))
-    wanted = () if rounding != "gptq" else STAGES[:1] if sequential else STAGES  # the rest captured later
-    means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=wanted)
+    means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=rounding == "gptq")
     chosen = {}
     for group in QWEN2_GROUPS:
         if group.needs_same_shape:
@@ -194,19 +173,17 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_to
                                        _inspector(layer, group.inspect, cos, sin), group_size, where, fake_quant)
         fold_scales(layer, group, s)
         inputs[kind] = inputs[kind] / s  # what the scaled linears now read
-        if grams is not None and kind in grams:
+        if grams is not None:
             grams[kind] = grams[kind] / (s[:, None] * s[None, :])
         chosen[group.prev] = alpha
     if grams is not None:
         grids = {}
-        for kind in STAGES:
-            if sequential and kind != STAGES[0]:
-                grams[kind] = input_gram(layer, x, cos, sin, kind)
-            for name in (n for n in LINEARS if LINEAR_INPUT[n] == kind):
-                lin = layer.get_submodule(name)
-                dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[kind], group_size, act_order)
-                lin.weight.data = dequantized
-                grids[name] = (scales, zeros)
+        for name in LINEARS:
+            lin = layer.get_submodule(name)
+            dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[LINEAR_INPUT[name]], group_size,
+                                                       act_order)
+            lin.weight.data = dequantized
+            grids[name] = (scales, zeros)
         return chosen, grids
     if target == "nf4":
         return chosen, {}
@@ -310,7 +287,7 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
             chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",
-                                            calib.rounding, target, calib.act_order, calib.sequential)
+                                            calib.rounding, target, calib.act_order)
             alphas.append(chosen)
             tensors = quantize_layer(layer, i, group_size, source_dtype, grids, target)
             q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items()
@@ -323,7 +300,6 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
         how = {"awq_scales": True} if target == "nf4" else {"rounding": calib.rounding}
         if calib.rounding == "gptq":
             how["act_order"] = calib.act_order
-            how["sequential"] = calib.sequential
         shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
                                              search_tokens=calib.search_tokens, **how))
     report = ConversionReport(

@@ -57,44 +57,6 @@ def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding):
     assert quantized_error(layer) < rtn_error
 
 
-@pytest.mark.parametrize("sequential", [True, False])
-def test_gptq_stages_see_the_rounding_of_the_stages_before_them(tmp_path, monkeypatch, sequential):
-    """True sequential: o_proj's X^T X comes from q/k/v as rounded, gate/up's from the rounded attention,
-    down's from rounded gate/up. The oracle: float64 X^T X of each input, hooked on the finished layer
-    (a stage's input does not depend on itself or on later stages)."""
-    from qwen2q.calibrate import pipeline
-
-    layer, x, cos, sin = _layer(tmp_path)
-    used = {}
-    real = pipeline.gptq_quantize
-
-    def recording(weight, gram, *args):
-        used[len(used)] = gram.double().clone()
-        return real(weight, gram, *args)
-
-    monkeypatch.setattr(pipeline, "gptq_quantize", recording)
-    calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0", rounding="gptq",
-                    sequential=sequential)
-    finished = {}
-
-    def hook(name):
-        def record(module, args):
-            flat = args[0].reshape(-1, args[0].shape[-1]).double()
-            finished[name] = finished.get(name, 0) + flat.T @ flat
-        return record
-
-    linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # the order GPTQ rounds them in
-    handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in linears]
-    with torch.no_grad():
-        layer(x, cos, sin)
-    for h in handles:
-        h.remove()
-    for i, name in enumerate(linears):
-        relative = ((used[i] - finished[name]).norm() / finished[name].norm()).item()
-        assert (relative < 1e-6) == (sequential or i < 3), name  # q/k/v read the layer's input either way
-
-
 def test_clip_bounds_never_exceed_the_weight_range():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(16, 64, generator=g)
@@ -139,7 +101,6 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
     assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
     assert cfg["qwen2q"]["rounding"] == (rounding or "gptq")  # GPTQ rounding is the default
-    assert cfg["qwen2q"].get("sequential") == (None if rounding == "nearest" else True)
     model = load_model(tmp_path / "q", dtype="float32")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
