@@ -7,22 +7,37 @@ from qwen2q.calibrate.gptq import DAMPING, gptq_quantize
 from qwen2q.quantizers import int4
 
 
-def _grid64(block):
-    low, high = block.amin(1), block.amax(1)
+def _grid64(block, shrink=1.0):
+    low, high = block.amin(1) * shrink, block.amax(1) * shrink
     scale = ((high - low).clamp(min=1e-5) / 15).half().double()
     return scale, (-torch.round(low / scale)).clamp(0, 15)
 
 
-def reference_gptq(weight, gram, group_size, act_order=False):
+def _snap64(block, scale, zero):
+    return ((torch.round(block / scale[:, None]) + zero[:, None]).clamp(0, 15) - zero[:, None]) * scale[:, None]
+
+
+def _mse_grid64(block):
+    """Each row's grid over 20 ranges shrunk from [min, max] to 0.8 [min, max], the one with the least
+    sum |w - q|^2.4, tried one by one in float64."""
+    tries = [_grid64(block, p) for p in torch.linspace(1, 0.8, 20, dtype=torch.float64).tolist()]
+    errors = torch.stack([(block - _snap64(block, s, z)).abs().pow(2.4).sum(1) for s, z in tries])
+    best = errors.argmin(0)
+    rows = torch.arange(block.shape[0])
+    return torch.stack([s for s, _ in tries])[best, rows], torch.stack([z for _, z in tries])[best, rows]
+
+
+def reference_gptq(weight, gram, group_size, act_order=False, mse_grid=False):
     """Column by column in float64: q = Q(w_j); w -= (w_j - q) / Hinv[j, j] * Hinv[j, :]; downdate Hinv.
 
     act_order: visit the columns by decreasing diag(H), each on its group's grid taken from the
-    original weight (groups stay consecutive columns)."""
+    original weight (groups stay consecutive columns).  mse_grid: grids from `_mse_grid64`."""
+    grid64 = _mse_grid64 if mse_grid else _grid64
     w = weight.double().clone()
     h = gram.double().clone()
     h += DAMPING * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.inv(h)
-    static = [_grid64(w[:, j : j + group_size]) for j in range(0, w.shape[1], group_size)]
+    static = [grid64(w[:, j : j + group_size]) for j in range(0, w.shape[1], group_size)]
     order = torch.argsort(torch.diagonal(gram.double()), descending=True, stable=True).tolist() \
         if act_order else range(w.shape[1])
     out = torch.empty_like(w)
@@ -30,7 +45,7 @@ def reference_gptq(weight, gram, group_size, act_order=False):
         if act_order:
             scale, zero = static[j // group_size]
         elif j % group_size == 0:
-            scale, zero = _grid64(w[:, j : j + group_size])
+            scale, zero = grid64(w[:, j : j + group_size])
         q = ((torch.round(w[:, j] / scale) + zero).clamp(0, 15) - zero) * scale
         out[:, j] = q
         w -= ((w[:, j] - q) / hinv[j, j])[:, None] * hinv[j][None, :]
@@ -50,15 +65,16 @@ def output_error(x, w, q):
     return (x @ (w - q).t()).pow(2).mean().item()
 
 
+@pytest.mark.parametrize("mse_grid", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_matches_the_float64_reference(group_size, act_order):
+def test_matches_the_float64_reference(group_size, act_order, mse_grid):
     torch.manual_seed(1)
     n, k = 24, 128
     w = torch.randn(n, k)
     x = correlated_inputs(512, k)
-    q, _, _ = gptq_quantize(w, x.t() @ x, group_size, act_order=act_order)
-    expected = reference_gptq(w, x.t() @ x, group_size, act_order).float()
+    q, _, _ = gptq_quantize(w, x.t() @ x, group_size, act_order=act_order, mse_grid=mse_grid)
+    expected = reference_gptq(w, x.t() @ x, group_size, act_order, mse_grid).float()
     agree = torch.isclose(q, expected, rtol=0, atol=1e-5).float().mean().item()
     assert agree > 0.995, f"only {agree:.4f} of the weights took the reference's grid point"
 
