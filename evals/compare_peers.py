@@ -3,7 +3,7 @@
     python -m qwen2q.evals.compare_peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 512]
         [--max-windows 32] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
         [--with-autoawq] [--autoawq-dtype float32] [--autoawq-stock] [--calib PATH] [--calib-samples 128]
-        [--calib-seq-len 512]
+        [--calib-seq-len 512] [--calib-cut 0]
 
 Rows (names for --only):
   transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
@@ -117,7 +117,7 @@ class Context:
         """[samples, calib_seq_len] token blocks shared by every calibrated row (computed once)."""
         if self._calib is None:
             self._calib = calibration_blocks(self.args.calib, Tokenizer(self.src), self.args.calib_samples,
-                                             self.args.calib_seq_len)
+                                             self.args.calib_seq_len, cut=self.args.calib_cut)
         return self._calib
 
 
@@ -128,21 +128,27 @@ def default_calib() -> Path:
     return _REPO.parent / "shared" / "data" / "calib" / "wiki.utf8"
 
 
-def calibration_blocks(path: Path, tokenizer: Tokenizer, samples: int, seq_len: int) -> torch.Tensor:
-    """The first `samples` * `seq_len` tokens of the text file `path` (WikiExtractor <doc> tag lines
-    removed), as [samples, seq_len]: AutoAWQ's concatenate-and-recut protocol, with no sample dropped."""
+def calibration_blocks(path: Path, tokenizer: Tokenizer, samples: int, seq_len: int, cut: int = 0) -> torch.Tensor:
+    """Tokens cut * n .. (cut + 1) * n - 1 (n = `samples` * `seq_len`; cut 0 = the first n) of the text file
+    `path` (WikiExtractor <doc> tag lines removed), as [samples, seq_len] int64: AutoAWQ's
+    concatenate-and-recut protocol, with no sample dropped.  Later cuts are disjoint runs of the same text,
+    to measure how much a row's figures move with the calibration sample."""
     if not Path(path).is_file():
         raise Unavailable(f"calibration text {path} not found (pass --calib PATH)")
     text = re.sub(r"(?m)^</?doc\b[^\n]*\n?", "", Path(path).read_text(encoding="utf-8"))
-    need, chars = samples * seq_len, samples * seq_len * 6
+    if cut < 0:
+        raise Qwen2qError(f"--calib-cut must be 0 or more, not {cut}")
+    need = (cut + 1) * samples * seq_len
+    chars = need * 6
     while True:
         ids = tokenizer.encode(text[:chars])
         if len(ids) >= need or chars >= len(text):
             break
         chars *= 2
     if len(ids) < need:
-        raise Qwen2qError(f"{path} has {len(ids)} tokens, fewer than --calib-samples * --calib-seq-len = {need}")
-    return torch.tensor(ids[:need], dtype=torch.long).view(samples, seq_len)
+        raise Qwen2qError(f"{path} has {len(ids)} tokens, fewer than (--calib-cut + 1) * --calib-samples * "
+                          f"--calib-seq-len = {need}")
+    return torch.tensor(ids[need - samples * seq_len:need], dtype=torch.long).view(samples, seq_len)
 
 
 def cpu_seconds() -> float:
@@ -430,7 +436,9 @@ def llmcompressor_awq(ctx: Context) -> Candidate:
 
 
 def _calib_label(ctx: Context) -> str:
-    return f"{ctx.args.calib_samples} x {ctx.args.calib_seq_len} tokens of {Path(ctx.args.calib).name}"
+    cut = getattr(ctx.args, "calib_cut", 0)
+    where = f" (cut {cut}: from token {cut * ctx.args.calib_samples * ctx.args.calib_seq_len})" if cut else ""
+    return f"{ctx.args.calib_samples} x {ctx.args.calib_seq_len} tokens of {Path(ctx.args.calib).name}{where}"
 
 
 ROWS: dict[str, tuple[str, Callable[[Context], Candidate]]] = {
@@ -539,6 +547,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "seq_len": seq_len, "windows": n_windows, "scored_tokens": n_windows * (seq_len - 1),
         "reference": "qwen2q, checkpoint dtype", "dtype": config.dtype, "group_size": GROUP_SIZE,
         "calibration": {"path": str(args.calib), "samples": args.calib_samples, "seq_len": args.calib_seq_len,
+                        "cut": args.calib_cut,
                         "autoawq_dtype": args.autoawq_dtype, "with_autoawq": args.with_autoawq,
                         "autoawq_stock": args.autoawq_stock},
         "versions": {"qwen2q": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -640,6 +649,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib", type=Path, default=default_calib(), help="calibration text for the AWQ rows")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--calib-cut", type=int, default=0,
+                   help="take the K-th run of samples x seq-len tokens of --calib (0: the first); disjoint cuts "
+                        "show how far a calibrated row moves with its calibration sample")
     args = p.parse_args(argv)
     if args.only:
         args.only = [r.strip() for r in args.only.split(",") if r.strip()]

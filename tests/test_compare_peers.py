@@ -195,6 +195,25 @@ def test_calibration_loader_keeps_blocks_in_order():
     assert all(b["attention_mask"].sum() == 4 for b in batches)
 
 
+class _ByteTokenizer:
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+
+def test_calibration_cuts_are_consecutive_disjoint_runs(tmp_path):
+    """Cut k holds tokens k*n .. (k+1)*n - 1 of the text with <doc> lines removed (n = samples * seq_len)."""
+    text = "".join(f"line {i} of the calibration text\n" for i in range(200))
+    path = tmp_path / "calib.txt"
+    path.write_text('<doc id="1" title="t">\n' + text + "</doc>\n", encoding="utf-8")
+    expected = list(text.encode("utf-8"))
+    cuts = [compare_peers.calibration_blocks(path, _ByteTokenizer(), 3, 16, cut=k) for k in range(4)]
+    assert all(c.shape == (3, 16) and c.dtype == torch.long for c in cuts)
+    assert torch.cat([c.flatten() for c in cuts]).tolist() == expected[:4 * 48]
+    assert torch.equal(cuts[0], compare_peers.calibration_blocks(path, _ByteTokenizer(), 3, 16))
+    with pytest.raises(compare_peers.Qwen2qError, match="calib-cut"):
+        compare_peers.calibration_blocks(path, _ByteTokenizer(), 3, 16, cut=len(expected) // 48)
+
+
 def test_bake_and_packed_tensors():
     """Fake-quantized weights replace the float ones; the storage counts the compressor's tensors instead."""
     from types import SimpleNamespace
