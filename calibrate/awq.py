@@ -16,8 +16,9 @@ Clipping.  Then, for every linear but q/k (whose errors the softmax amplifies), 
 group) gets the clip bound max|W| * (1 - i/20), i = 0..9, that minimises the group-wise partial output
 error on up to 512 input tokens; the weight is clamped to it before the final quantization.
 
-All statistics and searches run in fp32 (never fp16, which overflowed on Qwen2-72B in AutoAWQ); a
-non-finite loss or scale stops the run with an error naming the layer.
+Weights, scales and statistics are fp32; the pipeline runs the layer forwards the search scores in
+bf16 autocast by default (`pipeline.forward_precision`) or fp32, never fp16 (which overflowed on
+Qwen2-72B in AutoAWQ); a non-finite loss or scale stops the run with an error naming the layer.
 """
 from __future__ import annotations
 

@@ -207,10 +207,11 @@ def qwen2q_awq(rounding: str = "nearest") -> Callable[[Context], Candidate]:
             raise Unavailable(f"this qwen2q's CalibrationSettings has no `rounding` (no {rounding} rounding yet)")
         calib = ctx.calibration_ids()
         dst = ctx.work / ("qwen2q-awq" if rounding == "nearest" else f"qwen2q-awq-{rounding}")
+        settings = CalibrationSettings(ids=calib, **extra)
         with Clock() as clock:
-            awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), CalibrationSettings(ids=calib, **extra),
-                        progress=False)
-        notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}"]
+            awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), settings, progress=False)
+        notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}",
+                 f"calibration forwards in {getattr(settings, 'compute_dtype', 'float32')}"]
         return _qwen2q_load(dst, ctx, clock, notes)
     return build
 

@@ -4,7 +4,15 @@ import torch
 
 from conftest import make_hf_checkpoint, shared_data
 from qwen2q.calibrate.awq import QWEN2_GROUPS, fold_scales, search_clip, search_scales
-from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert, calibrate_layer, load_layer
+from qwen2q.calibrate.pipeline import (
+    HOOKED,
+    CalibrationSettings,
+    awq_convert,
+    calibrate_layer,
+    capture,
+    forward_precision,
+    load_layer,
+)
 from qwen2q.checkpoint import TensorIndex, weight_files
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
@@ -37,8 +45,9 @@ def test_folding_any_scales_leaves_the_float_layer_unchanged(tmp_path, heads):
     assert torch.allclose(layer(x, cos, sin), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
-def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding):
+def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding, compute_dtype):
     layer, x, cos, sin = _layer(tmp_path)
     x[..., 5] *= 20  # an outlier channel, the situation AWQ is for
     reference = layer(x, cos, sin)
@@ -52,9 +61,34 @@ def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding):
 
     rtn_error = quantized_error(_layer(tmp_path / "b")[0])
     _, grids = calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0",
-                               rounding=rounding)
+                               rounding=rounding, compute_dtype=compute_dtype)
     assert bool(grids) == (rounding == "gptq")
     assert quantized_error(layer) < rtn_error
+
+
+def test_bf16_forwards_keep_fp32_statistics(tmp_path):
+    """Under the bf16 forwards the activations are bf16 (what inference computes), but X^T X and mean |x|
+    are exact fp32 sums of them: a float64 oracle over the kept inputs agrees to fp32 rounding."""
+    layer, x, cos, sin = _layer(tmp_path)
+    with forward_precision(x.device, "bfloat16"):
+        means, inputs, grams = capture(layer, x, cos, sin, n_search=x.shape[0], grams=True)
+    assert inputs["down_in"].dtype == torch.bfloat16  # the MLP's inner activations really were bf16
+    for kind in HOOKED:
+        kept = inputs[kind].reshape(-1, inputs[kind].shape[-1]).double()
+        assert grams[kind].dtype == torch.float32
+        torch.testing.assert_close(grams[kind].double(), kept.t() @ kept, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(means[kind].double(), kept.abs().mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_compute_dtype_is_bf16_or_fp32_never_fp16(tmp_path):
+    with pytest.raises(ValueError, match="compute_dtype"):
+        forward_precision(torch.device("cpu"), "float16")
+    make_hf_checkpoint(tmp_path / "src")
+    with pytest.raises(Qwen2qError, match="float16"):
+        awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
+                    CalibrationSettings(ids=torch.zeros(2, 16, dtype=torch.long), compute_dtype="float16"),
+                    progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def test_clip_bounds_never_exceed_the_weight_range():
@@ -101,6 +135,7 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
     assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
     assert cfg["qwen2q"]["rounding"] == (rounding or "gptq")  # GPTQ rounding is the default
+    assert cfg["qwen2q"]["compute_dtype"] == "bfloat16"  # the default forwards
     model = load_model(tmp_path / "q", dtype="float32")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
