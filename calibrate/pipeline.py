@@ -72,17 +72,20 @@ class CalibrationSettings:
     rounding: str | None = None  # after scaling: "gptq" error feedback (awq's default) or "nearest" (clip search
     # + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
     act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
-    compute_dtype: str = "bfloat16"  # the layer forwards (capture, scale search, feed): "bfloat16" or "float32"
+    compute_dtype: str = "bfloat16"  # the layer forwards (capture, scale search, feed): one of COMPUTE_DTYPES
+
+
+COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
 def forward_precision(device: torch.device, dtype: str):
     """Context for the calibration forwards: bf16 autocast (matmuls, attention in bf16 with fp32
     accumulation, as the checkpoint runs in inference) or plain fp32.  Weights, folded scales, statistics
     sums and GPTQ stay fp32 either way; never fp16."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype != "bfloat16":
-        raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -275,8 +278,9 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     if target == "nf4" and calib.rounding not in (None, "nearest"):
         raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
     calib = dataclasses.replace(calib, rounding=calib.rounding or ("gptq" if target == "int4" else "nearest"))
-    if calib.compute_dtype not in ("bfloat16", "float32"):
-        raise Qwen2qError(f"calibration compute dtype must be bfloat16 or float32, not {calib.compute_dtype!r}")
+    if calib.compute_dtype not in COMPUTE_DTYPES:
+        raise Qwen2qError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                          f"not {calib.compute_dtype!r}")
     if calib.act_order and calib.rounding != "gptq":
         raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
     src, config, files = read_source(src)
@@ -312,7 +316,7 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             layer = load_layer(index, config, i, device)
             index.release()  # unmap what this layer read, so host RSS does not grow layer by layer
             with forward_precision(device, calib.compute_dtype):
-                x_float = run_layer(layer, x, cos, sin) if calib.feed == "float" else None
+                next_x = run_layer(layer, x, cos, sin) if calib.feed == "float" else None  # float layer's output
             q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
             chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",
                                             calib.rounding, target, calib.act_order, calib.compute_dtype)
@@ -321,11 +325,10 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
             q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items()
                            if not (k.endswith(".bias") or k.endswith("layernorm.weight")))
             out.add(tensors)
-            if x_float is None:
+            if next_x is None:  # feed "quantized": the quantized layer's output
                 with forward_precision(device, calib.compute_dtype):
-                    x = run_layer(layer, x, cos, sin).float()
-            else:
-                x = x_float.float()
+                    next_x = run_layer(layer, x, cos, sin)
+            x = next_x.float()  # the residual stream stays fp32 between layers
             if not torch.isfinite(x).all():
                 raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
             del layer

@@ -437,7 +437,7 @@ def llmcompressor_awq(ctx: Context) -> Candidate:
 
 
 def _calib_label(ctx: Context) -> str:
-    cut = getattr(ctx.args, "calib_cut", 0)
+    cut = ctx.args.calib_cut
     where = f" (cut {cut}: from token {cut * ctx.args.calib_samples * ctx.args.calib_seq_len})" if cut else ""
     return f"{ctx.args.calib_samples} x {ctx.args.calib_seq_len} tokens of {Path(ctx.args.calib).name}{where}"
 
