@@ -3,7 +3,7 @@
     python -m qwen2q.evals.compare_peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 512]
         [--max-windows 32] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
         [--with-autoawq] [--autoawq-dtype float32] [--autoawq-stock] [--calib PATH] [--calib-samples 128]
-        [--calib-seq-len 512] [--calib-cut 0]
+        [--calib-seq-len 512] [--calib-cut 0] [--reference-cache DIR]
 
 Rows (names for --only):
   transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
@@ -37,7 +37,9 @@ directory is temporary and removed at the end).  Rows run one at a time; each is
 checkpoint's dtype.  A row whose peer is not installed (or not opted in) is reported with the reason,
 never fatal; a row that fails is reported with its error and the exit status is 1.
 
-Columns: bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
+Columns: ± se = one standard error of the perplexity delta over windows (`evals.drift`; each row's
+per-window NLL and KL are in the JSON, for `python -m qwen2q.evals.paired` to compare two rows window by
+window); bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
 bias excluded) * 8 / their weight count; size = bytes of all stored tensors (what the checkpoint holds,
 tied lm_head once); quant s = wall time to quantize (qwen2q: `convert` to disk; transformers: load +
 quantize in memory; AutoAWQ: `quantize()` including calibration; llm-compressor: `oneshot`); cpu s = CPU
@@ -486,13 +488,17 @@ def storage_figures(tensors: Iterable[tuple[str, torch.Tensor]], linears: dict[s
 class ReferenceLogits:
     """The reference's logits, computed once per window and replayed from disk.
 
-    `record(model)` returns a callable that runs `model` and stores each window's logits (in the model's
-    own output dtype, so exactly) under a hash of the window's ids; the instance itself is the replaying
-    callable, input_ids [1, T] -> logits [1, T, V], for `evals.drift.compare`.
+    `record(model)` returns a callable that stores each window's logits (in the model's own output dtype,
+    so exactly) under a hash of the window's ids, or loads them instead of running `model` when a
+    window was recorded before (by an earlier run given the same --reference-cache: files are written to a
+    temporary name and renamed, so a concurrent run never reads half a file); the instance itself is the
+    replaying callable, input_ids [1, T] -> logits [1, T, V], for `evals.drift.compare`.  `folder` must
+    belong to one reference model (`reference_key` names it).
     """
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.reused = 0
         folder.mkdir(parents=True, exist_ok=True)
 
     def _file(self, ids: torch.Tensor) -> Path:
@@ -500,14 +506,27 @@ class ReferenceLogits:
 
     def record(self, model):
         def forward(ids):
+            files = [self._file(ids[i : i + 1]) for i in range(ids.shape[0])]
+            if all(f.is_file() for f in files):
+                self.reused += len(files)
+                return torch.cat([torch.load(f, weights_only=True) for f in files])
             logits = model(ids)
-            for i in range(ids.shape[0]):
-                torch.save(logits[i : i + 1].clone(), self._file(ids[i : i + 1]))
+            for i, f in enumerate(files):
+                tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+                torch.save(logits[i : i + 1].clone(), tmp)
+                os.replace(tmp, f)
             return logits
         return forward
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.load(self._file(ids), weights_only=True)
+
+
+def reference_key(src: Path, dtype: torch.dtype) -> str:
+    """A folder name for one reference model: its resolved path, dtype and weight files' sizes and mtimes."""
+    parts = [str(Path(src).resolve()), str(dtype)]
+    parts += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in weight_files(Path(src))]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _progress(label: str, total: int):
@@ -557,7 +576,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "torch_threads": torch.get_num_threads(), "started": started,
     }
     ctx = Context(Path(src), work, parse_dtype(None, config.dtype), args)
-    reference = ReferenceLogits(work / "reference-logits")
+    reference = ReferenceLogits((args.reference_cache or work / "reference-logits") / reference_key(src, ctx.dtype))
 
     _log(f"reference: {src} on {text.name}, {n_windows} windows of {seq_len}")
     t0 = time.perf_counter()
@@ -566,6 +585,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     t0 = time.perf_counter()
     r = perplexity(reference.record(ref_model), ids, seq_len, max_windows=n_windows, batch_size=1)
     size, bits = storage_figures(iter_tensors(weight_files(Path(src))), linears)
+    if reference.reused:
+        _log(f"reference: {reference.reused} windows' logits reused from {reference.folder}")
     rows = [{"row": "reference", "label": f"reference ({config.dtype})", "status": "ok", "ppl": r["ppl"],
              "bits_per_weight": bits, "size_bytes": size, "load_seconds": load_s,
              "eval_seconds": time.perf_counter() - t0, "notes": ["qwen2q, not quantized"]}]
@@ -591,7 +612,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             t0 = time.perf_counter()
             d = compare(reference, cand.forward, ids, seq_len, max_windows=n_windows, progress=_progress(name, n_windows))
             row.update(status="ok", ppl=d["ppl"], ppl_delta=d["ppl_delta"], ppl_ratio=d["ppl_ratio"], kl=d["kl"],
-                       top1=d["top1"], ppl_reference=d["ppl_reference"], bits_per_weight=bits, size_bytes=size,
+                       top1=d["top1"], ppl_reference=d["ppl_reference"], ppl_delta_se=d["ppl_delta_se"],
+                       window_nll=d["window_nll"], window_nll_reference=d["window_nll_reference"],
+                       window_kl=d["window_kl"], bits_per_weight=bits, size_bytes=size,
                        quantize_seconds=cand.quantize_seconds, quantize_cpu_seconds=cand.quantize_cpu_seconds,
                        load_seconds=cand.load_seconds,
                        eval_seconds=time.perf_counter() - t0, notes=cand.notes)
@@ -606,7 +629,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 
 COLUMNS = [("row", 24, None, "label"), ("bits/w", 7, "{:.3f}", "bits_per_weight"), ("size MiB", 9, "{:.1f}", "size_mib"),
-           ("ppl", 10, "{:.4f}", "ppl"), ("delta", 9, "{:+.4f}", "ppl_delta"), ("KL", 9, "{:.5f}", "kl"),
+           ("ppl", 10, "{:.4f}", "ppl"), ("delta", 9, "{:+.4f}", "ppl_delta"), ("± se", 7, "{:.3f}", "ppl_delta_se"), ("KL", 9, "{:.5f}", "kl"),
            ("top-1", 8, "{:.2%}", "top1"), ("quant s", 8, "{:.1f}", "quantize_seconds"),
            ("cpu s", 8, "{:.1f}", "quantize_cpu_seconds")]
 
@@ -642,6 +665,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default=None, help=f"comma-separated rows among: {', '.join(ROWS)}")
     p.add_argument("--work-dir", type=Path, default=None,
                    help="keep checkpoints and reference logits here (default: a temporary folder, removed)")
+    p.add_argument("--reference-cache", type=Path, default=None,
+                   help="keep the reference logits here and reuse them in later runs on the same model and windows "
+                        "(default: inside the work directory); seq_len * vocab * 2 bytes a window")
     p.add_argument("--with-autoawq", action="store_true", help="run the AutoAWQ row (slow: hours for 0.5B on a 2-core CPU)")
     p.add_argument("--autoawq-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype AutoAWQ quantizes in (AutoAWQ's own default is fp16)")

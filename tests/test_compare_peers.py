@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,29 @@ def test_autoawq_row(src, tmp_path):
     assert awq["status"] == "ok", awq
     assert awq["bits_per_weight"] == rtn["bits_per_weight"]
     assert awq["kl"] < 2 * rtn["kl"]  # calibrated scales should not do much worse than round to nearest
+
+
+def test_reference_cache_is_reused_by_a_later_run(src, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "ref-cache"
+    rc, first = _run(src, tmp_path, "--only", "qwen2q-int4-g128", "--reference-cache", str(cache))
+    assert rc == 0
+    (key,) = [p.name for p in cache.iterdir()]
+    assert key == compare_peers.reference_key(src, torch.bfloat16)
+    assert len(list((cache / key).glob("*.pt"))) == 2 and not list((cache / key).glob("*.tmp"))
+
+    real_load = compare_peers.load_model
+
+    def guarded_load(path, **kw):
+        model = real_load(path, **kw)
+        if Path(path) == Path(src):
+            def refuse(*a, **k):
+                raise AssertionError("the reference model ran again instead of replaying its cached logits")
+            model.forward = refuse
+        return model
+    monkeypatch.setattr(compare_peers, "load_model", guarded_load)
+    capsys.readouterr()
+    rc, second = _run(src, tmp_path / "again", "--only", "qwen2q-int4-g128", "--reference-cache", str(cache))
+    assert rc == 0 and "2 windows' logits reused" in capsys.readouterr().err
+    a, b = first["rows"], second["rows"]
+    assert a[0]["ppl"] == b[0]["ppl"] and a[1]["window_nll_reference"] == b[1]["window_nll_reference"]
+    assert a[1]["kl"] == b[1]["kl"]

@@ -1,0 +1,111 @@
+"""Two or more `compare_peers` rows compared window by window: is a perplexity gap larger than its noise?
+
+    python -m qwen2q.evals.paired RESULT.json[:ROW] RESULT.json[:ROW] [...]
+
+Each argument is a `compare_peers --json` file, with `:ROW` naming the row when the file holds more than one
+quantized row.  Every row must have been scored on the same windows against the same reference (checked:
+same text, seq len and window count, and the same per-window reference NLL).  The first row is the baseline;
+for each other row B the table gives, from the per-window mean NLLs (`evals.drift.paired_nll_difference`):
+
+    gap      = ppl_B - ppl_A                      (A = the first row)
+    95% ci   = ppl_A * (exp(d +- 1.96 se) - 1)   d = mean over windows of nll_B,w - nll_A,w
+    KL gap   = KL_B - KL_A, with its own 1.96 se from the per-window KL
+
+A gap whose interval holds 0 is not resolved by these windows.  Adjacent windows of one article are not
+independent draws, so the intervals are if anything too narrow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from qwen2q.errors import Qwen2qError
+from qwen2q.evals.drift import paired_nll_difference
+
+Z95 = 1.96
+
+
+def load_row(spec: str) -> dict:
+    """The row `FILE[:ROW]` of a compare_peers JSON, with its file's settings under 'settings'."""
+    path, _, name = spec.partition(":")
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise Qwen2qError(f"cannot read {path}: {e}") from None
+    rows = [r for r in result.get("rows", []) if r.get("status") == "ok" and "window_nll" in r]
+    if name:
+        rows = [r for r in rows if r["row"] == name]
+    if len(rows) != 1:
+        found = ", ".join(r["row"] for r in rows) or "none with per-window figures"
+        raise Qwen2qError(f"{spec}: name one scored row (FILE:ROW); found {found}")
+    return {**rows[0], "settings": result["settings"], "spec": spec}
+
+
+def check_same_windows(rows: list[dict]) -> None:
+    """Raise unless every row was scored on the same text, windows and reference figures as the first."""
+    keys = ("dataset", "seq_len", "windows", "text_tokens")
+    first = rows[0]
+    for r in rows[1:]:
+        differs = [k for k in keys if r["settings"].get(k) != first["settings"].get(k)]
+        ref_a, ref_b = first["window_nll_reference"], r["window_nll_reference"]
+        if not differs and any(not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(ref_a, ref_b)):
+            differs = ["per-window reference NLL"]
+        if differs:
+            raise Qwen2qError(f"{r['spec']} was not scored like {first['spec']}: {', '.join(differs)} differ")
+
+
+def compare_rows(rows: list[dict]) -> list[dict]:
+    """One dict per row after the first: ppl and KL gaps to the first row with their 95% intervals."""
+    check_same_windows(rows)
+    base = rows[0]
+    out = []
+    for r in rows[1:]:
+        nll = paired_nll_difference(r["window_nll"], base["window_nll"])
+        kl = paired_nll_difference(r["window_kl"], base["window_kl"])  # same statistic: mean and se of a gap
+        lo, hi = (base["ppl"] * math.expm1(nll["mean"] + s * Z95 * nll["se"]) for s in (-1, 1))
+        out.append({"row": r["label"], "baseline": base["label"], "ppl_gap": r["ppl"] - base["ppl"],
+                    "ppl_gap_ci95": [lo, hi], "kl_gap": r["kl"] - base["kl"], "kl_gap_se": kl["se"],
+                    "windows": nll["windows"], "resolved": not lo <= 0.0 <= hi})
+    return out
+
+
+def format_table(rows: list[dict], gaps: list[dict]) -> str:
+    s = rows[0]["settings"]
+    lines = [f"{s['dataset']}: {s['windows']} windows of {s['seq_len']}, reference ppl {rows[0]['ppl_reference']:.3f}",
+             f"{'row':<44}{'ppl':>9}{'delta':>9}{'± se':>7}{'KL':>9}"]
+    for r in rows:
+        lines.append(f"{r['label'][:43]:<44}{r['ppl']:>9.3f}{r['ppl_delta']:>+9.3f}{r['ppl_delta_se']:>7.3f}{r['kl']:>9.4f}")
+    lines.append(f"against {rows[0]['label']}:")
+    for g in gaps:
+        lo, hi = g["ppl_gap_ci95"]
+        verdict = "resolved" if g["resolved"] else "not resolved"
+        lines.append(f"  {g['row'][:42]:<42} ppl {g['ppl_gap']:+.3f} (95% ci {lo:+.3f} .. {hi:+.3f}, {verdict}); "
+                     f"KL {g['kl_gap']:+.4f} ± {Z95 * g['kl_gap_se']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen2q.evals.paired", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("rows", nargs="+", metavar="FILE[:ROW]", help="compare_peers JSON files; the first is the baseline")
+    p.add_argument("--json", type=Path, default=None, help="write the gaps here")
+    args = p.parse_args(argv)
+    try:
+        if len(args.rows) < 2:
+            raise Qwen2qError("give at least two rows to compare")
+        rows = [load_row(spec) for spec in args.rows]
+        gaps = compare_rows(rows)
+    except Qwen2qError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(rows, gaps))
+    if args.json:
+        args.json.write_text(json.dumps(gaps, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
