@@ -1,6 +1,6 @@
 """Two or more `compare_peers` rows compared window by window: is a perplexity gap larger than its noise?
 
-    python -m qwen2q.evals.paired RESULT.json[:ROW] RESULT.json[:ROW] [...]
+    python -m qwen2q.evals.paired RESULT.json[:ROW] RESULT.json[:ROW] [...] [--first N]
 
 Each argument is a `compare_peers --json` file, with `:ROW` naming the row when the file holds more than one
 quantized row.  Every row must have been scored on the same windows against the same reference (checked:
@@ -10,6 +10,10 @@ for each other row B the table gives, from the per-window mean NLLs (`evals.drif
     gap      = ppl_B - ppl_A                      (A = the first row)
     95% ci   = ppl_A * (exp(d +- 1.96 se) - 1)   d = mean over windows of nll_B,w - nll_A,w
     KL gap   = KL_B - KL_A, with its own 1.96 se from the per-window KL
+
+`--first N` keeps each row's first N windows and recomputes its perplexity, delta and KL from them (every
+window scores the same number of tokens, so these are exactly the figures a run with --max-windows N
+gives): a long run then also reports the shorter protocol's figures on the same checkpoints.
 
 A gap whose interval holds 0 is not resolved by these windows.  Adjacent windows of one article are not
 independent draws, so the intervals are if anything too narrow.
@@ -42,6 +46,19 @@ def load_row(spec: str) -> dict:
         found = ", ".join(r["row"] for r in rows) or "none with per-window figures"
         raise Qwen2qError(f"{spec}: name one scored row (FILE:ROW); found {found}")
     return {**rows[0], "settings": result["settings"], "spec": spec}
+
+
+def first_windows(row: dict, n: int) -> dict:
+    """`row` restricted to its first `n` windows, its ppl, delta, se and KL recomputed from them."""
+    have = len(row["window_nll"])
+    if not 0 < n <= have:
+        raise Qwen2qError(f"{row['spec']}: --first {n} is outside its 1..{have} windows")
+    cut = {k: row[k][:n] for k in ("window_nll", "window_nll_reference", "window_kl")}
+    ppl, ppl_ref = (math.exp(sum(v) / n) for v in (cut["window_nll"], cut["window_nll_reference"]))
+    se = paired_nll_difference(cut["window_nll"], cut["window_nll_reference"])["se"]
+    settings = {**row["settings"], "windows": n}
+    return {**row, **cut, "settings": settings, "ppl": ppl, "ppl_reference": ppl_ref, "ppl_delta": ppl - ppl_ref,
+            "ppl_delta_se": ppl * se, "kl": sum(cut["window_kl"]) / n}
 
 
 def check_same_windows(rows: list[dict]) -> None:
@@ -91,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qwen2q.evals.paired", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("rows", nargs="+", metavar="FILE[:ROW]", help="compare_peers JSON files; the first is the baseline")
+    p.add_argument("--first", type=int, default=None, metavar="N", help="use only each row's first N windows")
     p.add_argument("--json", type=Path, default=None, help="write the gaps here")
     args = p.parse_args(argv)
     try:
         if len(args.rows) < 2:
             raise Qwen2qError("give at least two rows to compare")
         rows = [load_row(spec) for spec in args.rows]
+        if args.first is not None:
+            rows = [first_windows(r, args.first) for r in rows]
         gaps = compare_rows(rows)
     except Qwen2qError as e:
         print(f"error: {e}", file=sys.stderr)

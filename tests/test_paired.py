@@ -76,3 +76,18 @@ def test_cli_prints_the_table_and_names_missing_rows(tmp_path, capsys):
     assert len(json.loads((tmp_path / "g.json").read_text())) == 1
     assert paired.main([str(tmp_path / "a.json:nope"), str(tmp_path / "b.json")]) == 1
     assert "name one scored row" in capsys.readouterr().err
+
+
+def test_first_windows_give_the_figures_of_a_shorter_run(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    V, L, W = 8, 5, 6
+    ref = torch.randn(W, L, V, generator=g, dtype=torch.float64)
+    cand = ref + 0.4 * torch.randn(W, L, V, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (W * L,), generator=g)
+    _result(tmp_path / "long.json", ref, cand, ids, L, "long")
+    short = compare(FixedLogits(ref), FixedLogits(cand), ids, L, max_windows=4)  # the run --max-windows 4 makes
+    got = paired.first_windows(paired.load_row(str(tmp_path / "long.json")), 4)
+    for key in ("ppl", "ppl_reference", "ppl_delta", "kl", "ppl_delta_se"):
+        assert math.isclose(got[key], short[key], rel_tol=1e-9, abs_tol=1e-12), key
+    assert got["settings"]["windows"] == 4 and len(got["window_kl"]) == 4
+    assert paired.main([str(tmp_path / "long.json"), str(tmp_path / "long.json"), "--first", "7"]) == 1
