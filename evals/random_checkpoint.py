@@ -1,12 +1,14 @@
 """Write a random-weight Qwen2 checkpoint with a real model's shapes, for memory and speed proofs.
 
-    python -m qwen2q.evals.random_checkpoint OUT_DIR [--shape qwen2-7b] [--tokenizer-from DIR]
+    python -m qwen2q.evals.random_checkpoint OUT_DIR [--shape qwen2-7b] [--tokenizer-from DIR] [--layers N]
 
 The weights are N(0, 0.02) in bf16 (norm weights 1, q/k/v biases N(0, 0.1)), written shard by shard
 (at most one shard in memory) as sharded safetensors with a model.safetensors.index.json, so the
 result looks to qwen2q exactly like a downloaded checkpoint of that size: Qwen2-7B's shapes give
 7.6e9 parameters, 15.2 GB.  The tokenizer files are copied from --tokenizer-from (any Qwen2 model:
 they share the vocabulary), so `qwen2q quantize --method awq` can tokenize its calibration text.
+`--layers N` keeps the first N decoder layers (every tensor keeps its real shape): the same per-layer
+peak memory in a fraction of the conversion time, since AWQ holds one decoder layer at a time.
 """
 from __future__ import annotations
 
@@ -62,10 +64,15 @@ def random_tensor(name: str, shape, generator: torch.Generator) -> torch.Tensor:
     return (torch.randn(shape, generator=generator) * std).to(torch.bfloat16)
 
 
-def write(out: Path, shape: str, tokenizer_from: Path | None, shard_bytes: int = 4 << 30, seed: int = 0) -> int:
-    """Write the checkpoint into `out`; return its size in bytes."""
-    out.mkdir(parents=True, exist_ok=True)
+def write(out: Path, shape: str, tokenizer_from: Path | None, shard_bytes: int = 4 << 30, seed: int = 0,
+          layers: int | None = None) -> int:
+    """Write the checkpoint into `out` (the first `layers` decoder layers, default all); return its size in bytes."""
     cfg = config_for(shape)
+    if layers is not None:
+        if not 0 < layers <= cfg["num_hidden_layers"]:
+            raise ValueError(f"layers must be 1..{cfg['num_hidden_layers']} for {shape}, not {layers}")
+        cfg.update(num_hidden_layers=layers, max_window_layers=layers)
+    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     n_shards, current, size, total = 0, {}, 0, 0
 
@@ -107,9 +114,14 @@ def main(argv=None) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-7b")
     p.add_argument("--tokenizer-from", type=Path, default=None, help="copy tokenizer files from this Qwen2 model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (real shapes)")
     args = p.parse_args(argv)
-    total = write(args.out, args.shape, args.tokenizer_from, seed=args.seed)
-    print(f"wrote {args.out}: {total / 1e9:.2f} GB of bf16 tensors ({args.shape} shapes)")
+    try:
+        total = write(args.out, args.shape, args.tokenizer_from, seed=args.seed, layers=args.layers)
+    except ValueError as e:
+        p.error(str(e))
+    depth = f", {args.layers} layers" if args.layers else ""
+    print(f"wrote {args.out}: {total / 1e9:.2f} GB of bf16 tensors ({args.shape} shapes{depth})")
 
 
 if __name__ == "__main__":

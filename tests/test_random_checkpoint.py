@@ -1,6 +1,7 @@
 """evals/random_checkpoint.py writes a sharded checkpoint that qwen2q (and its index) read like a real one."""
 import json
 
+import pytest
 import torch
 
 from qwen2q.evals import random_checkpoint
@@ -22,3 +23,17 @@ def test_sharded_random_checkpoint_loads_with_the_requested_shapes(tmp_path, mon
     assert model.lm_head.weight.shape == (256, 64) and model.lm_head.weight is not model.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(10)[None])).all()
+
+
+def test_layers_keeps_the_first_decoder_layers_at_their_real_shapes(tmp_path, monkeypatch):
+    tiny = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)
+    monkeypatch.setitem(random_checkpoint.SHAPES, "tiny", tiny)
+    random_checkpoint.write(tmp_path, "tiny", None, layers=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_hidden_layers"] == config["max_window_layers"] == 1
+    model = load_model(tmp_path, dtype="float32")
+    assert len(model.model.layers) == 1 and model.model.layers[0].mlp.up_proj.weight.shape == (96, 64)
+    with pytest.raises(ValueError, match="layers must be 1..4"):
+        random_checkpoint.write(tmp_path / "bad", "tiny", None, layers=5)
+    assert not (tmp_path / "bad").exists()
