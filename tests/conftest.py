@@ -78,3 +78,15 @@ def make_hf_checkpoint(path: Path, seed: int = 0, dtype=torch.float32, shard_siz
 def hf_tiny(tmp_path):
     """(path, transformers model) of a tied, GQA tiny model in fp32."""
     return tmp_path, make_hf_checkpoint(tmp_path, tie_word_embeddings=True)
+
+
+class FixedLogits:
+    """A stand-in model: the logits for window i are table[i] ([T, V]) whatever the input."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, 0
+
+    def __call__(self, ids):
+        out = self.table[self.calls % len(self.table)][None].float()
+        self.calls += 1
+        return out

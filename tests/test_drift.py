@@ -4,19 +4,8 @@ import math
 import pytest
 import torch
 
+from conftest import FixedLogits
 from qwen2q.evals.drift import compare, paired_nll_difference
-
-
-class FixedLogits:
-    """A stand-in model: the logits for window i are table[i] ([T, V]) whatever the input."""
-
-    def __init__(self, table):
-        self.table, self.calls = table, 0
-
-    def __call__(self, ids):
-        out = self.table[self.calls % len(self.table)][None].float()
-        self.calls += 1
-        return out
 
 
 def test_compare_matches_float64_reference():

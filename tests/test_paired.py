@@ -4,18 +4,9 @@ import math
 
 import torch
 
+from conftest import FixedLogits
 from qwen2q.evals import paired
 from qwen2q.evals.drift import compare
-
-
-class FixedLogits:
-    def __init__(self, table):
-        self.table, self.calls = table, 0
-
-    def __call__(self, ids):
-        out = self.table[self.calls % len(self.table)][None].float()
-        self.calls += 1
-        return out
 
 
 def _result(path, ref, cand, ids, L, name, windows=None):
