@@ -41,6 +41,7 @@ from qwen2q.convert import (
     read_source,
     with_source_dtype,
 )
+from qwen2q.destination import check_destination
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import DecoderLayer
 from qwen2q.qconfig import QuantConfig
@@ -263,7 +264,8 @@ def _check_int4_shapes(config, group_size: int) -> None:
 
 
 def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None = None, device: str = "cpu",
-                force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True):
+                force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+                allow_pickle: bool = False):
     """Calibrated conversion of checkpoint `src` into `dst`; returns (ConversionReport, details).
 
     qcfg.method "awq": AWQ int4 (AutoAWQ GEMM layout); "nf4": the same scale search in front of
@@ -283,8 +285,9 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
                           f"not {calib.compute_dtype!r}")
     if calib.act_order and calib.rounding != "gptq":
         raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
-    src, config, files = read_source(src)
+    src, config, files = read_source(src, allow_pickle=allow_pickle)
     dst = Path(dst)
+    check_destination(src, dst, force)  # before tokenizing and calibrating, not after
     group_size = qcfg.group_size
     if target == "nf4":
         qcfg = with_source_dtype(qcfg, config)

@@ -11,10 +11,21 @@ import click
 from qwen2q.errors import Qwen2qError
 
 MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
+EMBEDDED = "qwen2q:tiny"  # how a user names the embedded model where a path is required (quantize's SRC)
+
+
+def _model_path(text: str | None) -> str | None:
+    """A model argument as given, with the embedded model's name replaced by its directory."""
+    if text == EMBEDDED:
+        from qwen2q.api import DEFAULT_MODEL
+
+        return str(DEFAULT_MODEL)
+    return text
 
 
 def _model_argument(f):
-    return click.argument("model", required=False, type=click.Path(), metavar="[MODEL]")(f)
+    return click.argument("model", required=False, type=click.Path(), metavar="[MODEL]",
+                          callback=lambda ctx, param, value: _model_path(value))(f)
 
 
 def _load_options(f):
@@ -168,17 +179,44 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
         history.append({"role": "assistant", "content": reply})
 
 
+CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_template", "search_tokens", "rounding",
+                       "act_order", "calib_dtype", "device")
+
+
+def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, skip, max_shard_bytes: int) -> None:
+    """Refuse option combinations that would be accepted and then ignored, before any work."""
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if awq_scales and method != "nf4":
+        raise Qwen2qError(f"--awq-scales goes with --method nf4 (--method awq searches scales already), not {method}")
+    if "group_size" in given and method not in ("int4", "awq"):
+        raise Qwen2qError(f"--group-size applies to --method int4 and awq; {method} has fixed blocks "
+                          f"({'64 weights per absmax' if method == 'nf4' else 'one scale per output row'})")
+    calibrated = method == "awq" or awq_scales
+    ignored = sorted(n for n in CALIBRATION_OPTIONS if n in given and not calibrated)
+    if ignored:
+        flag = "--" + ignored[0].replace("_", "-")
+        raise Qwen2qError(f"{flag} is a calibration option: it goes with --method awq or --method nf4 --awq-scales")
+    if skip and calibrated:
+        raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
+    if max_shard_bytes <= 0:
+        raise Qwen2qError(f"--max-shard-size must be a positive size like 500MB or 4GB, not {ctx.params['max_shard_size']!r}")
+
+
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(), metavar="[SRC] DST")
+@click.argument("src", type=click.Path(), metavar="SRC")
+@click.argument("dst", type=click.Path(), metavar="DST", required=False)
 @click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4", "awq"]), required=True,
               help="nf4: bitsandbytes NF4 + double quant; int8: bitsandbytes int8 storage; "
                    "int4: AWQ-layout group-wise uint4, round-to-nearest; awq: the same layout, calibrated.")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
-              help="Input channels per scale/zero (int4).")
+              help="Input channels per scale/zero (int4 and awq only).")
 @click.option("--skip", multiple=True, metavar="MODULE",
-              help="Keep these linears in full precision (name or suffix, repeatable); lm_head is always kept.")
+              help="Keep these linears in full precision (name, suffix or prefix, repeatable; must match a "
+                   "linear); lm_head is always kept.")
 @click.option("--max-shard-size", default="4GB", show_default=True, help="Largest output shard, e.g. 500MB, 4GB.")
-@click.option("--force", is_flag=True, help="Replace DST if it is not empty.")
+@click.option("--force", is_flag=True,
+              help="Replace DST if it holds a checkpoint qwen2q wrote (anything else is never replaced).")
+@click.option("--allow-pickle", is_flag=True, help="Allow a pytorch_model.bin source (loading pickle can run code).")
 @click.option("--calib-data", default=None, metavar="FILE|DIR|HUB_ID",
               help="awq: calibration text (.txt/.jsonl file, folder, or datasets hub id); "
                    "default $QWEN2Q_DATA/calib/wiki.utf8 or ../shared/data/calib/wiki.utf8.")
@@ -200,48 +238,49 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
-def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
-             chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):
-    """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
+@click.pass_context
+def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+             calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):
+    """Quantize checkpoint SRC into the new directory DST.
 
-    Streams shard by shard (peak memory near one output shard), writes into a temporary directory
-    and renames it into place only when complete.  The result loads in qwen2q, and in transformers
-    (+ bitsandbytes) or AutoAWQ/vLLM, whose formats it uses.
+    SRC and DST are both required; name the embedded tiny model as qwen2q:tiny.  Streams shard by
+    shard (peak memory near one output shard), writes into a hidden temporary directory beside DST
+    and renames it into place only when complete.  A non-empty DST is replaced only with --force, and
+    only if it is a checkpoint qwen2q wrote; a second run into the same DST is refused while one runs.
+    The result loads in qwen2q, and in transformers (+ bitsandbytes) or AutoAWQ/vLLM, whose formats it uses.
 
     \b
     Examples:
-      qwen2q quantize ./tiny-nf4 --method nf4
+      qwen2q quantize qwen2q:tiny ./tiny-nf4 --method nf4
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq -m awq --calib-data wiki.txt --calib-samples 48 --chat-template
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq-autoawq -m awq --rounding nearest --calib-samples 48
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-nf4-awq -m nf4 --awq-scales --calib-samples 48
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
     """
-    from qwen2q.api import DEFAULT_MODEL
     from qwen2q.convert import convert
     from qwen2q.qconfig import DEFAULT_SKIP, QuantConfig
 
-    if len(paths) > 2:
-        raise Qwen2qError(f"expected [SRC] DST, got {len(paths)} paths")
-    src, dst = (DEFAULT_MODEL, paths[0]) if len(paths) == 1 else paths
+    if dst is None:
+        raise click.UsageError(f"quantize needs SRC and DST (got only {src}); to quantize the embedded model, "
+                               f"name it: qwen2q quantize {EMBEDDED} {src} ...")
+    src = _model_path(src)
+    max_shard_bytes = _parse_size(max_shard_size)
+    _check_quantize_options(ctx, method, awq_scales, skip, max_shard_bytes)
     qcfg = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
     rows = []
-    if awq_scales and method != "nf4":
-        raise Qwen2qError(f"--awq-scales goes with --method nf4 (--method awq searches scales already), not {method}")
     if method == "awq" or awq_scales:
         from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
 
-        if skip:
-            raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
         calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
                                     rounding=rounding, act_order=act_order, compute_dtype=calib_dtype)
         report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
-                                      max_shard_bytes=_parse_size(max_shard_size))
+                                      max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle)
         rows.append(("calibration", details["calibration"]))
         if details["peak_device_bytes"] is not None:
             rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
     else:
-        report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
+        report = convert(src, dst, qcfg, force=force, max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle)
     how = f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else ""
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
@@ -288,11 +327,35 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     from qwen2q.evals import harness
     from qwen2q.evals.data import load_text
 
-    models = [Path(m) for m in models] or [DEFAULT_MODEL]
+    _check_output_files(json=json_out, plot=plot)
+    models = [Path(_model_path(m)) for m in models] or [DEFAULT_MODEL]
+    reference = _model_path(reference)
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
                               max_windows=max_windows, device=device, dtype=dtype)
     _report(result, json_out, plot)
+
+
+def _check_output_files(**paths) -> None:
+    """Refuse, before any work, an output file (--json, --plot) that could not be written at the end."""
+    import os
+
+    for option, path in paths.items():
+        if path is None:
+            continue
+        p, flag = Path(path), "--" + option.replace("_", "-")
+        parent = p.parent if str(p.parent) else Path(".")
+        if p.is_dir():
+            raise Qwen2qError(f"{flag} {path} is a directory; give a file name")
+        if not parent.is_dir():
+            raise Qwen2qError(f"{flag} {path}: folder {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise Qwen2qError(f"{flag} {path}: not writable")
+    if paths.get("plot"):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise Qwen2qError("--plot needs matplotlib (pip install 'qwen2q[plot]')") from None
 
 
 def _report(result: dict, json_out, plot, extra_columns=()) -> None:
@@ -326,6 +389,7 @@ def demo(dataset, max_windows, json_out, plot):
     from qwen2q.evals import demo as demo_mod
     from qwen2q.evals.data import load_text
 
+    _check_output_files(json=json_out, plot=plot)
     result = demo_mod.run(load_text(dataset), max_windows=max_windows)
     for note in result["notes"]:
         click.echo(note)
@@ -352,6 +416,7 @@ def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_o
 
     from qwen2q import bench as bench_mod
 
+    _check_output_files(json=json_out)
     m = _load(model, device, dtype, allow_pickle)
     result = bench_mod.run(m.model, prompt_len, new_tokens, use_graph)
     if compare_transformers:
@@ -373,7 +438,7 @@ def _parse_size(text: str) -> int:
         if t.endswith(unit):
             try:
                 return int(float(t[: -len(unit)]) * factor)
-            except ValueError:
+            except (ValueError, OverflowError):  # "abcMB", "nanMB", "infGB"
                 break
     raise Qwen2qError(f"--max-shard-size {text!r} is not a size like 500MB or 4GB")
 

@@ -22,13 +22,19 @@ import torch
 from qwen2q import __version__
 from qwen2q.checkpoint import check_model_dir, iter_tensors, save_safetensors, tensor_names, weight_files
 from qwen2q.config import Qwen2Config
+from qwen2q.destination import (
+    SIDE_FILES,
+    DestinationLock,
+    check_destination,
+    discard_partial,
+    install,
+    start_partial,
+    writing,
+)
 from qwen2q.errors import Qwen2qError
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
 
-# Files copied next to the weights: tokenizer, chat template, generation settings.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-              "special_tokens_map.json", "vocab.json", "merges.txt", "README.md", "LICENSE")
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
@@ -47,27 +53,6 @@ class ConversionReport:
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
-
-
-def _check_destination(src: Path, dst: Path, force: bool) -> None:
-    s, d = src.resolve(), dst.resolve()
-    if d == s or s in d.parents:
-        raise Qwen2qError(f"destination {dst} is the source or inside it; choose a directory outside {src}")
-    if d in s.parents:
-        raise Qwen2qError(f"destination {dst} contains the source {src}; choose another directory")
-    if dst.exists() and not dst.is_dir():
-        raise Qwen2qError(f"destination {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise Qwen2qError(f"destination {dst} is not empty; pass --force to replace it")
-
-
-def _remove_stale_partials(dst: Path) -> None:
-    """Delete temporary directories that killed conversions into `dst` left behind (their process is gone)."""
-    for old in dst.parent.glob(f".{dst.name}.partial-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
-        if not alive:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def peak_rss_bytes() -> int:
@@ -96,7 +81,8 @@ class _ShardWriter:
         if not self.pending:
             return
         name = f"part-{len(self.files) + 1:05d}.safetensors"
-        save_safetensors(self.pending, self.out / name)
+        with writing(self.out / name):
+            save_safetensors(self.pending, self.out / name)
         self.files.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -113,25 +99,32 @@ class _ShardWriter:
             os.replace(self.out / name, self.out / final)
             weight_map.update({k: final for k in keys})
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        with writing(self.out / "model.safetensors.index.json"):
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return n
 
 
 class CheckpointWriter:
-    """Writes a checkpoint directory atomically: shards stream into a hidden temporary directory beside
-    `dst`; `finish(config)` copies the side files from `src`, writes config.json last and renames the
-    directory into place.  Leaving the `with` block early (an error, Ctrl-C) deletes the temporary
-    directory; a killed process leaves one without config.json, which the next run into `dst` removes."""
+    """Writes a checkpoint directory without risking what is already there (`qwen2q.destination`):
+    DST is checked on construction, before any work; entering locks DST and creates the hidden partial
+    directory the shards stream into; `finish(config)` copies the side files from `src`, writes
+    config.json last and moves the directory into place.  Leaving the `with` block early (an error,
+    Ctrl-C) deletes the partial directory; a killed process leaves one without config.json, which the
+    next run into DST removes."""
 
     def __init__(self, src: Path, dst: Path, force: bool, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        _check_destination(src, dst, force)
-        self.src, self.dst = src, dst
-        self.tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+        check_destination(src, dst, force)
+        self.src, self.dst, self.force = src, dst, force
         self.max_shard_bytes = max_shard_bytes
 
     def __enter__(self) -> "CheckpointWriter":
-        _remove_stale_partials(self.dst)
-        self.tmp.mkdir(parents=True)
+        self.lock = DestinationLock(self.dst).__enter__()
+        try:
+            check_destination(self.src, self.dst, self.force)  # again: it may have changed before we locked
+            self.tmp = start_partial(self.dst)
+        except BaseException:
+            self.lock.__exit__(None, None, None)
+            raise
         self.shards = _ShardWriter(self.tmp, self.max_shard_bytes)
         return self
 
@@ -141,28 +134,31 @@ class CheckpointWriter:
     def finish(self, config: dict) -> int:
         """Complete the checkpoint with `config` as config.json; return the number of shards."""
         n = self.shards.finish()
-        for side in SIDE_FILES:
-            if (self.src / side).is_file():
-                shutil.copy2(self.src / side, self.tmp / side)
-        (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: only now it loads
-        if self.dst.exists():
-            shutil.rmtree(self.dst)
-        os.replace(self.tmp, self.dst)
+        with writing(self.tmp):
+            for side in SIDE_FILES:
+                if (self.src / side).is_file():
+                    shutil.copy2(self.src / side, self.tmp / side)
+            (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: only now it loads
+        install(self.tmp, self.dst, self.force)
         return n
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                discard_partial(self.tmp)
+        finally:
+            self.lock.__exit__(None, None, None)
 
 
-def read_source(src) -> tuple[Path, Qwen2Config, list[Path]]:
-    """Check that `src` is an unquantized checkpoint; return its path, config and weight files."""
+def read_source(src, allow_pickle: bool = False) -> tuple[Path, Qwen2Config, list[Path]]:
+    """Check that `src` is an unquantized checkpoint; return its path, config and weight files
+    (pickle `pytorch_model*.bin` files only with `allow_pickle`: reading them can run code)."""
     src = check_model_dir(src)
     config = Qwen2Config.from_file(src / "config.json")
     if config.quantization_config:
         raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
                           "give a bf16/fp16/fp32 checkpoint")
-    return src, config, weight_files(src)
+    return src, config, weight_files(src, allow_pickle=allow_pickle)
 
 
 def quantized_config(config: Qwen2Config, qcfg: QuantConfig, src: Path, **note) -> dict:
@@ -196,20 +192,39 @@ def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen
     return {name: tensor.clone()}
 
 
+def check_plan(names: list[str], qcfg: QuantConfig) -> None:
+    """Refuse, before any work, a `skip` entry that names no decoder linear of the checkpoint (tensor
+    `names`) and a plan that would quantize nothing at all."""
+    linears = [n[: -len(".weight")] for n in names if LINEAR_WEIGHT.match(n)]
+    unused = qcfg.unused_skips(linears)
+    if unused:
+        example = linears[0].rsplit(".", 1)[-1] if linears else "down_proj"
+        raise Qwen2qError(f"--skip {unused[0]} matches no linear of this model (give a module name or suffix "
+                          f"such as {example} or mlp.{example}, or a prefix such as model.layers.0)")
+    if not any(not qcfg.skips(n) for n in linears):
+        raise Qwen2qError("--skip leaves no linear to quantize; the output would be the source in a new format")
+
+
 def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = True) -> ConversionReport:
-    """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods)."""
+            progress: bool = True, allow_pickle: bool = False) -> ConversionReport:
+    """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods).
+
+    Everything is checked before the first tensor is read: the source, the plan and the destination."""
     from tqdm import tqdm
 
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
-    src, config, files = read_source(src)
+    if max_shard_bytes <= 0:
+        raise Qwen2qError(f"the largest shard must be a positive size, not {max_shard_bytes} bytes")
+    src, config, files = read_source(src, allow_pickle=allow_pickle)
     dst = Path(dst)
+    names = tensor_names(files)
+    check_plan(names, qcfg)
     qcfg = with_source_dtype(qcfg, config)
     start = time.perf_counter()
     q_elems = q_bytes = 0
     with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
-        for name, tensor in tqdm(iter_tensors(files), total=len(tensor_names(files)), desc=f"quantize {qcfg.method}",
+        for name, tensor in tqdm(iter_tensors(files), total=len(names), desc=f"quantize {qcfg.method}",
                                  unit="tensor", disable=not progress):
             if is_quantized_linear(name, qcfg):
                 tensors = quantize_linear(qcfg, name[: -len(".weight")], tensor)

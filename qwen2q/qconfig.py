@@ -17,6 +17,11 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_SKIP = ("lm_head",)
 
 
+def _skip_matches(module_name: str, entry: str) -> bool:
+    """A skip entry names a module, a dotted suffix of one ('mlp.down_proj', 'down_proj') or a prefix ('model.layers.3')."""
+    return module_name == entry or module_name.endswith("." + entry) or module_name.startswith(entry + ".")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """method: nf4 | int8 | int4 | awq.  group_size applies to int4/awq; skip lists module names
@@ -39,8 +44,12 @@ class QuantConfig:
 
     def skips(self, module_name: str) -> bool:
         """Whether the linear `module_name` (e.g. 'model.layers.0.mlp.up_proj') stays unquantized."""
-        return any(module_name == s or module_name.endswith("." + s) or module_name.startswith(s + ".")
-                   for s in self.skip)
+        return any(_skip_matches(module_name, s) for s in self.skip)
+
+    def unused_skips(self, module_names) -> list[str]:
+        """The skip entries (beyond the defaults) that match none of `module_names`: typos, most likely."""
+        names = list(module_names)
+        return [s for s in self.skip if s not in DEFAULT_SKIP and not any(_skip_matches(n, s) for n in names)]
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json `quantization_config` dict."""

@@ -86,13 +86,18 @@ def test_destination_equal_to_or_inside_source(src, where):
 
 
 def test_non_empty_destination_needs_force(src, tmp_path):
+    """--force replaces a checkpoint qwen2q wrote; a folder holding anything else is never replaced."""
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "keep.txt").write_text("mine")
     with pytest.raises(Qwen2qError, match="--force"):
         convert(src, tmp_path / "q", QuantConfig("int8"), progress=False)
     assert (tmp_path / "q" / "keep.txt").exists()
-    convert(src, tmp_path / "q", QuantConfig("int8"), force=True, progress=False)
-    assert not (tmp_path / "q" / "keep.txt").exists() and (tmp_path / "q" / "config.json").exists()
+    with pytest.raises(Qwen2qError, match="keep.txt"):
+        convert(src, tmp_path / "q", QuantConfig("int8"), force=True, progress=False)
+    assert (tmp_path / "q" / "keep.txt").read_text() == "mine"
+    convert(src, tmp_path / "q2", QuantConfig("int8"), progress=False)
+    convert(src, tmp_path / "q2", QuantConfig("nf4"), force=True, progress=False)
+    assert json.loads((tmp_path / "q2" / "config.json").read_text())["qwen2q"]["method"] == "nf4"
 
 
 def test_already_quantized_source_refused(src, tmp_path):
