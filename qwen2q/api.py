@@ -71,11 +71,11 @@ class QwenModel:
         return self.generate(prompt, **sampling)
 
     def fit_chat(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
-        """(the newest part of `messages` whose prompt + `max_new_tokens` fits the context, exchanges dropped).
+        """(the newest part of `messages` whose prompt + `max_new_tokens` fits the context, turns dropped).
 
-        An exchange is a user message and the messages after it up to the next user message; the oldest
-        go first and a leading system message always stays.  Raises ContextError when even the last
-        exchange alone does not fit."""
+        A turn is a user message and the messages after it up to the next user message (its reply); the
+        oldest go first and a leading system message always stays.  Raises ContextError when even the
+        last turn alone does not fit."""
         check_messages(messages)
         context = self.config.max_position_embeddings
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
@@ -102,9 +102,9 @@ def load(
     `dtype` defaults to the checkpoint's own (bf16 for most); "float32"/"float16"/"bfloat16" override
     it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.
     """
-    path = Path(path) if path is not None else DEFAULT_MODEL
     device = parse_device(device)  # one line naming a bad device, before any file is read
     if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
         raise Qwen2qError(f"dtype must be a string like 'bfloat16' or a torch.dtype, got {type(dtype).__name__}")
+    path = Path(path) if path is not None else DEFAULT_MODEL
     model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     return QwenModel(model, Tokenizer(path), path)

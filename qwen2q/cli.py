@@ -156,7 +156,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
     """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
 
-    When the conversation outgrows the model's context, the oldest exchanges are dropped (the system
+    When the conversation outgrows the model's context, the oldest turns are dropped (the system
     message stays) with a note on stderr; a message that does not fit even alone is not sent (an
     `error:` line, and exit status 1 at the end).
 
@@ -195,7 +195,7 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
             refused += 1
             continue
         if dropped:
-            click.echo(f"note: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''} of the conversation "
+            click.echo(f"note: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} (message and reply) "
                        f"to fit the model's context of {m.config.max_position_embeddings} tokens", err=True)
         reply = m.chat(history, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, stream=True)
@@ -236,7 +236,8 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
 @click.option("--awq-scales", is_flag=True,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
-@click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).", callback=_check_device)
+@click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).",
+              callback=_check_device)
 def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
              chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):
     """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.

@@ -117,7 +117,8 @@ def generate_ids(
         tokens = tok.view(1, 1)
     if n_new < params.max_new_tokens:
         warnings.warn(f"stopped at the model's context of {context} tokens: {len(prompt_ids)} prompt + {n_new} new "
-                      f"tokens, not the {params.max_new_tokens} new tokens asked for", ContextLimitWarning, stacklevel=2)
+                      f"tokens, not the {params.max_new_tokens} new tokens asked for", ContextLimitWarning,
+                      stacklevel=3)  # the caller's line, past inference_mode's wrapper
     return out
 
 

@@ -101,7 +101,7 @@ def _n_tokens(m, messages):
     return len(m.tokenizer.encode(m.tokenizer.apply_chat_template(messages)))
 
 
-def test_fit_chat_drops_oldest_exchanges_and_keeps_the_system_message(chat_model):
+def test_fit_chat_drops_oldest_turns_and_keeps_the_system_message(chat_model):
     m = qwen2q.load(chat_model)
     system = {"role": "system", "content": "Be brief."}
     exchanges = [[{"role": "user", "content": f"The quick brown fox {i}"},
@@ -109,9 +109,9 @@ def test_fit_chat_drops_oldest_exchanges_and_keeps_the_system_message(chat_model
     history = [system] + [msg for ex in exchanges for msg in ex] + [{"role": "user", "content": "def square(x):"}]
     kept, dropped = m.fit_chat(history, max_new_tokens=8)
     assert dropped > 0 and kept[0] == system
-    assert kept[1:] == history[1 + 2 * dropped:]  # whole exchanges, oldest first, the latest message kept
+    assert kept[1:] == history[1 + 2 * dropped:]  # whole turns, oldest first, the latest message kept
     assert _n_tokens(m, kept) + 8 <= 128
-    assert _n_tokens(m, [system] + history[1 + 2 * (dropped - 1):]) + 8 > 128  # one exchange fewer would not fit
+    assert _n_tokens(m, [system] + history[1 + 2 * (dropped - 1):]) + 8 > 128  # one turn fewer would not fit
     assert m.fit_chat(kept, max_new_tokens=8) == (kept, 0)
 
 
