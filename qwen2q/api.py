@@ -7,10 +7,12 @@ from pathlib import Path
 import torch
 
 from qwen2q.config import Qwen2Config
-from qwen2q.generation import SamplingParams, TextStream, generate_ids
+from qwen2q.devices import parse_device
+from qwen2q.errors import Qwen2qError
+from qwen2q.generation import ContextError, SamplingParams, TextStream, generate_ids
 from qwen2q.loader import load_model
 from qwen2q.model import Qwen2ForCausalLM
-from qwen2q.tokenizer import Tokenizer
+from qwen2q.tokenizer import Tokenizer, check_messages
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "qwen2-tiny"
 
@@ -43,6 +45,9 @@ class QwenModel:
         """Continue `prompt` (text, or token ids) and return the new text, without stop tokens.
 
         temperature 0 is greedy.  With `stream=True` the text is also written to stdout as it comes.
+        Generation stops at the model's context (config.max_position_embeddings, prompt included), with a
+        `qwen2q.generation.ContextLimitWarning` (warnings.warn) if that cut max_new_tokens short; a prompt
+        longer than the context raises ContextError.
         """
         ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -51,7 +56,7 @@ class QwenModel:
                      stream=False) -> list[int]:
         """Like `generate`, but returns the new token ids (a final stop token included)."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt  # ids checked by generate_ids
         on_token = None
         if stream:
             decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
@@ -59,9 +64,31 @@ class QwenModel:
         return generate_ids(self.model, ids, params, self.tokenizer.stop_ids, on_token)
 
     def chat(self, messages: list[dict], **sampling) -> str:
-        """Answer a conversation ([{"role": "user", "content": ...}, ...]) through the chat template."""
+        """Answer a conversation ([{"role": "user", "content": ...}, ...]) through the chat template.
+
+        Past the context it behaves as `generate`; `fit_chat` first trims a history that has grown too long."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, **sampling)
+
+    def fit_chat(self, messages: list[dict], max_new_tokens: int) -> tuple[list[dict], int]:
+        """(the newest part of `messages` whose prompt + `max_new_tokens` fits the context, turns dropped).
+
+        A turn is a user message and the messages after it up to the next user message (its reply); the
+        oldest go first and a leading system message always stays.  Raises ContextError when even the
+        last turn alone does not fit."""
+        check_messages(messages)
+        context = self.config.max_position_embeddings
+        head = messages[:1] if messages and messages[0]["role"] == "system" else []
+        rest, dropped = messages[len(head):], 0
+        while True:
+            n = len(self.tokenizer.encode(self.tokenizer.apply_chat_template(head + rest)))
+            if n + max_new_tokens <= context:
+                return head + rest, dropped
+            nxt = next((i for i in range(1, len(rest)) if rest[i]["role"] == "user"), None)
+            if nxt is None:
+                raise ContextError(f"the message does not fit: {n} prompt tokens (chat template included) + "
+                                   f"{max_new_tokens} new tokens > the model's context of {context}; not sent")
+            rest, dropped = rest[nxt:], dropped + 1
 
 
 def load(
@@ -75,6 +102,9 @@ def load(
     `dtype` defaults to the checkpoint's own (bf16 for most); "float32"/"float16"/"bfloat16" override
     it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.
     """
+    device = parse_device(device)  # one line naming a bad device, before any file is read
+    if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+        raise Qwen2qError(f"dtype must be a string like 'bfloat16' or a torch.dtype, got {type(dtype).__name__}")
     path = Path(path) if path is not None else DEFAULT_MODEL
     model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
     return QwenModel(model, Tokenizer(path), path)

@@ -10,6 +10,8 @@ import time
 import torch
 
 from qwen2q.decode import StaticDecoder
+from qwen2q.errors import Qwen2qError
+from qwen2q.generation import ContextError
 
 
 def _sync(device: torch.device) -> None:
@@ -27,8 +29,16 @@ def _peak_memory(device: torch.device) -> int:
 
 @torch.inference_mode()
 def run(model, prompt_len: int = 128, new_tokens: int = 128, use_graph: bool | None = None, seed: int = 0) -> dict:
-    """Time one prefill of `prompt_len` random tokens and `new_tokens` greedy decode steps (after a warm-up)."""
+    """Time one prefill of `prompt_len` random tokens and `new_tokens` greedy decode steps (after a warm-up).
+
+    Refuses (Qwen2qError) lengths past the model's context and CUDA graphs off CUDA."""
     device = model.model.embed_tokens.weight.device
+    context = model.config.max_position_embeddings
+    if prompt_len + new_tokens > context:
+        raise ContextError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the model's context of "
+                           f"{context} tokens")
+    if use_graph and device.type != "cuda":
+        raise Qwen2qError(f"--graph (CUDA graphs) needs a CUDA device, not {device}")
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g).to(device)
     dec = StaticDecoder(model, prompt_len + new_tokens + 1, use_graph=use_graph)
@@ -54,7 +64,10 @@ def run(model, prompt_len: int = 128, new_tokens: int = 128, use_graph: bool | N
 @torch.inference_mode()
 def run_transformers(path, device: str, dtype: torch.dtype, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
     """transformers' generate (greedy, static shapes not forced) on the same prompt length, for comparison."""
-    from transformers import AutoModelForCausalLM
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise Qwen2qError("--compare-transformers needs transformers (pip install transformers)") from None
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     g = torch.Generator().manual_seed(seed)

@@ -28,8 +28,17 @@ def _model_argument(f):
                           callback=lambda ctx, param, value: _model_path(value))(f)
 
 
+def _check_device(ctx, param, value):
+    """Refuse a bad --device while parsing, before anything is read (qwen2q.devices says why)."""
+    from qwen2q.devices import parse_device
+
+    parse_device(value)
+    return value
+
+
 def _load_options(f):
-    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")(f)
+    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...",
+                     callback=_check_device)(f)
     f = click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin checkpoints (can run code).")(f)
     return f
@@ -129,14 +138,20 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
       qwen2q generate --prompt "The capital of France is"
       qwen2q generate ./Qwen2-0.5B-Instruct --chat -p "Write a haiku" --temperature 0.7 --top-p 0.9 --seed 1
     """
+    import warnings
+
     m = _load(model, device, dtype, allow_pickle)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     n_prompt = len(m.tokenizer.encode(prompt))
     t0 = time.perf_counter()
-    new = m.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=True)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. stopped at the model's context
+        warnings.simplefilter("always")
+        new = m.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream=True)
     elapsed = time.perf_counter() - t0
     click.echo("")
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     click.echo(
         f"[{n_prompt} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
         f"{m.dtype}, {m.device}]",
@@ -152,13 +167,23 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
     """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
 
+    When the conversation outgrows the model's context, the oldest turns are dropped (the system
+    message stays) with a note on stderr; a message that does not fit even alone is not sent (an
+    `error:` line, and exit status 1 at the end).
+
     \b
     Example:
       qwen2q chat ./Qwen2.5-Coder-0.5B-Instruct --temperature 0.7 --top-p 0.8
     """
+    from qwen2q.generation import ContextError
+
     m = _load(model, device, dtype, allow_pickle)
+    if m.tokenizer.chat_template is None:
+        raise Qwen2qError(f"{m.path} has no chat template (chat_template.jinja or tokenizer_config.json); "
+                          "use `qwen2q generate`")
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
+    refused = 0
     while True:
         try:
             line = input(">>> " if interactive else "")
@@ -173,10 +198,22 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
             history = history[:1] if system else []
             continue
         history.append({"role": "user", "content": line})
+        try:
+            history, dropped = m.fit_chat(history, max_new_tokens)
+        except ContextError as e:
+            click.echo(f"error: {e}", err=True)
+            history.pop()
+            refused += 1
+            continue
+        if dropped:
+            click.echo(f"note: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} (message and reply) "
+                       f"to fit the model's context of {m.config.max_position_embeddings} tokens", err=True)
         reply = m.chat(history, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, stream=True)
         click.echo("")
         history.append({"role": "assistant", "content": reply})
+    if refused:
+        sys.exit(1)
 
 
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_template", "search_tokens", "rounding",
@@ -237,7 +274,8 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, s
 @click.option("--awq-scales", is_flag=True,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
-@click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
+@click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).",
+              callback=_check_device)
 @click.pass_context
 def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):

@@ -2,16 +2,36 @@
 
 The prompt is prefilled once into a static KV cache; each step then feeds one token.  Sampling
 order follows transformers: temperature, then top-k, then top-p.
+
+Generation never runs past the model's context (`config.max_position_embeddings` positions, prompt
+included): a prompt longer than the context is a `ContextError`; asking for more new tokens than fit
+generates up to the context and then issues a `ContextLimitWarning` through `warnings.warn` (the
+`qwen2q` command prints it as one `warning:` line).  Tokens past the context would use positions the
+model was never trained on, and its output degenerates.
 """
 from __future__ import annotations
 
 import dataclasses
+import operator
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
+
+
+class ContextError(Qwen2qError):
+    """The prompt alone does not fit the model's context."""
+
+
+class TokenIdError(Qwen2qError):
+    """Prompt token ids that are not integers in [0, vocab_size)."""
+
+
+class ContextLimitWarning(UserWarning):
+    """Generation stopped at the model's context before max_new_tokens were generated."""
 
 
 @dataclasses.dataclass
@@ -65,13 +85,19 @@ def generate_ids(
 ) -> list[int]:
     """Generate up to `params.max_new_tokens` ids after `prompt_ids` (batch 1).
 
-    Stops after emitting a stop id (which is included in the result).  `on_token` is called with each
-    new id as soon as it is chosen, for streaming.
+    Stops after emitting a stop id (which is included in the result), or when prompt + new ids fill
+    the model's context (`config.max_position_embeddings`): then, if fewer than max_new_tokens were
+    generated, a `ContextLimitWarning` is issued.  `on_token` is called with each new id as soon as it
+    is chosen, for streaming.  Raises `ContextError` for a prompt longer than the context and
+    `TokenIdError` for ids outside [0, vocab_size).
     """
-    if not prompt_ids:
-        raise Qwen2qError("the prompt is empty")
+    prompt_ids = check_prompt_ids(prompt_ids, model.config.vocab_size)
+    context = model.config.max_position_embeddings
+    if len(prompt_ids) > context:
+        raise ContextError(f"the prompt has {len(prompt_ids)} tokens, more than the model's context of {context}")
+    n_new = min(params.max_new_tokens, context - len(prompt_ids))
     device = model.model.embed_tokens.weight.device
-    max_len = len(prompt_ids) + params.max_new_tokens
+    max_len = len(prompt_ids) + n_new
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -79,7 +105,7 @@ def generate_ids(
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
     stops = set(stop_ids)
-    for _ in range(params.max_new_tokens):
+    for _ in range(n_new):
         logits = model(tokens, cache=cache, last_only=True)[:, -1]
         tok = next_token(logits, params, generator)
         tid = int(tok.item())
@@ -87,9 +113,35 @@ def generate_ids(
         if on_token is not None:
             on_token(tid)
         if tid in stops:
-            break
+            return out
         tokens = tok.view(1, 1)
+    if n_new < params.max_new_tokens:
+        warnings.warn(f"stopped at the model's context of {context} tokens: {len(prompt_ids)} prompt + {n_new} new "
+                      f"tokens, not the {params.max_new_tokens} new tokens asked for", ContextLimitWarning,
+                      stacklevel=3)  # the caller's line, past inference_mode's wrapper
     return out
+
+
+def check_prompt_ids(prompt_ids, vocab_size: int) -> list[int]:
+    """A non-empty sequence of integer token ids in [0, vocab_size) -> list[int]; TokenIdError otherwise.
+
+    Accepts a list/tuple of ints or a 1-D integer tensor/array."""
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__"):
+        raise TokenIdError(f"the prompt must be text or a list of token ids, got {type(prompt_ids).__name__}")
+    if len(prompt_ids) == 0:
+        raise Qwen2qError("the prompt is empty")
+    ids = list(prompt_ids)
+    for i, t in enumerate(ids):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            t = operator.index(t)  # int, numpy integer, one-element integer tensor
+        except TypeError:
+            raise TokenIdError(f"token id {i} is not an integer: {t!r}") from None
+        if not 0 <= t < vocab_size:
+            raise TokenIdError(f"token id {i} is {t}, outside the vocabulary [0, {vocab_size})")
+        ids[i] = t
+    return ids
 
 
 class TextStream:

@@ -71,9 +71,7 @@ class Tokenizer:
         """Render `messages` ([{"role": ..., "content": ...}, ...]) to the prompt text."""
         if self.chat_template is None:
             raise Qwen2qError("this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json)")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise Qwen2qError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        check_messages(messages)
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
@@ -85,8 +83,29 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 tools=None,
             )
-        except TemplateError as e:
-            raise Qwen2qError(f"chat template failed: {e}") from None
+        except Exception as e:  # the template is data: any failure in it (the sandbox's OverflowError too) is the user's
+            detail = str(e) if isinstance(e, TemplateError) else f"{type(e).__name__}: {e}"
+            raise TemplateRenderError(f"chat template failed: {detail}") from None
+
+
+class MessagesError(Qwen2qError):
+    """Chat messages that are not a list of {"role": str, "content": str} dicts."""
+
+
+class TemplateRenderError(Qwen2qError):
+    """The checkpoint's chat template does not compile or fails while rendering."""
+
+
+def check_messages(messages) -> None:
+    """Raise MessagesError unless `messages` is a list of dicts with string "role" and "content"."""
+    if not isinstance(messages, list):
+        raise MessagesError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise MessagesError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        for key in ("role", "content"):
+            if not isinstance(m[key], str):
+                raise MessagesError(f"message {i}: {key} must be a string, got {type(m[key]).__name__} {m[key]!r}")
 
 
 def _read_json(path: Path) -> dict:
