@@ -42,6 +42,7 @@ from qwen2q.convert import (
     with_source_dtype,
 )
 from qwen2q.destination import check_destination
+from qwen2q.devices import parse_device
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import DecoderLayer
 from qwen2q.qconfig import QuantConfig
@@ -285,6 +286,7 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
                           f"not {calib.compute_dtype!r}")
     if calib.act_order and calib.rounding != "gptq":
         raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
+    device = parse_device(device)
     src, config, files = read_source(src, allow_pickle=allow_pickle)
     dst = Path(dst)
     check_destination(src, dst, force)  # before tokenizing and calibrating, not after
@@ -293,7 +295,6 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
         qcfg = with_source_dtype(qcfg, config)
     else:
         _check_int4_shapes(config, group_size)
-    device = torch.device(device)
     start = time.perf_counter()
     if calib.ids is not None:
         ids = calib.ids.long()
