@@ -69,12 +69,16 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    allow_non_finite: bool = False,
 ) -> QwenModel:
     """Load a Qwen2 checkpoint directory (default: the embedded tiny model).
 
     `dtype` defaults to the checkpoint's own (bf16 for most); "float32"/"float16"/"bfloat16" override
-    it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.
+    it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.  Tensors whose
+    names, shapes or dtypes do not match config.json, and NaN/Inf weights, are refused (a Qwen2qError);
+    `allow_non_finite=True` accepts NaN/Inf.
     """
     path = Path(path) if path is not None else DEFAULT_MODEL
-    model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                       allow_non_finite=allow_non_finite)
     return QwenModel(model, Tokenizer(path), path)

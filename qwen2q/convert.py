@@ -25,6 +25,8 @@ from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
+from qwen2q.validate import check_finite
+from qwen2q.checkpoint import validate_checkpoint
 
 # Files copied next to the weights: tokenizer, chat template, generation settings.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -156,13 +158,16 @@ class CheckpointWriter:
 
 
 def read_source(src) -> tuple[Path, Qwen2Config, list[Path]]:
-    """Check that `src` is an unquantized checkpoint; return its path, config and weight files."""
+    """Check that `src` is an unquantized checkpoint whose tensors' names, shapes and dtypes match its
+    config.json (from the file headers, before any work starts); return its path, config and weight files."""
     src = check_model_dir(src)
     config = Qwen2Config.from_file(src / "config.json")
     if config.quantization_config:
         raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
                           "give a bf16/fp16/fp32 checkpoint")
-    return src, config, weight_files(src)
+    files = weight_files(src)
+    validate_checkpoint(src, config, files)
+    return src, config, files
 
 
 def quantized_config(config: Qwen2Config, qcfg: QuantConfig, src: Path, **note) -> dict:
@@ -186,19 +191,25 @@ def is_quantized_linear(name: str, qcfg: QuantConfig) -> bool:
     return bool(LINEAR_WEIGHT.match(name)) and not qcfg.skips(name[: -len(".weight")])
 
 
-def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config) -> dict:
+def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config,
+                allow_non_finite: bool = False) -> dict:
     """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of
-    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16)."""
+    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16).  NaN/Inf (stored, or
+    made by the fp16 cast) is refused unless `allow_non_finite`."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return {}
+    out = tensor.clone()
     if name.endswith(".bias") and qcfg.method in ("int4", "awq") and is_quantized_linear(name[:-5] + ".weight", qcfg):
-        return {name: tensor.to(torch.float16)}
-    return {name: tensor.clone()}
+        out = tensor.to(torch.float16)
+    if not allow_non_finite:
+        check_finite(name, out, tensor)
+    return {name: out}
 
 
 def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = True) -> ConversionReport:
-    """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods)."""
+            progress: bool = True, allow_non_finite: bool = False) -> ConversionReport:
+    """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods).
+    `allow_non_finite` lets NaN/Inf through in the tensors kept unquantized (quantized linears need finite weights)."""
     from tqdm import tqdm
 
     if qcfg.method == "awq":
@@ -216,7 +227,7 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
                 q_elems += tensor.numel()
                 q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             else:
-                tensors = passthrough(name, tensor, qcfg, config)
+                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite)
             out.add(tensors)
         shards = out.finish(quantized_config(config, qcfg, src))
     return ConversionReport(
