@@ -186,6 +186,17 @@ def validate_checkpoint(path: Path, config: Qwen2Config, files: list[Path]) -> d
     return headers
 
 
+def check_all_finite(files: list[Path]) -> None:
+    """Read every tensor of `files` once (memory-mapped, one at a time) and refuse NaN/Inf, naming the
+    file and tensor: a converter calls this before it writes anything."""
+    for f in files:
+        for name, t in iter_tensors([f]):
+            try:
+                check_finite(name, t)
+            except CheckpointError as e:
+                raise CheckpointError(f"{f}: {e}") from None
+
+
 def fill_module(model: nn.Module, tensors, dtype: torch.dtype, device, ignore=(), allow_non_finite=False) -> None:
     """Assign checkpoint tensors to a model built on the meta device.
 

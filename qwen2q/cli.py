@@ -21,6 +21,7 @@ def _load_options(f):
     f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")(f)
     f = click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin checkpoints (can run code).")(f)
+    f = click.option("--allow-non-finite", is_flag=True, help="Load weights holding NaN/Inf (refused by default).")(f)
     return f
 
 
@@ -98,10 +99,10 @@ def info(model):
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _load(model, device, dtype, allow_pickle):
+def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
     import qwen2q
 
-    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
 
 
 @main.command()
@@ -110,7 +111,8 @@ def _load(model, device, dtype, allow_pickle):
 @click.option("--chat", "as_chat", is_flag=True, help="Render the prompt through the chat template first.")
 @_sampling_options
 @_load_options
-def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle,
+             allow_non_finite):
     """Continue a prompt, streaming the text to stdout; tokens/s go to stderr.
 
     \b
@@ -118,7 +120,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
       qwen2q generate --prompt "The capital of France is"
       qwen2q generate ./Qwen2-0.5B-Instruct --chat -p "Write a haiku" --temperature 0.7 --top-p 0.9 --seed 1
     """
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     n_prompt = len(m.tokenizer.encode(prompt))
@@ -138,14 +140,14 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--system", default=None, help="System message (default: the template's own).")
 @_sampling_options
 @_load_options
-def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
     """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
 
     \b
     Example:
       qwen2q chat ./Qwen2.5-Coder-0.5B-Instruct --temperature 0.7 --top-p 0.8
     """
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -200,8 +202,10 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).")
+@click.option("--allow-non-finite", is_flag=True,
+              help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data, calib_samples, calib_seq_len,
-             chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):
+             chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device, allow_non_finite):
     """Quantize checkpoint SRC (default: the embedded model) into the new directory DST.
 
     Streams shard by shard (peak memory near one output shard), writes into a temporary directory
@@ -233,6 +237,9 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
 
         if skip:
             raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
+        if allow_non_finite:
+            raise Qwen2qError(f"--allow-non-finite does not go with calibrated --method {method}: calibration "
+                              "needs finite weights")
         calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
                                     rounding=rounding, act_order=act_order, compute_dtype=calib_dtype)
         report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
@@ -241,7 +248,8 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
         if details["peak_device_bytes"] is not None:
             rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
     else:
-        report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size))
+        report = convert(src, dst, qcfg, force=force, max_shard_bytes=_parse_size(max_shard_size),
+                         allow_non_finite=allow_non_finite)
     how = f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else ""
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
@@ -270,7 +278,8 @@ def quantize(paths, method, group_size, skip, max_shard_size, force, calib_data,
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
 @_load_options
-def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle):
+def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle,
+          allow_non_finite):
     """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
 
     Text: WikiText-2 raw test ($QWEN2Q_DATA or ../shared/data, else the `datasets` hub), tokenized once
@@ -291,7 +300,7 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     models = [Path(m) for m in models] or [DEFAULT_MODEL]
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
-                              max_windows=max_windows, device=device, dtype=dtype)
+                              max_windows=max_windows, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
     _report(result, json_out, plot)
 
 
@@ -340,7 +349,8 @@ def demo(dataset, max_windows, json_out, plot):
 @click.option("--compare-transformers", is_flag=True, help="Also time transformers' generate (unquantized models).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @_load_options
-def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle):
+def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle,
+          allow_non_finite):
     """Prefill and decode tokens/s at batch 1, and peak memory.
 
     \b
@@ -352,7 +362,7 @@ def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_o
 
     from qwen2q import bench as bench_mod
 
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     result = bench_mod.run(m.model, prompt_len, new_tokens, use_graph)
     if compare_transformers:
         result.update(bench_mod.run_transformers(m.path, device, m.dtype, prompt_len, new_tokens))

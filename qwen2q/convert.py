@@ -26,7 +26,7 @@ from qwen2q.errors import Qwen2qError
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
 from qwen2q.validate import check_finite
-from qwen2q.checkpoint import validate_checkpoint
+from qwen2q.checkpoint import check_all_finite, validate_checkpoint
 
 # Files copied next to the weights: tokenizer, chat template, generation settings.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -157,9 +157,10 @@ class CheckpointWriter:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def read_source(src) -> tuple[Path, Qwen2Config, list[Path]]:
+def read_source(src, allow_non_finite: bool = False) -> tuple[Path, Qwen2Config, list[Path]]:
     """Check that `src` is an unquantized checkpoint whose tensors' names, shapes and dtypes match its
-    config.json (from the file headers, before any work starts); return its path, config and weight files."""
+    config.json (file headers) and whose values are finite (unless `allow_non_finite`), all before any
+    work starts; return its path, config and weight files."""
     src = check_model_dir(src)
     config = Qwen2Config.from_file(src / "config.json")
     if config.quantization_config:
@@ -167,6 +168,8 @@ def read_source(src) -> tuple[Path, Qwen2Config, list[Path]]:
                           "give a bf16/fp16/fp32 checkpoint")
     files = weight_files(src)
     validate_checkpoint(src, config, files)
+    if not allow_non_finite:
+        check_all_finite(files)
     return src, config, files
 
 
@@ -214,7 +217,7 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
 
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
-    src, config, files = read_source(src)
+    src, config, files = read_source(src, allow_non_finite)
     dst = Path(dst)
     qcfg = with_source_dtype(qcfg, config)
     start = time.perf_counter()
