@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from qwen2q import __version__
+from qwen2q.checkpoint import check_model_dir
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
 from qwen2q.evals.data import EvalText
 from qwen2q.evals.drift import compare
 from qwen2q.evals.perplexity import perplexity
 from qwen2q.info import quantization_summary
+from qwen2q.validate import all_finite
 
 
 def method_label(path: Path) -> str:
@@ -47,17 +49,56 @@ def choose_seq_len(requested: int | None, config: Qwen2Config) -> int:
     return seq_len
 
 
+def check_same_vocabulary(paths: list[Path]) -> int:
+    """All checkpoints score the same token ids, so they need one vocabulary: refuse (before any model is
+    loaded) when their config.json vocab_size differ; return the common size."""
+    sizes = {p: Qwen2Config.from_file(check_model_dir(p) / "config.json").vocab_size for p in paths}
+    first = paths[0]
+    for p, size in sizes.items():
+        if size != sizes[first]:
+            raise Qwen2qError(f"{p} has vocab_size {size} but {first} has {sizes[first]}: models scored on the "
+                              "same tokens need the same vocabulary")
+    return sizes[first]
+
+
+class FiniteLogits:
+    """`model` (input_ids [B, T] -> logits [B, T, V]) that refuses NaN/Inf logits with a one-line error
+    naming the checkpoint and the window; windows are counted from 1 in call order."""
+
+    def __init__(self, model, path: Path, n_windows: int):
+        self.model, self.path, self.n_windows, self.done = model, path, n_windows, 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(ids)
+        if not all_finite(logits):
+            first, last = self.done + 1, self.done + ids.shape[0]
+            which = f"window {first}" if first == last else f"windows {first}-{last}"
+            raise Qwen2qError(f"{self.path}: non-finite logits (NaN/Inf) in {which} of {self.n_windows}; "
+                              "its weights or activations overflow, so no perplexity can be computed")
+        self.done += ids.shape[0]
+        return logits
+
+
 def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, seq_len: int | None = None,
              max_windows: int | None = None, device: str = "cpu", dtype: str | None = None,
-             progress: bool = True) -> dict:
-    """Rows of figures for each model in `models` (and the reference), plus the settings used."""
+             progress: bool = True, allow_non_finite: bool = False) -> dict:
+    """Rows of figures for each model in `models` (and the reference), plus the settings used.
+
+    All models must share one vocab_size (checked before loading).  Non-finite logits stop the run
+    with the model and window named; `allow_non_finite` lets NaN/Inf weights load (see `qwen2q.load`)."""
     import qwen2q
     from tqdm import tqdm
 
     tok_source = reference or models[0]
-    first = qwen2q.load(tok_source, device=device, dtype=dtype)
+    vocab_size = check_same_vocabulary([Path(tok_source)] + [Path(m) for m in models])
+    first = qwen2q.load(tok_source, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
     seq_len = choose_seq_len(seq_len, first.config)
     ids = torch.tensor(first.tokenizer.encode(text.text), dtype=torch.long)
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise Qwen2qError(f"{tok_source}: its tokenizer gives token id {int(ids.max())}, outside vocab_size {vocab_size}")
     if ids.numel() < seq_len:
         raise Qwen2qError(f"{text.name} has {ids.numel()} tokens, fewer than one window of {seq_len}")
     n_windows = ids.numel() // seq_len if max_windows is None else min(max_windows, ids.numel() // seq_len)
@@ -69,21 +110,26 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
     ref_model = first.model if reference else None
     if reference:
         t0 = time.perf_counter()
-        r = perplexity(ref_model, ids, seq_len, max_windows=n_windows, batch_size=1)
+        r = perplexity(FiniteLogits(ref_model, reference, n_windows), ids, seq_len, max_windows=n_windows,
+                       batch_size=1)
         rows.append({"model": str(reference), "method": method_label(Path(reference)), "size_bytes":
                      weights_size(Path(reference)), "ppl": r["ppl"], "seconds": time.perf_counter() - t0})
     for path in models:
         path = Path(path)
-        m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(path, device=device, dtype=dtype)
+        m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(
+            path, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
         t0 = time.perf_counter()
-        bar = tqdm(total=n_windows, desc=f"eval {path.name}", unit="window", disable=not progress, leave=False)
-        if reference:
-            d = compare(ref_model, m.model, ids, seq_len, max_windows=n_windows, progress=bar.update)
-            row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
-                   "top1": d["top1"]}
-        else:
-            row = {"ppl": perplexity(m.model, ids, seq_len, max_windows=n_windows, batch_size=1)["ppl"]}
-        bar.close()
+        # a bar only on a terminal (in a log it is noise and splits an error line); closed on errors too
+        with tqdm(total=n_windows, desc=f"eval {path.name}", unit="window", disable=None if progress else True,
+                  leave=False) as bar:
+            if reference:
+                d = compare(FiniteLogits(ref_model, reference, n_windows), FiniteLogits(m.model, path, n_windows),
+                            ids, seq_len, max_windows=n_windows, progress=bar.update)
+                row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
+                       "top1": d["top1"]}
+            else:
+                row = {"ppl": perplexity(FiniteLogits(m.model, path, n_windows), ids, seq_len,
+                                         max_windows=n_windows, batch_size=1)["ppl"]}
         rows.append({"model": str(path), "method": method_label(path), "size_bytes": weights_size(path), **row,
                      "seconds": time.perf_counter() - t0})
     return {"settings": settings, "rows": rows}

@@ -21,6 +21,7 @@ to 1e-38), and absmax codes come from bitsandbytes' 65536-entry lookup table (se
 """
 import functools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -200,7 +201,12 @@ def to_state_dict(q: NF4Weight, prefix: str) -> dict[str, torch.Tensor]:
 def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> NF4Weight:
     """Read the six tensors of `to_state_dict` back; ValueError for anything this module would not write."""
     p = f"{prefix}.weight"
-    state = json.loads(bytes(tensors[f"{p}.quant_state.bitsandbytes__nf4"].tolist()).decode())
+    try:
+        state = json.loads(bytes(tensors[f"{p}.quant_state.bitsandbytes__nf4"].tolist()).decode())
+    except ValueError:  # bad UTF-8 or JSON
+        state = None
+    if not isinstance(state, dict):
+        raise ValueError(f"{p}.quant_state.bitsandbytes__nf4 is not a UTF-8 JSON object")
     supported = {
         "quant_type": "nf4",
         "blocksize": BLOCK_SIZE,
@@ -214,12 +220,16 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> NF4Weig
         raise ValueError(f"{p}.quant_map is not the standard NF4 table")
     if not torch.equal(tensors[f"{p}.nested_quant_map"].float().cpu(), dynamic_map()):
         raise ValueError(f"{p}.nested_quant_map is not the standard signed dynamic map")
-    dtype = getattr(torch, state["dtype"], None)
+    dtype = getattr(torch, state.get("dtype"), None) if isinstance(state.get("dtype"), str) else None
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{p}: quant_state dtype {state['dtype']!r} is not float32, float16 or bfloat16")
-    shape = tuple(state["shape"])
-    if len(shape) != 2:
-        raise ValueError(f"{p}: quant_state shape {list(shape)} is not [out_features, in_features]")
+        raise ValueError(f"{p}: quant_state dtype {state.get('dtype')!r} is not float32, float16 or bfloat16")
+    shape = state.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
+        raise ValueError(f"{p}: quant_state shape {shape!r} is not [out_features, in_features]")
+    shape = tuple(shape)
+    offset = state.get("nested_offset")
+    if type(offset) not in (int, float) or not math.isfinite(offset):
+        raise ValueError(f"{p}: quant_state nested_offset {offset!r} is not a finite number")
     q = NF4Weight(
         packed=tensors[p],
         absmax=tensors[f"{p}.absmax"],

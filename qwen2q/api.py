@@ -96,15 +96,19 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    allow_non_finite: bool = False,
 ) -> QwenModel:
     """Load a Qwen2 checkpoint directory (default: the embedded tiny model).
 
     `dtype` defaults to the checkpoint's own (bf16 for most); "float32"/"float16"/"bfloat16" override
-    it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.
+    it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.  Tensors whose
+    names, shapes or dtypes do not match config.json, and NaN/Inf weights, are refused (a Qwen2qError);
+    `allow_non_finite=True` accepts NaN/Inf.
     """
     device = parse_device(device)  # one line naming a bad device, before any file is read
     if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
         raise Qwen2qError(f"dtype must be a string like 'bfloat16' or a torch.dtype, got {type(dtype).__name__}")
     path = Path(path) if path is not None else DEFAULT_MODEL
-    model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                       allow_non_finite=allow_non_finite)
     return QwenModel(model, Tokenizer(path), path)

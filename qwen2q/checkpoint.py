@@ -6,8 +6,10 @@ can execute code when read and are refused unless the caller opts in.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qwen2q.errors import Qwen2qError
+from qwen2q.config import Qwen2Config
+from qwen2q.errors import CheckpointError, Qwen2qError
+from qwen2q.qconfig import QuantConfig
+from qwen2q.validate import check_finite, check_index, check_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -35,17 +40,38 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
+def read_weight_map(path: Path) -> dict[str, str] | None:
+    """The `weight_map` of `path`'s model.safetensors.index.json ({tensor name: shard file name}), or None
+    without an index.  Every shard must be a plain file name in `path` (no separators, not absolute): an
+    index must not reach files outside its checkpoint.  A shard may be a symlink (the hub cache links
+    every file to a blob elsewhere); the name is what is checked, not where it resolves."""
+    index_path = path / INDEX_FILE
+    if not index_path.is_file():
+        return None
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: needs a non-empty object \"weight_map\" of tensor name -> shard file name")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index_path}: weight_map[{name!r}] is {json.dumps(shard)}, not a file name")
+        if shard in ("", ".", "..") or any(c in shard for c in "/\\\0") or os.path.isabs(shard):
+            raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {shard!r} is not a plain file name in "
+                                  f"{path}; an index may name only files beside it")
+    return weight_map
+
+
 def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     """The weight files of a checkpoint directory, in index order, each checked to exist."""
-    if (path / INDEX_FILE).is_file():
-        try:
-            index = json.loads((path / INDEX_FILE).read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise Qwen2qError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+    weight_map = read_weight_map(path)
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise Qwen2qError(f"{path}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
+            raise CheckpointError(f"{path}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
         return [path / s for s in shards]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
@@ -60,12 +86,70 @@ def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
     raise Qwen2qError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or pytorch_model*.bin found")
 
 
+def load_pickle(f: Path) -> dict[str, torch.Tensor]:
+    """A pickle checkpoint's {name: tensor}, memory-mapped, read with torch's weights-only unpickler.
+    Anything it cannot read (the legacy non-zip format, which cannot be memory-mapped; a corrupt file; an
+    object that is not a dict of tensors) is a one-line CheckpointError."""
+    if not zipfile.is_zipfile(f):
+        raise CheckpointError(f"{f}: not a zip-format torch.save file (a legacy pickle, or corrupt); qwen2q "
+                              "memory-maps pickle weights, so re-save it with a current torch.save or convert "
+                              "it to safetensors")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file is the file's problem
+        raise CheckpointError(f"{f}: cannot read this pickle checkpoint ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{f}: holds a {type(state).__name__}, not a dict of tensor name -> tensor")
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor as its file header describes it: shape, dtype (a torch dtype, or the
+    safetensors name of one torch lacks) and the file that holds it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str
+    file: Path
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """{name: TensorInfo} of every tensor in `files`, from safetensors headers (no data is read; pickle
+    files are memory-mapped).  A name stored twice is an error."""
+    out: dict[str, TensorInfo] = {}
+
+    def add(name, shape, dtype, f):
+        if name in out:
+            raise CheckpointError(f"tensor {name} is stored twice: in {out[name].file.name} and in {f.name}")
+        out[name] = TensorInfo(tuple(shape), dtype, f)
+
+    for f in files:
+        if f.suffix == ".bin":
+            for name, t in load_pickle(f).items():
+                add(name, t.shape, t.dtype, f)
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    sl = sf.get_slice(name)
+                    add(name, sl.get_shape(), SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()), f)
+        except SafetensorError as e:
+            raise CheckpointError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
+    return out
+
+
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from each file in turn; safetensors are memory-mapped, one tensor at a time."""
     for f in files:
         if f.suffix == ".bin":
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from load_pickle(f).items()
             continue
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -79,7 +163,7 @@ def tensor_names(files: list[Path]) -> list[str]:
     names: list[str] = []
     for f in files:
         if f.suffix == ".bin":
-            names += list(torch.load(f, map_location="meta", weights_only=True, mmap=True))
+            names += list(load_pickle(f))
             continue
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -89,10 +173,35 @@ def tensor_names(files: list[Path]) -> list[str]:
     return names
 
 
-def fill_module(model: nn.Module, tensors, dtype: torch.dtype, device, ignore=()) -> None:
+def validate_checkpoint(path: Path, config: Qwen2Config, files: list[Path]) -> dict[str, TensorInfo]:
+    """Check, from file headers only (no tensor data read), that the checkpoint at `path` holds exactly
+    the tensors its config.json implies, each of the right shape and dtype, and that its index (if any)
+    says truly where each is (rules: `qwen2q.validate`).  Returns the headers."""
+    headers = read_headers(files)
+    weight_map = read_weight_map(path)
+    if weight_map is not None:
+        check_index(weight_map, headers, str(path / INDEX_FILE))
+    qcfg = QuantConfig.from_hf(config.quantization_config) if config.quantization_config else None
+    check_tensors(config, headers, qcfg)
+    return headers
+
+
+def check_all_finite(files: list[Path]) -> None:
+    """Read every tensor of `files` once (memory-mapped, one at a time) and refuse NaN/Inf, naming the
+    file and tensor: a converter calls this before it writes anything."""
+    for f in files:
+        for name, t in iter_tensors([f]):
+            try:
+                check_finite(name, t)
+            except CheckpointError as e:
+                raise CheckpointError(f"{f}: {e}") from None
+
+
+def fill_module(model: nn.Module, tensors, dtype: torch.dtype, device, ignore=(), allow_non_finite=False) -> None:
     """Assign checkpoint tensors to a model built on the meta device.
 
-    Floating-point tensors are cast to `dtype`; integer tensors keep theirs.  A module that owns
+    Floating-point tensors are cast to `dtype`; integer tensors keep theirs.  A NaN/Inf value (stored,
+    or made by the cast) is an error unless `allow_non_finite`.  A module that owns
     tensors with dotted names (quantized linears: `weight.absmax`, ...) takes them through its
     `load_checkpoint_tensor(suffix, tensor)` method.  Every parameter and persistent buffer must be
     filled; unknown names are an error.
@@ -117,9 +226,13 @@ def fill_module(model: nn.Module, tensors, dtype: torch.dtype, device, ignore=()
             unexpected.append(name)
             continue
         if hasattr(owner, "load_checkpoint_tensor"):  # it keeps or casts its tensors' dtypes itself
+            if not allow_non_finite:
+                check_finite(name, t)
             owner.load_checkpoint_tensor(attr, t.to(device))
             continue
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        stored, t = t, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if not allow_non_finite:
+            check_finite(name, t, stored)
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
         elif attr in owner._buffers:

@@ -41,6 +41,7 @@ def _load_options(f):
                      callback=_check_device)(f)
     f = click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin checkpoints (can run code).")(f)
+    f = click.option("--allow-non-finite", is_flag=True, help="Load weights holding NaN/Inf (refused by default).")(f)
     return f
 
 
@@ -118,10 +119,10 @@ def info(model):
         click.echo(f"{k:<{width}}  {v}")
 
 
-def _load(model, device, dtype, allow_pickle):
+def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
     import qwen2q
 
-    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
 
 
 @main.command()
@@ -130,7 +131,8 @@ def _load(model, device, dtype, allow_pickle):
 @click.option("--chat", "as_chat", is_flag=True, help="Render the prompt through the chat template first.")
 @_sampling_options
 @_load_options
-def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle,
+             allow_non_finite):
     """Continue a prompt, streaming the text to stdout; tokens/s go to stderr.
 
     \b
@@ -140,7 +142,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
     """
     import warnings
 
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     n_prompt = len(m.tokenizer.encode(prompt))
@@ -164,7 +166,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--system", default=None, help="System message (default: the template's own).")
 @_sampling_options
 @_load_options
-def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle):
+def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
     """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
 
     When the conversation outgrows the model's context, the oldest turns are dropped (the system
@@ -177,7 +179,7 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
     """
     from qwen2q.generation import ContextError
 
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if m.tokenizer.chat_template is None:
         raise Qwen2qError(f"{m.path} has no chat template (chat_template.jinja or tokenizer_config.json); "
                           "use `qwen2q generate`")
@@ -235,6 +237,9 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, s
         raise Qwen2qError(f"{flag} is a calibration option: it goes with --method awq or --method nf4 --awq-scales")
     if skip and calibrated:
         raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
+    if "allow_non_finite" in given and calibrated:
+        raise Qwen2qError(f"--allow-non-finite does not go with calibrated --method {method}: calibration "
+                          "needs finite weights")
     if max_shard_bytes <= 0:
         raise Qwen2qError(f"--max-shard-size must be a positive size like 500MB or 4GB, not {ctx.params['max_shard_size']!r}")
 
@@ -276,9 +281,12 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, s
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).",
               callback=_check_device)
+@click.option("--allow-non-finite", is_flag=True,
+              help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
 def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
-             calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device):
+             calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
+             allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
 
     SRC and DST are both required; name the embedded tiny model as qwen2q:tiny.  Streams shard by
@@ -318,7 +326,8 @@ def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, all
         if details["peak_device_bytes"] is not None:
             rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
     else:
-        report = convert(src, dst, qcfg, force=force, max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle)
+        report = convert(src, dst, qcfg, force=force, max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle,
+                         allow_non_finite=allow_non_finite)
     how = f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else ""
     rows = [
         ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
@@ -347,7 +356,8 @@ def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, all
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
 @_load_options
-def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle):
+def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle,
+          allow_non_finite):
     """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
 
     Text: WikiText-2 raw test ($QWEN2Q_DATA or ../shared/data, else the `datasets` hub), tokenized once
@@ -370,7 +380,7 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     reference = _model_path(reference)
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
-                              max_windows=max_windows, device=device, dtype=dtype)
+                              max_windows=max_windows, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
     _report(result, json_out, plot)
 
 
@@ -442,7 +452,8 @@ def demo(dataset, max_windows, json_out, plot):
 @click.option("--compare-transformers", is_flag=True, help="Also time transformers' generate (unquantized models).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @_load_options
-def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle):
+def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle,
+          allow_non_finite):
     """Prefill and decode tokens/s at batch 1, and peak memory.
 
     \b
@@ -455,7 +466,7 @@ def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_o
     from qwen2q import bench as bench_mod
 
     _check_output_files(json=json_out)
-    m = _load(model, device, dtype, allow_pickle)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     result = bench_mod.run(m.model, prompt_len, new_tokens, use_graph)
     if compare_transformers:
         result.update(bench_mod.run_transformers(m.path, device, m.dtype, prompt_len, new_tokens))

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from qwen2q.errors import Qwen2qError
+from qwen2q.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+_REQUIRED = object()
 
 
 @dataclasses.dataclass
@@ -72,35 +74,52 @@ class Qwen2Config:
         return self.use_sliding_window and self.sliding_window is not None and layer_idx >= self.max_window_layers
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Qwen2Config":
+    def from_dict(cls, d: Any, source: str = "config.json") -> "Qwen2Config":
+        """Read and check a config.json dict; a one-line ConfigError names the first bad field."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source} holds a JSON {type(d).__name__}, not an object of configuration fields")
+        f = _Fields(d, source)
         model_type = d.get("model_type")
         if model_type != "qwen2":
-            raise Qwen2qError(f"config.json has model_type={model_type!r}; qwen2q runs only 'qwen2' models")
+            raise ConfigError(f"{source} has model_type={model_type!r}; qwen2q runs only 'qwen2' models")
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in d]
         if missing:
-            raise Qwen2qError(f"config.json lacks required field(s): {', '.join(missing)}")
-        n_heads = int(d["num_attention_heads"])
-        n_kv = int(d.get("num_key_value_heads") or n_heads)
+            raise ConfigError(f"{source} lacks required field(s): {', '.join(missing)}")
+        hidden = f.integer("hidden_size")
+        n_heads = f.integer("num_attention_heads")
+        n_kv = f.integer("num_key_value_heads", default=n_heads)
         if n_heads % n_kv:
-            raise Qwen2qError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
-        if "head_dim" not in d and d["hidden_size"] % n_heads:
-            raise Qwen2qError(f"hidden_size={d['hidden_size']} is not divisible by num_attention_heads={n_heads}")
+            raise ConfigError(f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}")
+        head_dim = f.integer("head_dim", default=None)
+        if head_dim is None:
+            if hidden % n_heads:
+                raise ConfigError(f"{source}: hidden_size={hidden} is not divisible by num_attention_heads={n_heads}")
+            head_dim = hidden // n_heads
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head dimension {head_dim} is odd; rotary embeddings need an even head_dim")
+        dtype = f.typed("dtype", str, None) or f.typed("torch_dtype", str, None) or "bfloat16"
+        f.typed("quantization_config", dict, None)
+        for key in ("bos_token_id", "eos_token_id"):
+            ids = d.get(key)
+            ids = ids if isinstance(ids, list) else [ids]
+            if not all(i is None or (type(i) is int and i >= 0) for i in ids):
+                raise ConfigError(f"{source}: {key}={d[key]!r} must be a token id, a list of them, or null")
         return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            vocab_size=f.integer("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=f.integer("intermediate_size"),
+            num_hidden_layers=f.integer("num_hidden_layers"),
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv,
-            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=_read_rope(d),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            use_sliding_window=bool(d.get("use_sliding_window", False)),
-            sliding_window=d.get("sliding_window"),
-            max_window_layers=int(d.get("max_window_layers", 28)),
-            dtype=str(d.get("dtype") or d.get("torch_dtype") or "bfloat16"),
+            max_position_embeddings=f.integer("max_position_embeddings", default=32768),
+            rms_norm_eps=f.positive_number(d, "rms_norm_eps", 1e-6),
+            rope=_read_rope(d, f),
+            tie_word_embeddings=f.typed("tie_word_embeddings", bool, False),
+            use_sliding_window=f.typed("use_sliding_window", bool, False),
+            sliding_window=f.integer("sliding_window", default=None),
+            max_window_layers=f.integer("max_window_layers", default=28, minimum=0),
+            dtype=dtype,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             raw=dict(d),
@@ -112,36 +131,76 @@ class Qwen2Config:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise Qwen2qError(f"{path} not found: a Hugging Face checkpoint directory needs a config.json") from None
-        except json.JSONDecodeError as e:
-            raise Qwen2qError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(d)
+            raise ConfigError(f"{path} not found: a Hugging Face checkpoint directory needs a config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        return cls.from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """The raw config.json dict (unknown fields and quantization_config kept)."""
         return dict(self.raw)
 
 
-def _read_rope(d: dict[str, Any]) -> RopeConfig:
-    params = dict(d.get("rope_parameters") or {})
-    scaling = d.get("rope_scaling") or {}
+class _Fields:
+    """Typed reads of config.json fields; each bad value is a ConfigError naming the field.  A field that is
+    absent or null takes its default."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+
+    def _bad(self, key: str, value, wanted: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}={json.dumps(value)} must be {wanted}")
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 1, within: dict | None = None) -> Any:
+        d = self.d if within is None else within
+        value = d.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise self._bad(key, value, f"an integer >= {minimum}")
+            return default
+        if type(value) is not int or value < minimum:  # bool is an int subclass: excluded by `type(...) is`
+            raise self._bad(key, value, f"an integer >= {minimum}")
+        return value
+
+    def positive_number(self, d: dict, key: str, default: float | None) -> float | None:
+        value = d.get(key)
+        if value is None:
+            return default
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise self._bad(key, value, "a finite number > 0")
+        return float(value)
+
+    def typed(self, key: str, kind: type, default: Any, within: dict | None = None) -> Any:
+        value = (self.d if within is None else within).get(key)
+        if value is None:
+            return default
+        if type(value) is not kind:
+            raise self._bad(key, value, {bool: "true or false", str: "a string", dict: "an object"}[kind])
+        return value
+
+
+def _read_rope(d: dict[str, Any], f: _Fields) -> RopeConfig:
+    """The rotary settings from rope_parameters / rope_scaling (both optional objects) and rope_theta."""
+    params = f.typed("rope_parameters", dict, {})
+    scaling = f.typed("rope_scaling", dict, {})
     params = {**scaling, **params}
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    theta = f.positive_number(params, "rope_theta", None) or f.positive_number(d, "rope_theta", 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise Qwen2qError(f"rope type {rope_type!r} is not supported; qwen2q supports {', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ConfigError(f"{f.source}: rope type {rope_type!r} is not supported; qwen2q supports "
+                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
     rope = RopeConfig(theta=theta, rope_type=rope_type)
     if rope_type == "yarn":
-        factor = params.get("factor")
-        orig = params.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
-        orig = int(orig or d.get("max_position_embeddings", 32768))
-        if factor is None:
-            factor = d.get("max_position_embeddings", orig) / orig
-        rope.factor = float(factor)
+        orig = (f.integer("original_max_position_embeddings", default=None, within=params)
+                or f.integer("original_max_position_embeddings", default=None)
+                or f.integer("max_position_embeddings", default=32768))
+        rope.factor = f.positive_number(params, "factor", f.integer("max_position_embeddings", default=orig) / orig)
         rope.original_max_position_embeddings = orig
-        rope.beta_fast = float(params.get("beta_fast") or 32.0)
-        rope.beta_slow = float(params.get("beta_slow") or 1.0)
-        rope.attention_factor = params.get("attention_factor")
-        rope.truncate = bool(params.get("truncate", True))
-        rope.dynamic = bool(params.get("dynamic", False))
+        rope.beta_fast = f.positive_number(params, "beta_fast", 32.0)
+        rope.beta_slow = f.positive_number(params, "beta_slow", 1.0)
+        rope.attention_factor = f.positive_number(params, "attention_factor", None)
+        rope.truncate = f.typed("truncate", bool, True, within=params)
+        rope.dynamic = f.typed("dynamic", bool, False, within=params)
     return rope

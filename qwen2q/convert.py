@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 
 from qwen2q import __version__
-from qwen2q.checkpoint import check_model_dir, iter_tensors, save_safetensors, tensor_names, weight_files
+from qwen2q.checkpoint import (
+    check_all_finite,
+    check_model_dir,
+    iter_tensors,
+    save_safetensors,
+    tensor_names,
+    validate_checkpoint,
+    weight_files,
+)
 from qwen2q.config import Qwen2Config
 from qwen2q.destination import (
     SIDE_FILES,
@@ -34,6 +42,7 @@ from qwen2q.destination import (
 from qwen2q.errors import Qwen2qError
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
+from qwen2q.validate import check_finite
 
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 DEFAULT_SHARD_BYTES = 4 * 2**30
@@ -150,15 +159,22 @@ class CheckpointWriter:
             self.lock.__exit__(None, None, None)
 
 
-def read_source(src, allow_pickle: bool = False) -> tuple[Path, Qwen2Config, list[Path]]:
-    """Check that `src` is an unquantized checkpoint; return its path, config and weight files
-    (pickle `pytorch_model*.bin` files only with `allow_pickle`: reading them can run code)."""
+def read_source(src, allow_pickle: bool = False, allow_non_finite: bool = False
+                ) -> tuple[Path, Qwen2Config, list[Path]]:
+    """Check that `src` is an unquantized checkpoint whose tensors' names, shapes and dtypes match its
+    config.json (file headers) and whose values are finite (unless `allow_non_finite`), all before any
+    work starts; return its path, config and weight files (pickle `pytorch_model*.bin` files only with
+    `allow_pickle`: reading them can run code)."""
     src = check_model_dir(src)
     config = Qwen2Config.from_file(src / "config.json")
     if config.quantization_config:
         raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
                           "give a bf16/fp16/fp32 checkpoint")
-    return src, config, weight_files(src, allow_pickle=allow_pickle)
+    files = weight_files(src, allow_pickle=allow_pickle)
+    validate_checkpoint(src, config, files)
+    if not allow_non_finite:
+        check_all_finite(files)
+    return src, config, files
 
 
 def quantized_config(config: Qwen2Config, qcfg: QuantConfig, src: Path, **note) -> dict:
@@ -182,14 +198,19 @@ def is_quantized_linear(name: str, qcfg: QuantConfig) -> bool:
     return bool(LINEAR_WEIGHT.match(name)) and not qcfg.skips(name[: -len(".weight")])
 
 
-def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config) -> dict:
+def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config,
+                allow_non_finite: bool = False) -> dict:
     """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of
-    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16)."""
+    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16).  NaN/Inf (stored, or
+    made by the fp16 cast) is refused unless `allow_non_finite`."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return {}
+    out = tensor.clone()
     if name.endswith(".bias") and qcfg.method in ("int4", "awq") and is_quantized_linear(name[:-5] + ".weight", qcfg):
-        return {name: tensor.to(torch.float16)}
-    return {name: tensor.clone()}
+        out = tensor.to(torch.float16)
+    if not allow_non_finite:
+        check_finite(name, out, tensor)
+    return {name: out}
 
 
 def check_plan(names: list[str], qcfg: QuantConfig) -> None:
@@ -206,17 +227,19 @@ def check_plan(names: list[str], qcfg: QuantConfig) -> None:
 
 
 def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = True, allow_pickle: bool = False) -> ConversionReport:
+            progress: bool = True, allow_pickle: bool = False, allow_non_finite: bool = False) -> ConversionReport:
     """Quantize checkpoint `src` into the new directory `dst` with `qcfg` (round-to-nearest methods).
 
-    Everything is checked before the first tensor is read: the source, the plan and the destination."""
+    Everything is checked before the first tensor is written: the source (names, shapes, dtypes, finite
+    values), the plan and the destination.  `allow_non_finite` lets NaN/Inf through in the tensors kept
+    unquantized (quantized linears need finite weights)."""
     from tqdm import tqdm
 
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
     if max_shard_bytes <= 0:
         raise Qwen2qError(f"the largest shard must be a positive size, not {max_shard_bytes} bytes")
-    src, config, files = read_source(src, allow_pickle=allow_pickle)
+    src, config, files = read_source(src, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
     dst = Path(dst)
     names = tensor_names(files)
     check_plan(names, qcfg)
@@ -231,7 +254,7 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
                 q_elems += tensor.numel()
                 q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             else:
-                tensors = passthrough(name, tensor, qcfg, config)
+                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite)
             out.add(tensors)
         shards = out.finish(quantized_config(config, qcfg, src))
     return ConversionReport(

@@ -6,3 +6,11 @@ The CLI prints these as a single line and exits non-zero; anything else is a bug
 
 class Qwen2qError(Exception):
     """A user-facing error: the message names the offending value and what would be valid."""
+
+
+class ConfigError(Qwen2qError):
+    """config.json is not a usable Qwen2 configuration; the message names the field."""
+
+
+class CheckpointError(Qwen2qError):
+    """A checkpoint's files or tensors are not what its config.json describes; the message names the file or tensor."""

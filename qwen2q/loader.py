@@ -18,14 +18,16 @@ from qwen2q.checkpoint import (
     fill_module,
     iter_tensors,
     save_safetensors,
+    validate_checkpoint,
     weight_files,
 )
 from qwen2q.config import Qwen2Config
-from qwen2q.errors import Qwen2qError
+from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.qconfig import QuantConfig
-from qwen2q.qlinear import swap_linears
+from qwen2q.qlinear import NF4Linear, swap_linears
 from qwen2q.rope import RotaryEmbedding
+from qwen2q.validate import check_nf4_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -47,14 +49,20 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
+    allow_non_finite: bool = False,
 ) -> Qwen2ForCausalLM:
     """Load the checkpoint directory `path` onto `device`, casting floating tensors to `dtype`
-    (default: the checkpoint's own dtype)."""
+    (default: the checkpoint's own dtype).
+
+    Before anything is read, every tensor's name, shape and dtype is checked against config.json from
+    the file headers; while reading, a NaN/Inf value (stored, or made by the cast) is refused unless
+    `allow_non_finite`."""
     path = check_model_dir(path)
     config = Qwen2Config.from_file(path / "config.json")
     dtype = parse_dtype(dtype, config.dtype)
     device = torch.device(device)
     files = weight_files(path, allow_pickle=allow_pickle)
+    validate_checkpoint(path, config, files)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     quantized = []
@@ -63,9 +71,14 @@ def load_model(
     # Rotary frequencies are computed, never stored in checkpoints.
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    fill_module(model, iter_tensors(files), dtype, device, ignore=ignore)
+    try:
+        fill_module(model, iter_tensors(files), dtype, device, ignore=ignore, allow_non_finite=allow_non_finite)
+    except CheckpointError as e:  # name the checkpoint: eval and drift load several
+        raise CheckpointError(f"{path}: {e}") from None
     for module in quantized:
         module.finish_loading()
+        if isinstance(module, NF4Linear):
+            check_nf4_shape(module.name, module.shape, module.out_features, module.in_features)
     if config.tie_word_embeddings:
         model.tie_weights()
     check_filled(model)

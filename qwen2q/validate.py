@@ -1,0 +1,177 @@
+"""What a checkpoint's tensors must be, given its config.json: names, shapes, dtypes and finite values.
+
+The rules live here and nowhere else; `qwen2q.checkpoint.validate_checkpoint` applies them to file
+headers before any work starts (loading, quantizing), and `fill_module` / `convert` apply `check_finite`
+to each tensor's values as it is read.
+
+Shapes, for hidden size H, intermediate size I, vocabulary V, heads n, kv heads m, head dim D:
+
+    model.embed_tokens.weight                        [V, H]
+    model.layers.{i}.self_attn.q_proj.weight / .bias [n*D, H] / [n*D]
+    model.layers.{i}.self_attn.k_proj.weight / .bias [m*D, H] / [m*D]      (v_proj the same)
+    model.layers.{i}.self_attn.o_proj.weight         [H, n*D]
+    model.layers.{i}.mlp.gate_proj.weight            [I, H]                (up_proj the same)
+    model.layers.{i}.mlp.down_proj.weight            [H, I]
+    model.layers.{i}.input_layernorm.weight          [H]                   (post_attention_layernorm the same)
+    model.norm.weight                                [H]
+    lm_head.weight                                   [V, H]                (optional with tied embeddings)
+
+all float32, float16 or bfloat16.  A quantized linear [out, in] stores its format's tensors instead of
+`.weight` (its bias stays a float [out]); see `quantized_tensors`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qwen2q.config import Qwen2Config
+from qwen2q.errors import CheckpointError
+from qwen2q.qconfig import QuantConfig
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the temporary bool mask to 16 MiB
+NON_FINITE_HINT = "pass allow_non_finite=True (CLI: --allow-non-finite) to accept it"
+
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """A tensor's allowed dtypes and shapes (`shapes` None: any 1-D length)."""
+
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...] | None
+
+
+def _float(*shape: int) -> Expect:
+    return Expect(FLOATS, (tuple(shape),))
+
+
+def linear_shapes(config: Qwen2Config) -> dict[str, tuple[int, int, bool]]:
+    """{module suffix within a layer: (out_features, in_features, has_bias)} for the seven decoder linears."""
+    h, i, q, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim, \
+        config.num_key_value_heads * config.head_dim
+    return {"self_attn.q_proj": (q, h, True), "self_attn.k_proj": (kv, h, True), "self_attn.v_proj": (kv, h, True),
+            "self_attn.o_proj": (h, q, False), "mlp.gate_proj": (i, h, False), "mlp.up_proj": (i, h, False),
+            "mlp.down_proj": (h, i, False)}
+
+
+def quantized_tensors(qcfg: QuantConfig, name: str, out_features: int, in_features: int) -> dict[str, Expect]:
+    """The stored tensors of linear `name` [out, in] in `qcfg.method`'s format (n = out * in, b = ceil(n / 64)).
+
+    nf4:  weight uint8 [(n+1)//2, 1], weight.absmax uint8 [b], weight.quant_map float [16],
+          weight.nested_absmax float32 [ceil(b / 256)], weight.nested_quant_map float [256],
+          weight.quant_state.bitsandbytes__nf4 uint8 [any]
+    int8: weight int8 [out, in], SCB float32 [out], weight_format uint8 [] (or [1])
+    int4: qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales float16 [in/G, out]
+    """
+    if qcfg.method == "nf4":
+        n = out_features * in_features
+        blocks = -(-n // 64)
+        w = f"{name}.weight"
+        return {w: Expect((torch.uint8,), (((n + 1) // 2, 1),)), f"{w}.absmax": Expect((torch.uint8,), ((blocks,),)),
+                f"{w}.quant_map": _float(16), f"{w}.nested_absmax": Expect((torch.float32,), ((-(-blocks // 256),),)),
+                f"{w}.nested_quant_map": _float(256),
+                f"{w}.quant_state.bitsandbytes__nf4": Expect((torch.uint8,), None)}
+    if qcfg.method == "int8":
+        return {f"{name}.weight": Expect((torch.int8,), ((out_features, in_features),)),
+                f"{name}.SCB": Expect((torch.float32,), ((out_features,),)),
+                f"{name}.weight_format": Expect((torch.uint8,), ((), (1,)))}
+    from qwen2q.quantizers import int4
+
+    g = qcfg.group_size
+    try:
+        int4.check_shape(in_features, out_features, g)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: config.json's sizes do not fit the AWQ layout: {e}") from None
+    return {f"{name}.qweight": Expect((torch.int32,), ((in_features, out_features // 8),)),
+            f"{name}.qzeros": Expect((torch.int32,), ((in_features // g, out_features // 8),)),
+            f"{name}.scales": Expect((torch.float16,), ((in_features // g, out_features),))}
+
+
+def expected_tensors(config: Qwen2Config, qcfg: QuantConfig | None = None) -> tuple[dict[str, Expect], set[str]]:
+    """(every tensor name the checkpoint may hold -> Expect, the names among them it may leave out)."""
+    v, h = config.vocab_size, config.hidden_size
+    expect = {"model.embed_tokens.weight": _float(v, h), "model.norm.weight": _float(h), "lm_head.weight": _float(v, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        expect[p + "input_layernorm.weight"] = expect[p + "post_attention_layernorm.weight"] = _float(h)
+        for suffix, (out_f, in_f, bias) in linear_shapes(config).items():
+            name = p + suffix
+            if qcfg is not None and not qcfg.skips(name):
+                expect.update(quantized_tensors(qcfg, name, out_f, in_f))
+            else:
+                expect[name + ".weight"] = _float(out_f, in_f)
+            if bias:
+                expect[name + ".bias"] = _float(out_f)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    return expect, optional
+
+
+def _names(names, limit: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensors(config: Qwen2Config, headers: dict, qcfg: QuantConfig | None = None) -> None:
+    """Check `headers` ({name: object with .shape, .dtype, .file}) against what `config` implies: no
+    unknown names, none missing, each shape and dtype as `expected_tensors` says."""
+    expect, optional = expected_tensors(config, qcfg)
+    unknown = [n for n in headers if n not in expect]
+    if unknown:
+        raise CheckpointError(f"checkpoint has {len(unknown)} tensor(s) the model does not know: {_names(unknown)}")
+    missing = [n for n in expect if n not in headers and n not in optional]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s): {_names(missing)}")
+    for name, info in headers.items():
+        e = expect[name]
+        if info.dtype not in e.dtypes:
+            raise CheckpointError(f"{info.file}: tensor {name} is {_dtype_name(info.dtype)}; it must be "
+                                  f"{' or '.join(_dtype_name(d) for d in e.dtypes)}")
+        ok = len(info.shape) == 1 if e.shapes is None else tuple(info.shape) in e.shapes
+        if not ok:
+            wanted = "1-D" if e.shapes is None else " or ".join(str(list(s)) for s in e.shapes)
+            raise CheckpointError(f"{info.file}: tensor {name} has shape {list(info.shape)}; config.json implies "
+                                  f"{wanted}")
+
+
+def check_index(weight_map: dict[str, str], headers: dict, index_name: str) -> None:
+    """An index must say where each tensor is: every stored tensor listed, under the file that holds it."""
+    for name, info in headers.items():
+        listed = weight_map.get(name)
+        if listed != info.file.name:
+            where = f"lists it in {listed}" if listed else "does not list it"
+            raise CheckpointError(f"{info.file}: holds tensor {name}, but {index_name} {where}")
+    absent = [n for n in weight_map if n not in headers]
+    if absent:
+        raise CheckpointError(f"{index_name} lists {len(absent)} tensor(s) its shards do not hold: {_names(absent)}")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of float tensor `t` is finite (checked in chunks; non-float tensors: True)."""
+    if not t.is_floating_point():
+        return True
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s : s + _FINITE_CHUNK]).all()) for s in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+def check_finite(name: str, tensor: torch.Tensor, stored: torch.Tensor | None = None) -> None:
+    """Refuse NaN/Inf in tensor `name`.  `stored`: the checkpoint's tensor before a cast to `tensor`'s
+    dtype, to tell a stored NaN/Inf from a value that overflows the cast."""
+    if all_finite(tensor):
+        return
+    if stored is not None and all_finite(stored):
+        limit = torch.finfo(tensor.dtype).max
+        raise CheckpointError(f"tensor {name} has values beyond {_dtype_name(tensor.dtype)}'s range (+-{limit:.4g}); "
+                              f"load it in a wider dtype (--dtype float32), or {NON_FINITE_HINT}")
+    raise CheckpointError(f"tensor {name} has NaN or Inf values; {NON_FINITE_HINT}")
+
+
+def check_nf4_shape(name: str, shape: tuple[int, ...], out_features: int, in_features: int) -> None:
+    """An NF4 linear's shape, recorded in its quant_state JSON (data, not a header), must be its [out, in]."""
+    if tuple(shape) != (out_features, in_features):
+        raise CheckpointError(f"{name}: quant_state shape {list(shape)} is not the linear's "
+                              f"[{out_features}, {in_features}] that config.json implies")
