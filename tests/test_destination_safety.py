@@ -243,36 +243,32 @@ def test_quantize_allow_pickle(src, work):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _mount_tmpfs(path: Path, options: str) -> bool:
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True).returncode == 0
-
-
 @pytest.fixture
-def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "size=128k"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)])
+def tmpfs(tmp_path):
+    """mount(options) -> a fresh tmpfs mounted with those options, unmounted after the test."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        disk = tmp_path / f"disk{len(mounted)}"
+        disk.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(disk)
+        return disk
+
+    yield mount
+    for disk in mounted:
+        subprocess.run(["umount", str(disk)])
 
 
-@pytest.fixture
-def read_only_disk(tmp_path):
-    disk = tmp_path / "ro"
-    if not _mount_tmpfs(disk, "ro,size=64k"):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", str(disk)])
-
-
-def test_disk_full_is_one_line_and_leaves_nothing(src, small_disk):
+def test_disk_full_is_one_line_and_leaves_nothing(src, tmpfs):
+    small_disk = tmpfs("size=128k")
     same = unchanged(src)
     last_line_error(run_cli("quantize", src, small_disk / "q", "-m", "int8"), "No space left on device")
     assert list(small_disk.iterdir()) == [] and same()
 
 
-def test_read_only_parent_is_one_line(src, read_only_disk):
+def test_read_only_parent_is_one_line(src, tmpfs):
+    read_only_disk = tmpfs("ro,size=64k")
     one_line_error(run_cli("quantize", src, read_only_disk / "q", "-m", "int8"), "read-only")
     one_line_error(run_cli("quantize", src, read_only_disk / "sub" / "q", "-m", "int8"), "read-only")
