@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_weight
+from .format import Format, TensorSpec
 
 GROUP_SIZES = (32, 64, 128)
 NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -200,3 +201,63 @@ def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     groups = weight.float().reshape(out_features, in_features // group_size, group_size)
     scales, zeros = grid(groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True))
     return snap(groups, scales, zeros).reshape(out_features, in_features)
+
+
+class AwqGemm(Format):
+    """AutoAWQ's GEMM layout (`WQLinear_GEMM`): asymmetric uint4 in groups of `group_size` input channels,
+    bias stored fp16.  Round-to-nearest and calibrated AWQ both write it."""
+
+    name, module_name, kernel = "awq-gemm", "Int4Linear", "int4_linear"
+    bias_dtype = torch.float16  # WQLinear_GEMM keeps its bias in fp16
+    defaults = {"group_size": 128}
+
+    def check_params(self, params):
+        if params["group_size"] not in GROUP_SIZES:
+            raise ValueError(f"group size {params['group_size']} is not supported; use one of {GROUP_SIZES}")
+
+    def check_shape(self, out_features, in_features, params):
+        check_shape(in_features, out_features, params["group_size"])
+
+    def stored_tensors(self, name, out_features, in_features, params):
+        g = params["group_size"]
+        self.check_shape(out_features, in_features, params)
+        return {f"{name}.qweight": TensorSpec((torch.int32,), ((in_features, out_features // PACK_FACTOR),)),
+                f"{name}.qzeros": TensorSpec((torch.int32,), ((in_features // g, out_features // PACK_FACTOR),)),
+                f"{name}.scales": TensorSpec((torch.float16,), ((in_features // g, out_features),))}
+
+    def quantize(self, weight, params):
+        return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
+
+    def to_state_dict(self, q, name):
+        return to_state_dict(q, name)
+
+    def from_state_dict(self, tensors, name):
+        return from_state_dict(tensors, name)
+
+    def shape(self, q):
+        return (q.out_features, q.in_features)
+
+    def dequantize(self, q, dtype):
+        return dequantize(q, dtype)
+
+    def to_config(self, params, skip, compute_dtype):
+        return {"quant_method": "awq", "bits": 4, "group_size": params["group_size"], "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": [s for s in skip if s != "lm_head"] or None}
+
+    def reads_config(self, config):
+        return config.get("quant_method") == "awq"
+
+    def from_config(self, config):
+        if config.get("bits", 4) != 4 or not config.get("zero_point", True):
+            raise ValueError(f"AWQ with bits={config.get('bits')} zero_point={config.get('zero_point')} is not supported")
+        version = str(config.get("version") or config.get("format") or "gemm").lower()
+        if version != "gemm":
+            raise ValueError(f"AWQ version {version!r} is not supported; qwen2q reads the 'gemm' layout")
+        skip = tuple(config.get("modules_to_not_convert") or ()) + ("lm_head",)
+        return {"group_size": int(config.get("group_size", 128))}, skip, "bfloat16"
+
+    def describe(self, config):
+        return f"AWQ int{config.get('bits', 4)} group {config.get('group_size')} ({config.get('version', 'gemm')})"
+
+
+FORMAT = AwqGemm()

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .bnb_config import bnb_config, is_bnb, skipped
 from .checks import check_weight
+from .format import Format, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
 
@@ -72,3 +74,44 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int8Wei
     if absmax.dtype != torch.float32 or tuple(absmax.shape) != (qweight.shape[0],):
         raise ValueError(f"{prefix}.SCB must be float32 [{len(qweight)}]; got {absmax.dtype} {list(absmax.shape)}")
     return Int8Weight(qweight, absmax)
+
+
+class BnbInt8(Format):
+    """bitsandbytes `Linear8bitLt` storage (row-major int8 + per-row absmax), run weight-only."""
+
+    name, module_name, kernel = "bnb-int8", "Int8Linear", "int8_linear"
+
+    def stored_tensors(self, name, out_features, in_features, params):
+        return {f"{name}.weight": TensorSpec((torch.int8,), ((out_features, in_features),)),
+                f"{name}.SCB": TensorSpec((torch.float32,), ((out_features,),)),
+                f"{name}.weight_format": TensorSpec((torch.uint8,), ((), (1,)))}
+
+    def quantize(self, weight, params):
+        return quantize(weight)
+
+    def to_state_dict(self, q, name):
+        return to_state_dict(q, name)
+
+    def from_state_dict(self, tensors, name):
+        return from_state_dict(tensors, name)
+
+    def shape(self, q):
+        return tuple(q.qweight.shape)
+
+    def dequantize(self, q, dtype):
+        return dequantize(q, dtype)
+
+    def to_config(self, params, skip, compute_dtype):
+        return bnb_config(False, skip, compute_dtype)
+
+    def reads_config(self, config):
+        return is_bnb(config, four_bit=False)
+
+    def from_config(self, config):
+        return {}, skipped(config), "bfloat16"
+
+    def describe(self, config):
+        return "bitsandbytes int8 (LLM.int8 storage)"
+
+
+FORMAT = BnbInt8()

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .bnb_config import bnb_config, is_bnb, skipped
 from .checks import FLOAT_DTYPES, check_weight
+from .format import Format, TensorSpec
 
 BLOCK_SIZE = 64
 NESTED_BLOCK_SIZE = 256
@@ -252,3 +254,55 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> NF4Weig
                 f" shape {list(shape)} needs {wanted_dtype} with {numel}"
             )
     return q
+
+
+class BnbNF4(Format):
+    """bitsandbytes NF4 with double quantization (`Linear4bit`), as transformers saves it."""
+
+    name, module_name, kernel = "bnb-nf4", "NF4Linear", "nf4_linear"
+
+    def stored_tensors(self, name, out_features, in_features, params):
+        n = out_features * in_features
+        blocks = -(-n // BLOCK_SIZE)
+        w, floats = f"{name}.weight", FLOAT_DTYPES
+        return {w: TensorSpec((torch.uint8,), (((n + 1) // 2, 1),)),
+                f"{w}.absmax": TensorSpec((torch.uint8,), ((blocks,),)),
+                f"{w}.quant_map": TensorSpec(floats, ((16,),)),
+                f"{w}.nested_absmax": TensorSpec((torch.float32,), ((-(-blocks // NESTED_BLOCK_SIZE),),)),
+                f"{w}.nested_quant_map": TensorSpec(floats, ((256,),)),
+                f"{w}.quant_state.bitsandbytes__nf4": TensorSpec((torch.uint8,), None)}
+
+    def quantize(self, weight, params):
+        return quantize(weight)
+
+    def to_state_dict(self, q, name):
+        return to_state_dict(q, name)
+
+    def from_state_dict(self, tensors, name):
+        return from_state_dict(tensors, name)
+
+    def shape(self, q):
+        return tuple(q.shape)
+
+    def dequantize(self, q, dtype):
+        return dequantize(q, dtype)
+
+    def to_config(self, params, skip, compute_dtype):
+        return bnb_config(True, skip, compute_dtype)
+
+    def reads_config(self, config):
+        return is_bnb(config, four_bit=True)
+
+    def from_config(self, config):
+        if config.get("bnb_4bit_quant_type", "fp4") != "nf4":
+            raise ValueError(f"bitsandbytes 4-bit type {config.get('bnb_4bit_quant_type')!r} is not supported; only nf4")
+        if not config.get("bnb_4bit_use_double_quant", False):
+            raise ValueError("bitsandbytes NF4 without double quantization is not supported yet")
+        return {}, skipped(config), str(config.get("bnb_4bit_compute_dtype") or "bfloat16")
+
+    def describe(self, config):
+        dq = ", double quant" if config.get("bnb_4bit_use_double_quant") else ""
+        return f"bitsandbytes 4-bit {config.get('bnb_4bit_quant_type', 'fp4')}{dq}"
+
+
+FORMAT = BnbNF4()

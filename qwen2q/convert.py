@@ -182,7 +182,7 @@ def quantized_config(config: Qwen2Config, qcfg: QuantConfig, src: Path, **note) 
     cfg = config.to_dict()
     cfg["quantization_config"] = qcfg.to_hf()
     cfg["qwen2q"] = {"version": __version__, "method": qcfg.method, "source": src.name,
-                     "group_size": qcfg.group_size if qcfg.method in ("int4", "awq") else None, **note}
+                     "group_size": qcfg.params.get("group_size"), **note}
     return cfg
 
 
@@ -195,19 +195,21 @@ def with_source_dtype(qcfg: QuantConfig, config: Qwen2Config) -> QuantConfig:
 
 def is_quantized_linear(name: str, qcfg: QuantConfig) -> bool:
     """Whether tensor `name` is the weight of a decoder linear that `qcfg` quantizes."""
-    return bool(LINEAR_WEIGHT.match(name)) and not qcfg.skips(name[: -len(".weight")])
+    return bool(LINEAR_WEIGHT.match(name)) and qcfg.format_for(name[: -len(".weight")]) is not None
 
 
 def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config,
                 allow_non_finite: bool = False) -> dict:
-    """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of
-    an AWQ-layout linear in fp16 (AutoAWQ's WQLinear_GEMM keeps its bias in fp16).  NaN/Inf (stored, or
-    made by the fp16 cast) is refused unless `allow_non_finite`."""
+    """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of a
+    quantized linear in its format's bias dtype (AWQ's WQLinear_GEMM keeps it fp16).  NaN/Inf (stored, or
+    made by that cast) is refused unless `allow_non_finite`."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return {}
     out = tensor.clone()
-    if name.endswith(".bias") and qcfg.method in ("int4", "awq") and is_quantized_linear(name[:-5] + ".weight", qcfg):
-        out = tensor.to(torch.float16)
+    owner = qcfg.format_for(name[: -len(".bias")]) if name.endswith(".bias") and \
+        is_quantized_linear(name[: -len(".bias")] + ".weight", qcfg) else None
+    if owner is not None and owner[0].bias_dtype is not None:
+        out = tensor.to(owner[0].bias_dtype)
     if not allow_non_finite:
         check_finite(name, out, tensor)
     return {name: out}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from qwen2q.checkpoint import check_model_dir, weight_files
 from qwen2q.config import Qwen2Config
+from qwen2q.quantizers import registry
 
 
 def parameter_count(c: Qwen2Config) -> int:
@@ -18,19 +19,12 @@ def parameter_count(c: Qwen2Config) -> int:
 
 
 def quantization_summary(c: Qwen2Config) -> str:
+    """The checkpoint's quantization in a phrase, as its format describes it ("none" when unquantized)."""
     q = c.quantization_config
     if not q:
         return "none"
-    method = q.get("quant_method")
-    if method == "bitsandbytes":
-        if q.get("load_in_4bit"):
-            dq = ", double quant" if q.get("bnb_4bit_use_double_quant") else ""
-            return f"bitsandbytes 4-bit {q.get('bnb_4bit_quant_type', 'fp4')}{dq}"
-        if q.get("load_in_8bit"):
-            return "bitsandbytes int8 (LLM.int8 storage)"
-    if method == "awq":
-        return f"AWQ int{q.get('bits', 4)} group {q.get('group_size')} ({q.get('version', 'gemm')})"
-    return str(method)
+    fmt = registry.for_config(q)
+    return fmt.describe(q) if fmt is not None else str(q.get("quant_method"))
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:

@@ -25,9 +25,8 @@ from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.qconfig import QuantConfig
-from qwen2q.qlinear import NF4Linear, swap_linears
+from qwen2q.qlinear import swap_linears
 from qwen2q.rope import RotaryEmbedding
-from qwen2q.validate import check_nf4_shape
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -77,8 +76,6 @@ def load_model(
         raise CheckpointError(f"{path}: {e}") from None
     for module in quantized:
         module.finish_loading()
-        if isinstance(module, NF4Linear):
-            check_nf4_shape(module.name, module.shape, module.out_features, module.in_features)
     if config.tie_word_embeddings:
         model.tie_weights()
     check_filled(model)

@@ -1,9 +1,14 @@
-"""The `quantization_config` that travels in config.json: one typed, validated object per method.
+"""`--method` as a quantization scheme: which format each decoder linear gets, and the
+`quantization_config` that travels in config.json.
 
-Each writes exactly the JSON its ecosystem expects (transformers' BitsAndBytesConfig for nf4 and int8,
-AutoAWQ's config for int4/awq) and is read back from it, so checkpoints move between qwen2q,
-transformers, AutoAWQ and vLLM.  qwen2q adds only a `qwen2q` note (tool, version, method), which the others ignore,
-at the top level of config.json.
+A method names one format of `qwen2q.quantizers.registry` (nf4 -> bnb-nf4, int8 -> bnb-int8, int4 and awq ->
+awq-gemm) plus its parameters and the modules kept in full precision.  The format writes exactly the JSON
+its ecosystem expects (transformers' BitsAndBytesConfig, AutoAWQ's config) and reads it back, so
+checkpoints move between qwen2q, transformers, AutoAWQ and vLLM.  qwen2q adds only a `qwen2q` note (tool,
+version, method), which the others ignore, at the top level of config.json.
+
+Everything that builds or reads quantized linears asks `format_for(module_name)`, never the method, so
+a scheme that gives different modules different formats fits the same interface.
 """
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ import dataclasses
 from typing import Any
 
 from qwen2q.errors import Qwen2qError
+from qwen2q.quantizers import registry
+from qwen2q.quantizers.format import Format
 
-METHODS = ("nf4", "int8", "int4", "awq")
+METHOD_FORMATS = {"nf4": "bnb-nf4", "int8": "bnb-int8", "int4": "awq-gemm", "awq": "awq-gemm"}
+METHODS = tuple(METHOD_FORMATS)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_SKIP = ("lm_head",)
 
@@ -24,8 +32,9 @@ def _skip_matches(module_name: str, entry: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """method: nf4 | int8 | int4 | awq.  group_size applies to int4/awq; skip lists module names
-    (or name suffixes) kept in full precision; embeddings are never quantized."""
+    """method: nf4 | int8 | int4 | awq.  group_size applies to the formats that take one (awq-gemm); skip
+    lists module names (or name suffixes, or prefixes) kept in full precision; embeddings are never
+    quantized."""
 
     method: str
     group_size: int = 128
@@ -35,8 +44,21 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise Qwen2qError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method in ("int4", "awq") and self.group_size not in GROUP_SIZES:
-            raise Qwen2qError(f"group size {self.group_size} is not supported; use one of {GROUP_SIZES}")
+        self.params  # checks them
+
+    @property
+    def format(self) -> Format:
+        return registry.get(METHOD_FORMATS[self.method])
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The format's parameters (only those it takes), checked."""
+        fmt = self.format
+        given = {"group_size": self.group_size} if "group_size" in fmt.defaults else {}
+        try:
+            return fmt.params(**given)
+        except ValueError as e:
+            raise Qwen2qError(str(e)) from None
 
     @property
     def bits(self) -> int:
@@ -46,6 +68,10 @@ class QuantConfig:
         """Whether the linear `module_name` (e.g. 'model.layers.0.mlp.up_proj') stays unquantized."""
         return any(_skip_matches(module_name, s) for s in self.skip)
 
+    def format_for(self, module_name: str) -> tuple[Format, dict[str, Any]] | None:
+        """(format, parameters) of decoder linear `module_name`, or None when it stays in full precision."""
+        return None if self.skips(module_name) else (self.format, self.params)
+
     def unused_skips(self, module_names) -> list[str]:
         """The skip entries (beyond the defaults) that match none of `module_names`: typos, most likely."""
         names = list(module_names)
@@ -53,55 +79,20 @@ class QuantConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json `quantization_config` dict."""
-        skip = sorted(set(self.skip))
-        if self.method in ("nf4", "int8"):
-            four = self.method == "nf4"
-            return {
-                "quant_method": "bitsandbytes",
-                "_load_in_4bit": four,
-                "_load_in_8bit": not four,
-                "load_in_4bit": four,
-                "load_in_8bit": not four,
-                "llm_int8_threshold": 6.0,
-                "llm_int8_skip_modules": skip or None,
-                "llm_int8_enable_fp32_cpu_offload": False,
-                "llm_int8_has_fp16_weight": False,
-                "bnb_4bit_quant_type": "nf4" if four else "fp4",
-                "bnb_4bit_use_double_quant": four,
-                "bnb_4bit_compute_dtype": self.compute_dtype if four else "float32",
-                "bnb_4bit_quant_storage": "uint8",
-            }
-        return {
-            "quant_method": "awq",
-            "bits": 4,
-            "group_size": self.group_size,
-            "zero_point": True,
-            "version": "gemm",
-            "modules_to_not_convert": [s for s in skip if s != "lm_head"] or None,
-        }
+        return self.format.to_config(self.params, sorted(set(self.skip)), self.compute_dtype)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "QuantConfig":
         """Read a `quantization_config` written by qwen2q, transformers + bitsandbytes or AutoAWQ."""
-        method = d.get("quant_method")
-        if method == "bitsandbytes":
-            skip = tuple(d.get("llm_int8_skip_modules") or DEFAULT_SKIP)
-            if d.get("load_in_4bit"):
-                if d.get("bnb_4bit_quant_type", "fp4") != "nf4":
-                    raise Qwen2qError(f"bitsandbytes 4-bit type {d.get('bnb_4bit_quant_type')!r} is not supported; only nf4")
-                if not d.get("bnb_4bit_use_double_quant", False):
-                    raise Qwen2qError("bitsandbytes NF4 without double quantization is not supported yet")
-                return cls("nf4", skip=skip, compute_dtype=str(d.get("bnb_4bit_compute_dtype") or "bfloat16"))
-            if d.get("load_in_8bit"):
-                return cls("int8", skip=skip)
-            raise Qwen2qError("bitsandbytes quantization_config has neither load_in_4bit nor load_in_8bit")
-        if method == "awq":
-            if d.get("bits", 4) != 4 or not d.get("zero_point", True):
-                raise Qwen2qError(f"AWQ with bits={d.get('bits')} zero_point={d.get('zero_point')} is not supported")
-            version = str(d.get("version") or d.get("format") or "gemm").lower()
-            if version != "gemm":
-                raise Qwen2qError(f"AWQ version {version!r} is not supported; qwen2q reads the 'gemm' layout")
-            skip = tuple(d.get("modules_to_not_convert") or ()) + DEFAULT_SKIP
-            # RTN int4 and calibrated AWQ share one layout; config.json's "qwen2q" note says which made it.
-            return cls("int4", group_size=int(d.get("group_size", 128)), skip=skip)
-        raise Qwen2qError(f"quantization method {method!r} is not supported; qwen2q reads bitsandbytes and awq")
+        fmt = registry.for_config(d)
+        if fmt is None:
+            raise Qwen2qError(f"quantization method {d.get('quant_method')!r} is not supported; qwen2q reads "
+                              f"{', '.join(registry.names())}")
+        try:
+            params, skip, compute_dtype = fmt.from_config(d)
+        except ValueError as e:
+            raise Qwen2qError(str(e)) from None
+        # The first method that names the format: RTN int4 and calibrated AWQ share one layout; config.json's
+        # "qwen2q" note says which made it.
+        method = next(m for m, f in METHOD_FORMATS.items() if f == fmt.name)
+        return cls(method, group_size=params.get("group_size", 128), skip=skip, compute_dtype=compute_dtype)

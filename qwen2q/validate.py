@@ -28,18 +28,14 @@ import torch
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError
 from qwen2q.qconfig import QuantConfig
+from qwen2q.quantizers.format import TensorSpec
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the temporary bool mask to 16 MiB
 NON_FINITE_HINT = "pass allow_non_finite=True (CLI: --allow-non-finite) to accept it"
 
 
-@dataclasses.dataclass(frozen=True)
-class Expect:
-    """A tensor's allowed dtypes and shapes (`shapes` None: any 1-D length)."""
-
-    dtypes: tuple[torch.dtype, ...]
-    shapes: tuple[tuple[int, ...], ...] | None
+Expect = TensorSpec  # a stored tensor's allowed dtypes and shapes
 
 
 def _float(*shape: int) -> Expect:
@@ -55,37 +51,13 @@ def linear_shapes(config: Qwen2Config) -> dict[str, tuple[int, int, bool]]:
             "mlp.down_proj": (h, i, False)}
 
 
-def quantized_tensors(qcfg: QuantConfig, name: str, out_features: int, in_features: int) -> dict[str, Expect]:
-    """The stored tensors of linear `name` [out, in] in `qcfg.method`'s format (n = out * in, b = ceil(n / 64)).
-
-    nf4:  weight uint8 [(n+1)//2, 1], weight.absmax uint8 [b], weight.quant_map float [16],
-          weight.nested_absmax float32 [ceil(b / 256)], weight.nested_quant_map float [256],
-          weight.quant_state.bitsandbytes__nf4 uint8 [any]
-    int8: weight int8 [out, in], SCB float32 [out], weight_format uint8 [] (or [1])
-    int4: qweight int32 [in, out/8], qzeros int32 [in/G, out/8], scales float16 [in/G, out]
-    """
-    if qcfg.method == "nf4":
-        n = out_features * in_features
-        blocks = -(-n // 64)
-        w = f"{name}.weight"
-        return {w: Expect((torch.uint8,), (((n + 1) // 2, 1),)), f"{w}.absmax": Expect((torch.uint8,), ((blocks,),)),
-                f"{w}.quant_map": _float(16), f"{w}.nested_absmax": Expect((torch.float32,), ((-(-blocks // 256),),)),
-                f"{w}.nested_quant_map": _float(256),
-                f"{w}.quant_state.bitsandbytes__nf4": Expect((torch.uint8,), None)}
-    if qcfg.method == "int8":
-        return {f"{name}.weight": Expect((torch.int8,), ((out_features, in_features),)),
-                f"{name}.SCB": Expect((torch.float32,), ((out_features,),)),
-                f"{name}.weight_format": Expect((torch.uint8,), ((), (1,)))}
-    from qwen2q.quantizers import int4
-
-    g = qcfg.group_size
+def quantized_tensors(scheme, name: str, out_features: int, in_features: int) -> dict[str, Expect]:
+    """The stored tensors of linear `name` [out, in] in the format `scheme.format_for(name)` gives it."""
+    fmt, params = scheme.format_for(name)
     try:
-        int4.check_shape(in_features, out_features, g)
+        return fmt.stored_tensors(name, out_features, in_features, params)
     except ValueError as e:
-        raise CheckpointError(f"{name}: config.json's sizes do not fit the AWQ layout: {e}") from None
-    return {f"{name}.qweight": Expect((torch.int32,), ((in_features, out_features // 8),)),
-            f"{name}.qzeros": Expect((torch.int32,), ((in_features // g, out_features // 8),)),
-            f"{name}.scales": Expect((torch.float16,), ((in_features // g, out_features),))}
+        raise CheckpointError(f"{name}: config.json's sizes do not fit the {fmt.name} layout: {e}") from None
 
 
 def expected_tensors(config: Qwen2Config, qcfg: QuantConfig | None = None) -> tuple[dict[str, Expect], set[str]]:
@@ -97,7 +69,7 @@ def expected_tensors(config: Qwen2Config, qcfg: QuantConfig | None = None) -> tu
         expect[p + "input_layernorm.weight"] = expect[p + "post_attention_layernorm.weight"] = _float(h)
         for suffix, (out_f, in_f, bias) in linear_shapes(config).items():
             name = p + suffix
-            if qcfg is not None and not qcfg.skips(name):
+            if qcfg is not None and qcfg.format_for(name) is not None:
                 expect.update(quantized_tensors(qcfg, name, out_f, in_f))
             else:
                 expect[name + ".weight"] = _float(out_f, in_f)
@@ -168,10 +140,3 @@ def check_finite(name: str, tensor: torch.Tensor, stored: torch.Tensor | None = 
         raise CheckpointError(f"tensor {name} has values beyond {_dtype_name(tensor.dtype)}'s range (+-{limit:.4g}); "
                               f"load it in a wider dtype (--dtype float32), or {NON_FINITE_HINT}")
     raise CheckpointError(f"tensor {name} has NaN or Inf values; {NON_FINITE_HINT}")
-
-
-def check_nf4_shape(name: str, shape: tuple[int, ...], out_features: int, in_features: int) -> None:
-    """An NF4 linear's shape, recorded in its quant_state JSON (data, not a header), must be its [out, in]."""
-    if tuple(shape) != (out_features, in_features):
-        raise CheckpointError(f"{name}: quant_state shape {list(shape)} is not the linear's "
-                              f"[{out_features}, {in_features}] that config.json implies")
