@@ -22,11 +22,10 @@ Qwen2-72B in AutoAWQ); a non-finite loss or scale stops the run with an error na
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
+from qwen2q.architecture import ScaleGroup
 from qwen2q.errors import Qwen2qError
 from qwen2q.quantizers import int4
 
@@ -34,25 +33,6 @@ ALPHA_GRID = [i / 20 for i in range(20)]
 CLIP_SHRINKS = [1 - i / 20 for i in range(10)]  # 1.0, 0.95, ..., 0.55
 CLIP_TOKENS = 512
 NO_CLIP = ("q_proj", "k_proj")
-
-
-@dataclasses.dataclass(frozen=True)
-class ScaleGroup:
-    """prev: the op whose output feeds `linears`; inspect: the module scored by the loss."""
-
-    prev: str
-    linears: tuple[str, ...]
-    inspect: str
-    needs_same_shape: bool = False  # v -> o folds only when v's output width equals o's input width
-
-
-# What AWQ needs to know about Qwen2, as data.
-QWEN2_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj", needs_same_shape=True),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-)
 
 
 def w_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:

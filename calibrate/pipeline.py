@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from qwen2q.calibrate.awq import QWEN2_GROUPS, NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
+from qwen2q.architecture import LINEAR_INPUT, LINEARS, SCALE_GROUPS, linear_shapes
+from qwen2q.architecture import INPUT_READER as HOOKED
+from qwen2q.calibrate.awq import NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
 from qwen2q.calibrate.data import calibration_tokens
 from qwen2q.calibrate.gptq import gptq_quantize
 from qwen2q.checkpoint import TensorIndex, check_filled, fill_module, weight_files
@@ -49,18 +51,6 @@ from qwen2q.qconfig import QuantConfig
 from qwen2q.quantizers import int4, nf4
 from qwen2q.rope import RotaryEmbedding
 from qwen2q.tokenizer import Tokenizer
-
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Which captured activation each scaling group's linears read.
-GROUP_INPUT = {"input_layernorm": "attn_in", "self_attn.v_proj": "o_in", "post_attention_layernorm": "mlp_in",
-               "mlp.up_proj": "down_in"}
-LINEAR_INPUT = {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
-                "self_attn.o_proj": "o_in", "mlp.gate_proj": "mlp_in", "mlp.up_proj": "mlp_in",
-                "mlp.down_proj": "down_in"}
-HOOKED = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-          "down_in": "mlp.down_proj"}
-
 
 @dataclasses.dataclass
 class CalibrationSettings:
@@ -192,12 +182,12 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_to
     with precision():
         means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=rounding == "gptq")
     chosen = {}
-    for group in QWEN2_GROUPS:
+    for group in SCALE_GROUPS:
         if group.needs_same_shape:
             prev, first = layer.get_submodule(group.prev), layer.get_submodule(group.linears[0])
             if prev.out_features != first.in_features:
                 continue  # GQA: v's output is narrower than o's input, nothing to fold
-        kind = GROUP_INPUT[group.prev]
+        kind = group.input_kind
         with precision():
             s, alpha, loss = search_scales(layer, group, means[kind], inputs[kind],
                                            _inspector(layer, group.inspect, cos, sin), group_size, where, fake_quant)
@@ -253,13 +243,12 @@ def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: t
     return {k: v.cpu() for k, v in out.items()}
 
 
-def _check_int4_shapes(config, group_size: int) -> None:
-    """Refuse, naming the linear, a model whose decoder linears the int4 layout cannot hold at group_size."""
-    for name, shape in (("mlp.down_proj", (config.hidden_size, config.intermediate_size)),
-                        ("self_attn.o_proj", (config.hidden_size, config.num_attention_heads * config.head_dim)),
-                        ("mlp.up_proj", (config.intermediate_size, config.hidden_size))):
+def _check_shapes(config, qcfg: QuantConfig) -> None:
+    """Refuse, naming the linear, a model whose decoder linears the target format cannot hold."""
+    for name, (out_features, in_features, _) in linear_shapes(config).items():
+        fmt, params = qcfg.format_for(name)
         try:
-            int4.check_shape(shape[1], shape[0], group_size)
+            fmt.check_shape(out_features, in_features, params)
         except ValueError as e:
             raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
 
@@ -294,7 +283,7 @@ def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None =
     if target == "nf4":
         qcfg = with_source_dtype(qcfg, config)
     else:
-        _check_int4_shapes(config, group_size)
+        _check_shapes(config, qcfg)
     start = time.perf_counter()
     if calib.ids is not None:
         ids = calib.ids.long()

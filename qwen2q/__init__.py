@@ -1,7 +1,7 @@
 """qwen2q: quantized inference for Qwen2 language models.
 
-`qwen2q.load(path)` returns a ready-to-use model with its tokenizer; the `qwen2q` command quantizes,
-evaluates and runs checkpoints.  See README.md.
+`qwen2q.load(path)` returns a ready-to-use model with its tokenizer; `qwen2q.quantize(src, dst, recipe)`
+writes a quantized checkpoint; the `qwen2q` command quantizes, evaluates and runs checkpoints.  See README.md.
 """
 __version__ = "0.1.0"
 
@@ -11,3 +11,10 @@ def load(*args, **kwargs):
     from qwen2q.api import load as _load
 
     return _load(*args, **kwargs)
+
+
+def quantize(*args, **kwargs):
+    """Quantize a checkpoint directory into a new one; see `qwen2q.quantization.quantize` for the arguments."""
+    from qwen2q.quantization import quantize as _quantize
+
+    return _quantize(*args, **kwargs)

@@ -222,8 +222,9 @@ CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_tem
                        "act_order", "calib_dtype", "device")
 
 
-def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, skip, max_shard_bytes: int) -> None:
-    """Refuse option combinations that would be accepted and then ignored, before any work."""
+def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool) -> None:
+    """Refuse flags that were given but that this method would ignore (what the library never sees);
+    `qwen2q.quantization.check` validates the rest."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     if awq_scales and method != "nf4":
         raise Qwen2qError(f"--awq-scales goes with --method nf4 (--method awq searches scales already), not {method}")
@@ -235,13 +236,6 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool, s
     if ignored:
         flag = "--" + ignored[0].replace("_", "-")
         raise Qwen2qError(f"{flag} is a calibration option: it goes with --method awq or --method nf4 --awq-scales")
-    if skip and calibrated:
-        raise Qwen2qError(f"--skip is not supported with calibrated --method {method} yet")
-    if "allow_non_finite" in given and calibrated:
-        raise Qwen2qError(f"--allow-non-finite does not go with calibrated --method {method}: calibration "
-                          "needs finite weights")
-    if max_shard_bytes <= 0:
-        raise Qwen2qError(f"--max-shard-size must be a positive size like 500MB or 4GB, not {ctx.params['max_shard_size']!r}")
 
 
 @main.command()
@@ -304,42 +298,41 @@ def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, all
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
     """
-    from qwen2q.convert import convert
     from qwen2q.qconfig import DEFAULT_SKIP, QuantConfig
+    from qwen2q.quantization import quantize as run
 
     if dst is None:
         raise click.UsageError(f"quantize needs SRC and DST (got only {src}); to quantize the embedded model, "
                                f"name it: qwen2q quantize {EMBEDDED} {src} ...")
-    src = _model_path(src)
     max_shard_bytes = _parse_size(max_shard_size)
-    _check_quantize_options(ctx, method, awq_scales, skip, max_shard_bytes)
-    qcfg = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
-    rows = []
+    _check_quantize_options(ctx, method, awq_scales)
+    recipe = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
+    calibration = None
     if method == "awq" or awq_scales:
-        from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+        from qwen2q.calibrate.pipeline import CalibrationSettings
 
-        calib = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
-                                    rounding=rounding, act_order=act_order, compute_dtype=calib_dtype)
-        report, details = awq_convert(src, dst, qcfg, calib, device=device, force=force,
-                                      max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle)
-        rows.append(("calibration", details["calibration"]))
-        if details["peak_device_bytes"] is not None:
-            rows.append(("peak device", f"{details['peak_device_bytes'] / 2**20:,.0f} MiB"))
-    else:
-        report = convert(src, dst, qcfg, force=force, max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle,
-                         allow_non_finite=allow_non_finite)
-    how = f" ({rounding or 'gptq'} rounding{', act order' if act_order else ''})" if method == "awq" else ""
+        calibration = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
+                                          rounding=rounding, act_order=act_order, compute_dtype=calib_dtype)
+    report = run(_model_path(src), dst, recipe, calibration, device=device, force=force,
+                 max_shard_bytes=max_shard_bytes, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
+    _print_report(report)
+
+
+def _print_report(report) -> None:
     rows = [
-        ("method", f"{method}" + (f" g{group_size}" if method in ("int4", "awq") else "")
-         + (" + AWQ scales" if awq_scales else "") + how),
+        ("method", report.method),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
         ("size after", f"{report.bytes_after / 2**20:,.1f} MiB ({report.bytes_after / report.bytes_before:.1%})"),
         ("bits / weight", f"{report.bits_per_weight:.3f} (quantized linears, scales and statistics included)"),
         ("shards", str(report.shards)),
         ("time", f"{report.seconds:.1f} s"),
         ("peak RSS", f"{report.peak_rss_bytes / 2**20:,.0f} MiB"),
-    ] + rows
-    click.echo(f"wrote {dst}")
+    ]
+    if report.calibration is not None:
+        rows.append(("calibration", report.calibration))
+    if report.peak_device_bytes is not None:
+        rows.append(("peak device", f"{report.peak_device_bytes / 2**20:,.0f} MiB"))
+    click.echo(f"wrote {report.dst}")
     for k, v in rows:
         click.echo(f"  {k:<14}{v}")
 

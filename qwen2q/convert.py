@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import resource
 import shutil
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from qwen2q import __version__
+from qwen2q.architecture import LINEAR_WEIGHT
 from qwen2q.checkpoint import (
     check_all_finite,
     check_model_dir,
@@ -44,7 +44,6 @@ from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
 from qwen2q.validate import check_finite
 
-LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
@@ -239,8 +238,6 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
 
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
-    if max_shard_bytes <= 0:
-        raise Qwen2qError(f"the largest shard must be a positive size, not {max_shard_bytes} bytes")
     src, config, files = read_source(src, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
     dst = Path(dst)
     names = tensor_names(files)

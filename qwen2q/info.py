@@ -4,18 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from qwen2q.checkpoint import check_model_dir, weight_files
+from qwen2q.architecture import parameter_count
 from qwen2q.config import Qwen2Config
 from qwen2q.quantizers import registry
-
-
-def parameter_count(c: Qwen2Config) -> int:
-    """Logical parameter count (what the bf16 model has), whatever format the checkpoint is stored in."""
-    h, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    attention = h * q + q + 2 * (h * kv + kv) + q * h
-    per_layer = attention + 3 * h * i + 2 * h
-    embeddings = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
-    return embeddings + c.num_hidden_layers * per_layer + h
 
 
 def quantization_summary(c: Qwen2Config) -> str:

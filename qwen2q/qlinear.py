@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from qwen2q import kernels
+from qwen2q.architecture import LINEAR_NAMES as QUANTIZABLE
 from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.quantizers.format import Format
 
-QUANTIZABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class QuantLinear(nn.Module):

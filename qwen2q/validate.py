@@ -21,10 +21,10 @@ all float32, float16 or bfloat16.  A quantized linear [out, in] stores its forma
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
+from qwen2q.architecture import NORMS, layer_prefix, linear_shapes
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError
 from qwen2q.qconfig import QuantConfig
@@ -42,15 +42,6 @@ def _float(*shape: int) -> Expect:
     return Expect(FLOATS, (tuple(shape),))
 
 
-def linear_shapes(config: Qwen2Config) -> dict[str, tuple[int, int, bool]]:
-    """{module suffix within a layer: (out_features, in_features, has_bias)} for the seven decoder linears."""
-    h, i, q, kv = config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim, \
-        config.num_key_value_heads * config.head_dim
-    return {"self_attn.q_proj": (q, h, True), "self_attn.k_proj": (kv, h, True), "self_attn.v_proj": (kv, h, True),
-            "self_attn.o_proj": (h, q, False), "mlp.gate_proj": (i, h, False), "mlp.up_proj": (i, h, False),
-            "mlp.down_proj": (h, i, False)}
-
-
 def quantized_tensors(scheme, name: str, out_features: int, in_features: int) -> dict[str, Expect]:
     """The stored tensors of linear `name` [out, in] in the format `scheme.format_for(name)` gives it."""
     fmt, params = scheme.format_for(name)
@@ -65,8 +56,8 @@ def expected_tensors(config: Qwen2Config, qcfg: QuantConfig | None = None) -> tu
     v, h = config.vocab_size, config.hidden_size
     expect = {"model.embed_tokens.weight": _float(v, h), "model.norm.weight": _float(h), "lm_head.weight": _float(v, h)}
     for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        expect[p + "input_layernorm.weight"] = expect[p + "post_attention_layernorm.weight"] = _float(h)
+        p = layer_prefix(i)
+        expect.update({p + norm + ".weight": _float(h) for norm in NORMS})
         for suffix, (out_f, in_f, bias) in linear_shapes(config).items():
             name = p + suffix
             if qcfg is not None and qcfg.format_for(name) is not None:

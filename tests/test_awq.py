@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, shared_data
-from qwen2q.calibrate.awq import QWEN2_GROUPS, fold_scales, search_clip, search_scales
+from qwen2q.architecture import SCALE_GROUPS as QWEN2_GROUPS
+from qwen2q.calibrate.awq import fold_scales, search_clip, search_scales
 from qwen2q.calibrate.pipeline import (
     HOOKED,
     CalibrationSettings,
