@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qwen2q.evals.perplexity import _windows
+from qwen2q.evals.perplexity import windows
 
 
 @torch.inference_mode()
@@ -30,10 +30,10 @@ def compare(reference, candidate, token_ids: torch.Tensor, seq_len: int, max_win
     `chunk` positions are turned into fp32 log-probabilities at a time (memory only).  `progress`, if
     given, is called once per window.
     """
-    windows = _windows(token_ids, seq_len, max_windows)
+    cut = windows(token_ids, seq_len, max_windows)
     sums = {"nll_ref": 0.0, "nll": 0.0, "kl": 0.0, "top1": 0}
     per_window = {"nll_ref": [], "nll": [], "kl": []}
-    for window in windows:
+    for window in cut:
         before = dict(sums)
         ids = window[None]
         ref_logits, cand_logits = reference(ids)[0, :-1], candidate(ids)[0, :-1]
@@ -50,7 +50,7 @@ def compare(reference, candidate, token_ids: torch.Tensor, seq_len: int, max_win
             per_window[key].append((sums[key] - before[key]) / targets.numel())
         if progress is not None:
             progress()
-    n = windows.shape[0] * (seq_len - 1)
+    n = cut.shape[0] * (seq_len - 1)
     nll_gap = paired_nll_difference(per_window["nll"], per_window["nll_ref"])
     ppl_ref, ppl = math.exp(sums["nll_ref"] / n), math.exp(sums["nll"] / n)
     return {
@@ -60,7 +60,7 @@ def compare(reference, candidate, token_ids: torch.Tensor, seq_len: int, max_win
         "ppl_delta": ppl - ppl_ref,
         "kl": sums["kl"] / n,
         "top1": sums["top1"] / n,
-        "windows": int(windows.shape[0]),
+        "windows": int(cut.shape[0]),
         "tokens": int(n),
         "seq_len": seq_len,
         # one standard error of ppl_delta over windows (first order: ppl * se of the mean per-window NLL gap)

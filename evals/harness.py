@@ -16,9 +16,11 @@ from qwen2q import __version__
 from qwen2q.checkpoint import check_model_dir
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
+from qwen2q.evals import table
 from qwen2q.evals.data import EvalText
 from qwen2q.evals.drift import compare
 from qwen2q.evals.perplexity import perplexity
+from qwen2q.evals.table import Column
 from qwen2q.info import quantization_summary
 from qwen2q.validate import all_finite
 
@@ -135,28 +137,20 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
     return {"settings": settings, "rows": rows}
 
 
-# (header, width, format, row key); the first column is left-aligned.
-COLUMNS = [("method", 14, "{}", "method"), ("size MiB", 10, "{:.2f}", "size_mib"), ("ppl", 10, "{:.4f}", "ppl"),
-           ("delta", 10, "{:+.4f}", "ppl_delta"), ("KL", 10, "{:.5f}", "kl"), ("top-1", 8, "{:.2%}", "top1")]
-EXTRA_COLUMNS = [("bits/w", 8, "{:.3f}", "bits_per_weight"), ("quant s", 9, "{:.1f}", "quantize_seconds")]
+COLUMNS = [Column("method", "method"), Column("size MiB", "size_mib", "{:.2f}"), Column("ppl", "ppl", "{:.4f}"),
+           Column("delta", "ppl_delta", "{:+.4f}"), Column("KL", "kl", "{:.5f}"), Column("top-1", "top1", "{:.2%}")]
+EXTRA_COLUMNS = [Column("bits/w", "bits_per_weight", "{:.3f}"), Column("quant s", "quantize_seconds", "{:.1f}")]
 
 
 def format_table(result: dict, extra_columns: tuple[str, ...] = ()) -> str:
-    """A plain-text table of `result["rows"]` under a line with the settings used."""
+    """A plain-text table of `result["rows"]` under a line with the settings used; `extra_columns` names
+    row keys of EXTRA_COLUMNS to show too."""
     s = result["settings"]
-    cols = COLUMNS + [c for c in EXTRA_COLUMNS if c[3] in extra_columns]
-    lines = [f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
-             f"{s['scored_tokens']} scored tokens, {s['dtype']} on {s['device']}"]
-
-    def cell(i, width, text):
-        return f"{text:<{width}}" if i == 0 else f"{text:>{width}}"
-
-    lines.append("".join(cell(i, w, name) for i, (name, w, _, _) in enumerate(cols)))
-    for row in result["rows"]:
-        row = {**row, "size_mib": row.get("size_bytes", 0) / 2**20}
-        lines.append("".join(cell(i, w, "-" if row.get(key) is None else fmt.format(row[key]))
-                             for i, (_, w, fmt, key) in enumerate(cols)))
-    return "\n".join(lines)
+    cols = COLUMNS + [c for c in EXTRA_COLUMNS if c.key in extra_columns]
+    settings = (f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
+                f"{s['scored_tokens']} scored tokens, {s['dtype']} on {s['device']}")
+    rows = [{**row, "size_mib": row.get("size_bytes", 0) / 2**20} for row in result["rows"]]
+    return settings + "\n" + table.format_table(cols, rows)
 
 
 def write_json(result: dict, path: str | Path) -> None:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> torch.Tensor:
-    """The [n, seq_len] non-overlapping windows of a 1-D id tensor (at most `max_windows`)."""
+def windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """The [n, seq_len] non-overlapping windows of a 1-D id tensor (at most `max_windows`): the protocol's
+    cut of a token stream, which every figure here (and `drift.compare`) is computed on."""
     if token_ids.dim() != 1:
         raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
     if seq_len < 2:
@@ -35,7 +36,7 @@ def _windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None) -> 
 
 def scored_tokens(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """The 1-D tensor of the tokens `perplexity` scores: positions 1..seq_len-1 of every window."""
-    return _windows(token_ids, seq_len, max_windows)[:, 1:].reshape(-1)
+    return windows(token_ids, seq_len, max_windows)[:, 1:].reshape(-1)
 
 
 @torch.inference_mode()
@@ -51,21 +52,21 @@ def perplexity(
     Returns {'ppl': exp(nll), 'nll': mean NLL in nats per scored token, 'windows': n, 'tokens': n * (seq_len - 1)}.
     `batch_size` windows go through the model at once; it changes speed only.
     """
-    windows = _windows(token_ids, seq_len, max_windows)
+    cut = windows(token_ids, seq_len, max_windows)
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
         device = torch.device("cpu")
     total = 0.0  # float64 accumulator: a sum over ~1e6 tokens would lose digits in fp32
-    for i in range(0, windows.shape[0], batch_size):
-        batch = windows[i : i + batch_size].to(device)
+    for i in range(0, cut.shape[0], batch_size):
+        batch = cut[i : i + batch_size].to(device)
         logits = model(batch)
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
         total += nll.double().sum().item()
-    tokens = windows.shape[0] * (seq_len - 1)
+    tokens = cut.shape[0] * (seq_len - 1)
     nll = total / tokens
-    return {"ppl": math.exp(nll), "nll": nll, "windows": int(windows.shape[0]), "tokens": int(tokens)}
+    return {"ppl": math.exp(nll), "nll": nll, "windows": int(cut.shape[0]), "tokens": int(tokens)}
 
 
 def unigram_perplexity(
@@ -98,13 +99,16 @@ def unigram_perplexity(
     logp = torch.log(counts + 1.0) - math.log(counts.sum().item() + V)
     if seq_len is not None:
         targets = scored_tokens(eval_ids, seq_len, max_windows)
-        windows = targets.numel() // (seq_len - 1)
+        n_windows = targets.numel() // (seq_len - 1)
     else:
         targets = eval_ids.long().flatten()
-        windows = 0
+        n_windows = 0
     if targets.numel() == 0:
         raise ValueError("no tokens to score")
     if int(targets.max()) >= V:
         raise ValueError(f"eval id {int(targets.max())} is outside the {V}-entry count table")
     nll = -logp[targets].mean().item()
-    return {"ppl": math.exp(nll), "nll": nll, "windows": int(windows), "tokens": int(targets.numel())}
+    return {"ppl": math.exp(nll), "nll": nll, "windows": int(n_windows), "tokens": int(targets.numel())}
+
+
+_windows = windows  # the name this function had before it was public

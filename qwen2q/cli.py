@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from qwen2q.cli_options import check_device as _check_device
+from qwen2q.cli_options import load_options, sampling_options
 from qwen2q.errors import Qwen2qError
 
 MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
@@ -26,32 +28,6 @@ def _model_path(text: str | None) -> str | None:
 def _model_argument(f):
     return click.argument("model", required=False, type=click.Path(), metavar="[MODEL]",
                           callback=lambda ctx, param, value: _model_path(value))(f)
-
-
-def _check_device(ctx, param, value):
-    """Refuse a bad --device while parsing, before anything is read (qwen2q.devices says why)."""
-    from qwen2q.devices import parse_device
-
-    parse_device(value)
-    return value
-
-
-def _load_options(f):
-    f = click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...",
-                     callback=_check_device)(f)
-    f = click.option("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's).")(f)
-    f = click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model.bin checkpoints (can run code).")(f)
-    f = click.option("--allow-non-finite", is_flag=True, help="Load weights holding NaN/Inf (refused by default).")(f)
-    return f
-
-
-def _sampling_options(f):
-    f = click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0))(f)
-    f = click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")(f)
-    f = click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")(f)
-    f = click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))(f)
-    f = click.option("--seed", default=None, type=int, help="Seed for sampling.")(f)
-    return f
 
 
 def _terminated(signum, frame):
@@ -86,6 +62,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)
+
+
+ExitCodeGroup = _Group  # public name: the dev commands (dev/ in a checkout) run under the same exit-code policy
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,8 +108,8 @@ def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
 @_model_argument
 @click.option("--prompt", "-p", required=True, help="Text to continue (use --chat to wrap it as a user message).")
 @click.option("--chat", "as_chat", is_flag=True, help="Render the prompt through the chat template first.")
-@_sampling_options
-@_load_options
+@sampling_options
+@load_options
 def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle,
              allow_non_finite):
     """Continue a prompt, streaming the text to stdout; tokens/s go to stderr.
@@ -164,8 +143,8 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @main.command()
 @_model_argument
 @click.option("--system", default=None, help="System message (default: the template's own).")
-@_sampling_options
-@_load_options
+@sampling_options
+@load_options
 def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
     """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
 
@@ -348,7 +327,7 @@ def _print_report(report) -> None:
 @click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N windows.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
-@_load_options
+@load_options
 def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle,
           allow_non_finite):
     """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
@@ -444,7 +423,7 @@ def demo(dataset, max_windows, json_out, plot):
 @click.option("--graph/--no-graph", "use_graph", default=None, help="CUDA graph for decode steps (default: on CUDA).")
 @click.option("--compare-transformers", is_flag=True, help="Also time transformers' generate (unquantized models).")
 @click.option("--json", "json_out", type=click.Path(), default=None)
-@_load_options
+@load_options
 def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle,
           allow_non_finite):
     """Prefill and decode tokens/s at batch 1, and peak memory.

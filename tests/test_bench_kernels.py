@@ -2,16 +2,17 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+
+from dev_modules import DEV_CLI
 
 pytest.importorskip("triton")
 
 
 def test_smoke_run_checks_and_writes_every_figure(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "qwen2q.evals.bench_kernels", "--smoke", "--out", str(tmp_path / "b.json")],
+    r = subprocess.run([*DEV_CLI, "bench-kernels", "--smoke", "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, cwd="/", env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads((tmp_path / "b.json").read_text())
@@ -29,6 +30,6 @@ def test_refuses_to_run_without_a_gpu_or_the_interpreter():
     if torch.cuda.is_available():
         pytest.skip("a GPU machine would run the whole benchmark")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "qwen2q.evals.bench_kernels"], capture_output=True, text=True,
+    r = subprocess.run([*DEV_CLI, "bench-kernels"], capture_output=True, text=True,
                        cwd="/", env=env, timeout=300)
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr

@@ -1,4 +1,4 @@
-"""evals.compare_peers on a tiny random bf16 checkpoint: every row runs (or says why not), same-format rows agree."""
+"""dev compare-peers on a tiny random bf16 checkpoint: every row runs (or says why not), same-format rows agree."""
 import json
 import math
 import sys
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import dev_modules  # noqa: F401  (dev/ on sys.path)
 from conftest import make_hf_checkpoint
-from qwen2q.evals import compare_peers
+from qwen2q_dev.research import compare_peers
 
 pytest.importorskip("transformers")
 

@@ -1,11 +1,12 @@
-"""evals.paired: gaps between two compare_peers rows, checked against a float64 computation done here."""
+"""dev paired: gaps between two compare_peers rows, checked against a float64 computation done here."""
 import json
 import math
 
 import torch
 
 from conftest import FixedLogits
-from qwen2q.evals import paired
+from dev_modules import exit_status
+from qwen2q_dev.research import paired
 from qwen2q.evals.drift import compare
 
 
@@ -54,18 +55,18 @@ def test_gap_and_interval_match_a_float64_computation(tmp_path):
 def test_a_row_scored_on_other_windows_is_refused(tmp_path, capsys):
     ref, a, b, ids, L, W, da, db = _fixture(tmp_path)
     _result(tmp_path / "c.json", ref, b, ids, L, "row-c", windows=W - 1)
-    assert paired.main([str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 1
+    assert exit_status(paired.main, [str(tmp_path / "a.json"), str(tmp_path / "c.json")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "windows" in err
 
 
 def test_cli_prints_the_table_and_names_missing_rows(tmp_path, capsys):
     _fixture(tmp_path)
-    assert paired.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "g.json")]) == 0
+    assert exit_status(paired.main, [str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "g.json")]) == 0
     out = capsys.readouterr().out
     assert "row-b" in out and "95% ci" in out
     assert len(json.loads((tmp_path / "g.json").read_text())) == 1
-    assert paired.main([str(tmp_path / "a.json:nope"), str(tmp_path / "b.json")]) == 1
+    assert exit_status(paired.main, [str(tmp_path / "a.json:nope"), str(tmp_path / "b.json")]) == 1
     assert "name one scored row" in capsys.readouterr().err
 
 
@@ -81,4 +82,4 @@ def test_first_windows_give_the_figures_of_a_shorter_run(tmp_path):
     for key in ("ppl", "ppl_reference", "ppl_delta", "kl", "ppl_delta_se"):
         assert math.isclose(got[key], short[key], rel_tol=1e-9, abs_tol=1e-12), key
     assert got["settings"]["windows"] == 4 and len(got["window_kl"]) == 4
-    assert paired.main([str(tmp_path / "long.json"), str(tmp_path / "long.json"), "--first", "7"]) == 1
+    assert exit_status(paired.main, [str(tmp_path / "long.json"), str(tmp_path / "long.json"), "--first", "7"]) == 1

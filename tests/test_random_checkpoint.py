@@ -1,11 +1,12 @@
-"""evals/random_checkpoint.py writes a sharded checkpoint that qwen2q (and its index) read like a real one."""
+"""dev random-checkpoint (dev/qwen2q_dev/tools/random_checkpoint.py) writes a sharded checkpoint that qwen2q (and its index) read like a real one."""
 import json
 
 import pytest
 import torch
 
-from qwen2q.evals import random_checkpoint
+import dev_modules  # noqa: F401  (dev/ on sys.path)
 from qwen2q.loader import load_model
+from qwen2q_dev.tools import random_checkpoint
 
 
 def test_sharded_random_checkpoint_loads_with_the_requested_shapes(tmp_path, monkeypatch):

@@ -221,7 +221,8 @@ def test_far_below_unigram_on_wikitext(model, tok):
     if d is None or not (d / "wikitext-2-raw" / "wiki.test.raw").is_file() or not (d / "calib").is_dir():
         pytest.skip("shared data (QWEN2Q_DATA or ../shared/data) not found")
     from qwen2q.evals.perplexity import perplexity, unigram_perplexity
-    from qwen2q.evals.train_tiny import read_documents
+    import dev_modules  # noqa: F401  (dev/ on sys.path)
+    from qwen2q_dev.tools.train_tiny import read_documents
 
     eot = tok.token_to_id("<|endoftext|>")
     train_ids = []

@@ -1,25 +1,31 @@
 """Kernel benchmark: qwen2q's int4, NF4 and int8 dequant-GEMMs against bf16 cuBLAS on Qwen2 shapes.
 
-    python -m qwen2q.evals.bench_kernels                    # GPU: Qwen2-7B and 72B shapes, every M
-    python -m qwen2q.evals.bench_kernels --models 7b --m 1,16,2048
-    TRITON_INTERPRET=1 python -m qwen2q.evals.bench_kernels --smoke   # CPU: tiny shapes, checks the script
+\b
+    python dev bench-kernels                    # GPU: Qwen2-7B and 72B shapes, every M
+    python dev bench-kernels --models 7b --m 1,16,2048
+    TRITON_INTERPRET=1 python dev bench-kernels --smoke   # CPU: tiny shapes, checks the script
 
 For each (model, projection, M) it first checks every kernel against dequantize + fp32 matmul, then
 times it with `triton.testing.do_bench` (median), cycling through enough copies of the weights that no
 call finds them in L2.  It prints time, TFLOP/s, effective GB/s (bytes of quantized weights, scales and
-activations moved) and speed-up over bf16, measures the device's copy bandwidth in the same run, and
-writes JSON under evals/results/ named after the GPU.
+activations moved) and speed-up over bf16 (a line per shape on stderr as it goes, the table at the end),
+measures the device's copy bandwidth in the same run, and writes JSON to --json (default: under
+research/results/, named after the GPU).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 from pathlib import Path
 
+import click
 import torch
+
+from qwen2q.cli_options import json_option
+from qwen2q.evals.table import Column
+from qwen2q.evals.table import format_table as render_table
 
 SHAPES = {  # name -> (K, N) of y = x @ W^T with W [N, K]
     "7b": {"qo_proj": (3584, 3584), "kv_proj": (3584, 512), "gate_up_proj": (3584, 18944), "down_proj": (18944, 3584)},
@@ -29,6 +35,7 @@ SMOKE_SHAPES = {"smoke": {"a": (256, 128), "b": (128, 384)}}
 M_VALUES = (1, 2, 4, 8, 16, 32, 64, 256, 2048)
 FORMATS = ("int4", "nf4", "int8")
 L2_BYTES = 64 * 2**20  # larger than any current GPU's L2 (H100 50 MB, H200 50 MB)
+RESULTS = Path(__file__).resolve().parents[1] / "research" / "results"
 
 
 def quantize(fmt: str, w: torch.Tensor):
@@ -138,7 +145,7 @@ def bench(models, m_values, formats, device, smoke=False) -> dict:
                     row.update({f"{fmt}_ms": ms, f"{fmt}_tflops": flops / ms / 1e9, f"{fmt}_gbs": moved / ms / 1e6,
                                 f"{fmt}_speedup": t_bf16 / ms, f"{fmt}_rel_err": rel})
                 rows.append(row)
-                print(format_row(row, formats), flush=True)
+                click.echo(format_row(row, formats), err=True)
     return {"rows": rows, "failures": failures}
 
 
@@ -150,39 +157,52 @@ def format_row(row: dict, formats) -> str:
     return " | ".join(cells)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="7b,72b", help="comma list of: 7b, 72b")
-    p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma list of M values")
-    p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
-    p.add_argument("--out", default=None, help="JSON path (default evals/results/bench_kernels_<gpu>.json)")
-    args = p.parse_args(argv)
+def format_table(rows: list[dict], formats) -> str:
+    """Every (model, projection, M) with bf16's time and each format's time, GB/s, TFLOP/s and speed-up."""
+    columns = [Column("model", "model"), Column("proj", "proj"), Column("M", "M"), Column("bf16 us", "bf16_us", "{:.1f}")]
+    for fmt in formats:
+        columns += [Column(f"{fmt} us", f"{fmt}_us", "{:.1f}"), Column("GB/s", f"{fmt}_gbs", "{:.0f}"),
+                    Column("TF", f"{fmt}_tflops", "{:.1f}"), Column("x bf16", f"{fmt}_speedup", "{:.2f}")]
+    shown = [{**row, **{f"{k[:-3]}_us": v * 1e3 for k, v in row.items() if k.endswith("_ms")}} for row in rows]
+    return render_table(columns, shown)
+
+
+@click.command("bench-kernels", help=__doc__)
+@click.option("--models", default="7b,72b", show_default=True, help="Comma list of: 7b, 72b.")
+@click.option("--m", "m_list", default=",".join(map(str, M_VALUES)), show_default=True, help="Comma list of M values.")
+@click.option("--formats", default=",".join(FORMATS), show_default=True)
+@click.option("--smoke", is_flag=True, help="Tiny shapes; runs on CPU under TRITON_INTERPRET=1.")
+@json_option
+def command(models, m_list, formats, smoke, json_out) -> int:
     if torch.cuda.is_available():
         device = torch.device("cuda")
-    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
+    elif smoke and os.environ.get("TRITON_INTERPRET") == "1":
         device = torch.device("cpu")
     else:
-        p.error("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 to check the script on CPU)")
-    formats = tuple(args.formats.split(","))
-    m_values = tuple(int(m) for m in args.m.split(",")) if not args.smoke else (1, 3, 16, 33)
+        raise click.UsageError("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 to check the script on CPU)")
+    formats = tuple(formats.split(","))
+    m_values = tuple(int(m) for m in m_list.split(",")) if not smoke else (1, 3, 16, 33)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu-interpreter"
     timed = timer(device)
     bandwidth = copy_bandwidth(device, timed)
-    print(f"{gpu}: copy bandwidth {bandwidth:.0f} GB/s")
-    result = bench(args.models.split(","), m_values, formats, device, smoke=args.smoke)
+    click.echo(f"{gpu}: copy bandwidth {bandwidth:.0f} GB/s")
+    result = bench(models.split(","), m_values, formats, device, smoke=smoke)
     for row in result["rows"]:
         for fmt in formats:
             row[f"{fmt}_bandwidth_fraction"] = row[f"{fmt}_gbs"] / bandwidth
     result.update({"gpu": gpu, "copy_bandwidth_gbs": bandwidth, "torch": torch.__version__})
-    out = Path(args.out or Path(__file__).parent / "results" / f"bench_kernels_{gpu.replace(' ', '_')}.json")
+    click.echo(format_table(result["rows"], formats))
+    out = Path(json_out or RESULTS / f"bench_kernels_{gpu.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    click.echo(f"wrote {out}")
     for f in result["failures"]:
-        print("FAILED", f)
+        click.echo(f"FAILED {f}")
     return 1 if result["failures"] else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv: list[str] | None = None) -> int:
+    """`python dev bench-kernels ARGV` in this process (see `qwen2q_dev.cli.main`)."""
+    from qwen2q_dev.cli import run_command
+
+    return run_command(command, argv)

@@ -1,6 +1,7 @@
 """Write a random-weight Qwen2 checkpoint with a real model's shapes, for memory and speed proofs.
 
-    python -m qwen2q.evals.random_checkpoint OUT_DIR [--shape qwen2-7b] [--tokenizer-from DIR] [--layers N]
+\b
+    python dev random-checkpoint OUT_DIR [--shape qwen2-7b] [--tokenizer-from DIR] [--layers N] [--seed 0]
 
 The weights are N(0, 0.02) in bf16 (norm weights 1, q/k/v biases N(0, 0.1)), written shard by shard
 (at most one shard in memory) as sharded safetensors with a model.safetensors.index.json, so the
@@ -12,11 +13,11 @@ peak memory in a fraction of the conversion time, since AWQ holds one decoder la
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
+import click
 import torch
 from safetensors.torch import save_file
 
@@ -107,22 +108,25 @@ def write(out: Path, shape: str, tokenizer_from: Path | None, shard_bytes: int =
     return total
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m qwen2q.evals.random_checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-7b")
-    p.add_argument("--tokenizer-from", type=Path, default=None, help="copy tokenizer files from this Qwen2 model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (real shapes)")
-    args = p.parse_args(argv)
+@click.command("random-checkpoint", help=__doc__)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shape", type=click.Choice(sorted(SHAPES)), default="qwen2-7b", show_default=True)
+@click.option("--tokenizer-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Copy the tokenizer files from this Qwen2 model.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Keep only the first N decoder layers (at their real shapes).")
+def command(out, shape, tokenizer_from, seed, layers) -> None:
     try:
-        total = write(args.out, args.shape, args.tokenizer_from, seed=args.seed, layers=args.layers)
+        total = write(out, shape, tokenizer_from, seed=seed, layers=layers)
     except ValueError as e:
-        p.error(str(e))
-    depth = f", {args.layers} layers" if args.layers else ""
-    print(f"wrote {args.out}: {total / 1e9:.2f} GB of bf16 tensors ({args.shape} shapes{depth})")
+        raise click.BadParameter(str(e), param_hint="--layers") from None
+    depth = f", {layers} layers" if layers else ""
+    click.echo(f"wrote {out}: {total / 1e9:.2f} GB of bf16 tensors ({shape} shapes{depth})")
 
 
-if __name__ == "__main__":
-    main()
+def main(argv: list[str] | None = None) -> int:
+    """`python dev random-checkpoint ARGV` in this process (see `qwen2q_dev.cli.main`)."""
+    from qwen2q_dev.cli import run_command
+
+    return run_command(command, argv)

@@ -1,6 +1,7 @@
 """Train the tiny Qwen2 that ships inside the package (`qwen2q/assets/qwen2-tiny`).
 
-    python -m qwen2q.evals.train_tiny \\
+\b
+    python dev train-tiny \\
         --corpus ../shared/data/calib/wiki.utf8 --corpus ../shared/data/calib/c4.utf8 \\
         --corpus ../shared/data/calib/technical.utf8 --out qwen2q/assets/qwen2-tiny
 
@@ -22,7 +23,6 @@ The corpora are read where they lie and never copied into the output.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -31,12 +31,15 @@ import re
 import shlex
 import sys
 import time
+import types
 from pathlib import Path
 
+import click
 import torch
 import torch.nn.functional as F
 
 from qwen2q.config import Qwen2Config
+from qwen2q.errors import Qwen2qError
 from qwen2q.evals.perplexity import perplexity, unigram_perplexity
 from qwen2q.loader import load_model, save_model
 from qwen2q.model import Qwen2ForCausalLM
@@ -54,11 +57,11 @@ CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    click.echo(msg)
 
 
 def find_data_dir() -> Path | None:
@@ -131,7 +134,7 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     )
     tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
     if tok.get_vocab_size() != vocab_size:
-        raise SystemExit(f"tokenizer reached only {tok.get_vocab_size()} of {vocab_size} entries; use a smaller --vocab-size")
+        raise Qwen2qError(f"tokenizer reached only {tok.get_vocab_size()} of {vocab_size} entries; use a smaller --vocab-size")
     return tok
 
 
@@ -414,46 +417,75 @@ def sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", action="append", required=True, type=Path, help="training text file (repeat)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (Hugging Face format)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--intermediate-size", type=int, default=768)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=512, help="training window = context length")
-    p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--wikitext", type=Path, default=None, help="wiki.test.raw (default: <data dir>/wikitext-2-raw/wiki.test.raw)")
-    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation (the card then has none)")
-    p.add_argument("--time-steps", type=int, default=0, help="only time this many training steps; write nothing")
-    args = p.parse_args(argv)
+def _check_shapes(options: dict) -> None:
+    """Every linear's sizes must be multiples of 128, so that every quantized kernel applies."""
     for name in ("vocab_size", "hidden_size", "intermediate_size"):
-        if getattr(args, name) % 128:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a multiple of 128")
-    if (args.hidden_size // args.heads * args.kv_heads) % 128:
-        raise SystemExit("the k/v projection width (kv_heads * head_dim) must be a multiple of 128")
-    return args
+        if options[name] % 128:
+            raise click.BadParameter("must be a multiple of 128", param_hint=f"--{name.replace('_', '-')}")
+    if (options["hidden_size"] // options["heads"] * options["kv_heads"]) % 128:
+        raise click.UsageError("the k/v projection width (kv_heads * head_dim) must be a multiple of 128")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def _command_line(ctx: click.Context) -> str:
+    """The command that reproduces this run: every option not left at its default, as given."""
+    parts = []
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        if getattr(param, "is_flag", False):
+            parts.append(flag)
+        else:
+            parts += [x for v in (value if param.multiple else [value]) for x in (flag, str(v))]
+    return f"python dev {ctx.command.name} " + shlex.join(parts)
+
+
+@click.command("train-tiny", help=__doc__)
+@click.option("--corpus", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Training text file (repeat).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (Hugging Face format).")
+@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--hidden-size", default=256, show_default=True)
+@click.option("--intermediate-size", default=768, show_default=True)
+@click.option("--layers", default=4, show_default=True)
+@click.option("--heads", default=4, show_default=True)
+@click.option("--kv-heads", default=2, show_default=True)
+@click.option("--context-len", "seq_len", default=512, show_default=True,
+              help="Training window = the model's context (max_position_embeddings).")
+@click.option("--rope-theta", default=10000.0, show_default=True)
+@click.option("--steps", default=600, show_default=True)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True)
+@click.option("--min-lr-ratio", default=0.1, show_default=True)
+@click.option("--warmup", default=30, show_default=True)
+@click.option("--weight-decay", default=0.1, show_default=True)
+@click.option("--clip", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the weights and of the batches.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--wikitext", type=click.Path(path_type=Path), default=None,
+              help="wiki.test.raw (default: <data dir>/wikitext-2-raw/wiki.test.raw).")
+@click.option("--no-eval", is_flag=True, help="Skip the perplexity evaluation (the card then has none).")
+@click.option("--time-steps", default=0, help="Only time this many training steps; write nothing.")
+@click.pass_context
+def command(ctx, **options) -> None:
+    _check_shapes(options)
+    train_and_save(types.SimpleNamespace(**options), _command_line(ctx))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python dev train-tiny ARGV` in this process (see `qwen2q_dev.cli.main`)."""
+    from qwen2q_dev.cli import run_command
+
+    return run_command(command, argv)
+
+
+def train_and_save(args: types.SimpleNamespace, command: str) -> None:
+    """Train the tokenizer and the model as `args` say, save them into args.out with the model card."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    command = "python -m qwen2q.evals.train_tiny " + shlex.join(sys.argv[1:] if argv is None else argv)
     log(f"$ {command}")
 
     # Data
@@ -560,7 +592,3 @@ def main(argv=None) -> None:
     facts["dir_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     write_card(out, facts)  # again, now that the card's own size is counted (its length barely changes)
     log(f"wrote {out}: {facts['dir_bytes'] / 2**20:.2f} MiB")
-
-
-if __name__ == "__main__":
-    main()

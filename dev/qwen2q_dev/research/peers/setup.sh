@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Peer environments for evals/compare_peers.py, beside the project's own venv (torch pinned to the CPU
+# Peer environments for `python dev compare-peers` (dev/qwen2q_dev/research/compare_peers.py), beside the project's own venv (torch pinned to the CPU
 # build by .ci/constraints.txt in each):
 #   PEERS/tf451      transformers 4.51.3 + autoawq 0.2.9 (AutoAWQ's last tested transformers)
 #   PEERS/llmc       llmcompressor 0.14.x (it pulls its own transformers 5.x and compressed-tensors)
 #   PEERS/qwen-rope  MODEL with a config.json transformers 4.x reads right: transformers 5 writes rope_theta
 #                    only inside `rope_parameters`, and 4.x then silently falls back to rope_theta 10000
 # qwen2q goes into each with --no-deps (editable), plus the few packages it imports.
-# usage: evals/peers/setup.sh [PEERS=/work/peers] [MODEL=/work/real/qwen2.5-coder-0.5b]
+# usage: dev/qwen2q_dev/research/peers/setup.sh [PEERS=/work/peers] [MODEL=/work/real/qwen2.5-coder-0.5b]
 set -euo pipefail
-REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+REPO="$(cd "$(dirname "$0")/../../../.." && pwd)"
 PEERS="${1:-/work/peers}"
 MODEL="${2:-/work/real/qwen2.5-coder-0.5b}"
 C="$REPO/.ci/constraints.txt"

@@ -1,10 +1,15 @@
 """qwen2q's quantizers next to the peers', on one model, one text and the same windows.
 
-    python -m qwen2q.evals.compare_peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 512]
-        [--max-windows 32] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
+\b
+    python dev compare-peers MODEL_DIR [--dataset auto|wikitext2|pydoc|PATH] [--seq-len 2048]
+        [--max-windows N] [--json OUT] [--only ROW,ROW] [--work-dir DIR]
         [--with-autoawq] [--autoawq-dtype float32] [--autoawq-stock] [--calib PATH] [--calib-samples 128]
         [--calib-seq-len 512] [--calib-cut 0] [--reference-cache DIR]
 
+--dataset, --seq-len, --max-windows and --json are `qwen2q eval`'s options, with its defaults (every
+window of 2048 tokens); the recorded runs (peers/README.md) pass --seq-len 512 --max-windows 32 or 128.
+
+\b
 Rows (names for --only):
   transformers-bf16   the same bf16 checkpoint run by transformers: the implementation floor of every
                       transformers row (what KL two correct bf16 implementations already show)
@@ -28,8 +33,8 @@ Rows (names for --only):
                       no-op here (pinning needs an accelerator)
 
 Protocol: the text is tokenized once with MODEL_DIR's tokenizer and cut into non-overlapping windows
-(`evals.perplexity`); the bf16 model, loaded by qwen2q, is the reference of every row
-(`evals.drift.compare`: perplexity, KL(reference || row), top-1 agreement).  The reference runs once:
+(`qwen2q.evals.perplexity.windows`); the bf16 model, loaded by qwen2q, is the reference of every row
+(`qwen2q.evals.drift.compare`: perplexity, KL(reference || row), top-1 agreement).  The reference runs once:
 its logits per window are kept on disk in the work directory (bf16 logits, stored exactly) and
 replayed for each row, so memory holds one model at a time and every row sees identical reference
 figures (disk: seq_len * vocab * 2 bytes a window, 150 MiB for Qwen2 at 512; the default work
@@ -37,9 +42,8 @@ directory is temporary and removed at the end).  Rows run one at a time; each is
 checkpoint's dtype.  A row whose peer is not installed (or not opted in) is reported with the reason,
 never fatal; a row that fails is reported with its error and the exit status is 1.
 
-Columns: ± se = one standard error of the perplexity delta over windows (`evals.drift`; each row's
-per-window NLL and KL are in the JSON, for `python -m qwen2q.evals.paired` to compare two rows window by
-window); bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
+Columns: ± se = one standard error of the perplexity delta over windows (`qwen2q.evals.drift`; each row's
+per-window NLL and KL are in the JSON, for `python dev paired` to compare two rows window by window); bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
 bias excluded) * 8 / their weight count; size = bytes of all stored tensors (what the checkpoint holds,
 tied lm_head once); quant s = wall time to quantize (qwen2q: `convert` to disk; transformers: load +
 quantize in memory; AutoAWQ: `quantize()` including calibration; llm-compressor: `oneshot`); cpu s = CPU
@@ -48,14 +52,12 @@ machine wall time also counts the other jobs, CPU time does not.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -65,27 +67,33 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
+import click
 import torch
 
+import qwen2q
 from qwen2q import __version__
 from qwen2q.checkpoint import iter_tensors, weight_files
+from qwen2q.cli_options import dataset_option, json_option, max_windows_option, seq_len_option
 from qwen2q.config import Qwen2Config
 from qwen2q.convert import SIDE_FILES, convert
 from qwen2q.errors import Qwen2qError
 from qwen2q.evals.data import load_text
 from qwen2q.evals.drift import compare
 from qwen2q.evals.harness import choose_seq_len
-from qwen2q.evals.perplexity import _windows, perplexity
-from qwen2q.loader import load_model, parse_dtype
+from qwen2q.evals.perplexity import perplexity, windows
+from qwen2q.evals.table import Column
+from qwen2q.evals.table import format_table as render_table
+from qwen2q.loader import parse_dtype
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import QUANTIZABLE
 from qwen2q.tokenizer import Tokenizer
 
-_REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 GROUP_SIZE = 128
 AVX512_NOTE = ("bitsandbytes' AVX512-BF16 CPU fast path switched off on every Linear4bit: it repacks NF4 and "
                "rounds absmax to bf16, an approximation its GPU path does not make")
@@ -112,7 +120,7 @@ class Context:
     src: Path
     work: Path
     dtype: torch.dtype
-    args: argparse.Namespace
+    args: types.SimpleNamespace  # the command's options, by parameter name
     _calib: torch.Tensor | None = None
 
     def calibration_ids(self) -> torch.Tensor:
@@ -124,10 +132,19 @@ class Context:
 
 
 def default_calib() -> Path:
-    for folder in (os.environ.get("QWEN2Q_DATA"), _REPO.parent / "shared" / "data"):
-        if folder and (Path(folder) / "calib" / "wiki.utf8").is_file():
-            return Path(folder) / "calib" / "wiki.utf8"
-    return _REPO.parent / "shared" / "data" / "calib" / "wiki.utf8"
+    """The calibration text `qwen2q quantize -m awq` uses by default (`qwen2q.calibrate.data.default_source`);
+    where there is none, the path it would have, so that the AWQ rows' "not found" names it."""
+    from qwen2q.calibrate.data import default_source
+
+    found = default_source()
+    if found is not None:
+        return Path(found)
+    return Path(os.environ.get("QWEN2Q_DATA") or REPO.parent / "shared" / "data") / "calib" / "wiki.utf8"
+
+
+def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """qwen2q's model of checkpoint `path` on the CPU in `dtype` (`qwen2q.load`): input_ids -> logits."""
+    return qwen2q.load(path, device="cpu", dtype=dtype).model
 
 
 def calibration_blocks(path: Path, tokenizer: Tokenizer, samples: int, seq_len: int, cut: int = 0) -> torch.Tensor:
@@ -551,7 +568,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def run(args: argparse.Namespace, work: Path) -> dict:
+def run(args: types.SimpleNamespace, work: Path) -> dict:
     """Evaluate the rows `args.only` (default: all) of checkpoint `args.model` against it, keeping checkpoints
     and reference logits under `work`: {"settings": ..., "rows": [...]} as written by --json."""
     src = args.model
@@ -560,7 +577,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     seq_len = choose_seq_len(args.seq_len, config)
     text = load_text(args.dataset)
     ids = torch.tensor(Tokenizer(src).encode(text.text), dtype=torch.long)
-    n_windows = _windows(ids, seq_len, args.max_windows).shape[0]
+    n_windows = windows(ids, seq_len, args.max_windows).shape[0]
     linears = linear_weight_counts(config)
     settings = {
         "model": str(src), "dataset": text.name, "source": text.source, "text_tokens": int(ids.numel()),
@@ -628,85 +645,84 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     return {"settings": settings, "rows": rows}
 
 
-COLUMNS = [("row", 24, None, "label"), ("bits/w", 7, "{:.3f}", "bits_per_weight"), ("size MiB", 9, "{:.1f}", "size_mib"),
-           ("ppl", 10, "{:.4f}", "ppl"), ("delta", 9, "{:+.4f}", "ppl_delta"), ("± se", 7, "{:.3f}", "ppl_delta_se"), ("KL", 9, "{:.5f}", "kl"),
-           ("top-1", 8, "{:.2%}", "top1"), ("quant s", 8, "{:.1f}", "quantize_seconds"),
-           ("cpu s", 8, "{:.1f}", "quantize_cpu_seconds")]
+COLUMNS = [Column("row", "label"), Column("bits/w", "bits_per_weight", "{:.3f}"), Column("size MiB", "size_mib", "{:.1f}"),
+           Column("ppl", "ppl", "{:.4f}"), Column("delta", "ppl_delta", "{:+.4f}"), Column("± se", "ppl_delta_se", "{:.3f}"),
+           Column("KL", "kl", "{:.5f}"), Column("top-1", "top1", "{:.2%}"), Column("quant s", "quantize_seconds", "{:.1f}"),
+           Column("cpu s", "quantize_cpu_seconds", "{:.1f}")]
 
 
 def format_table(result: dict) -> str:
+    """The settings line, one table row per row (a row that did not run says why), then each row's notes."""
     s = result["settings"]
-    lines = [f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
-             f"{s['scored_tokens']} scored tokens; reference: bf16 checkpoint run by qwen2q, every row in {s['dtype']}",
-             "".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w, _, _) in enumerate(COLUMNS))]
-    notes = []
+    rows, notes = [], []
     for row in result["rows"]:
         if row["status"] != "ok":
-            lines.append(f"{row['label']:<{COLUMNS[0][1]}}  {row['status']}")
+            rows.append((row["label"], row["status"]))
             continue
-        row = {**row, "size_mib": row["size_bytes"] / 2**20}
-        cells = [f"{row['label']:<{COLUMNS[0][1]}}"]
-        for _, w, fmt, key in COLUMNS[1:]:
-            v = row.get(key)
-            cells.append(f"{'-' if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v):>{w}}")
-        lines.append("".join(cells))
+        rows.append({**row, "size_mib": row["size_bytes"] / 2**20})
         notes += [f"  {row['label']}: {n}" for n in row.get("notes", [])]
-    return "\n".join(lines + (["notes:"] + notes if notes else []))
+    settings = (f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
+                f"{s['scored_tokens']} scored tokens; reference: bf16 checkpoint run by qwen2q, every row in {s['dtype']}")
+    return "\n".join([settings, render_table(COLUMNS, rows)] + (["notes:"] + notes if notes else []))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m qwen2q.evals.compare_peers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="bf16 (or fp16/fp32) Qwen2 checkpoint directory")
-    p.add_argument("--dataset", default="auto", help="auto, wikitext2, pydoc, or a text file / folder")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=32)
-    p.add_argument("--json", type=Path, default=None, help="write every figure and the settings here")
-    p.add_argument("--only", default=None, help=f"comma-separated rows among: {', '.join(ROWS)}")
-    p.add_argument("--work-dir", type=Path, default=None,
-                   help="keep checkpoints and reference logits here (default: a temporary folder, removed)")
-    p.add_argument("--reference-cache", type=Path, default=None,
-                   help="keep the reference logits here and reuse them in later runs on the same model and windows "
-                        "(default: inside the work directory); seq_len * vocab * 2 bytes a window")
-    p.add_argument("--with-autoawq", action="store_true", help="run the AutoAWQ row (slow: hours for 0.5B on a 2-core CPU)")
-    p.add_argument("--autoawq-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype AutoAWQ quantizes in (AutoAWQ's own default is fp16)")
-    p.add_argument("--autoawq-stock", action="store_true",
-                   help="run AutoAWQ's quantizer unpatched (on CPU its scale search corrupts the weights)")
-    p.add_argument("--calib", type=Path, default=default_calib(), help="calibration text for the AWQ rows")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--calib-cut", type=int, default=0,
-                   help="take the K-th run of samples x seq-len tokens of --calib (0: the first); disjoint cuts "
-                        "show how far a calibrated row moves with its calibration sample")
-    args = p.parse_args(argv)
-    if args.only:
-        args.only = [r.strip() for r in args.only.split(",") if r.strip()]
-        unknown = [r for r in args.only if r not in ROWS]
-        if unknown:
-            p.error(f"unknown row(s) {', '.join(unknown)}; choose among {', '.join(ROWS)}")
-    return args
+def _row_names(ctx, param, value: str | None) -> list[str] | None:
+    """--only's comma-separated row names, each checked against ROWS (bad usage otherwise)."""
+    if not value:
+        return None
+    names = [r.strip() for r in value.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        raise click.BadParameter(f"unknown row(s) {', '.join(unknown)}; choose among {', '.join(ROWS)}")
+    return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="qwen2q-peers-"))
+@click.command("compare-peers", help=__doc__)
+@click.argument("model", type=click.Path(path_type=Path))
+@dataset_option
+@seq_len_option
+@max_windows_option
+@json_option
+@click.option("--only", default=None, callback=_row_names, metavar="ROW,ROW",
+              help=f"Comma-separated rows among: {', '.join(ROWS)} (default: all).")
+@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep checkpoints and reference logits here (default: a temporary folder, removed).")
+@click.option("--reference-cache", type=click.Path(path_type=Path), default=None,
+              help="Keep the reference logits here and reuse them in later runs on the same model and windows "
+                   "(default: inside the work directory); seq_len * vocab * 2 bytes a window.")
+@click.option("--with-autoawq", is_flag=True, help="Run the AutoAWQ row (slow: hours for 0.5B on a 2-core CPU).")
+@click.option("--autoawq-dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="dtype AutoAWQ quantizes in (AutoAWQ's own default is fp16).")
+@click.option("--autoawq-stock", is_flag=True,
+              help="Run AutoAWQ's quantizer unpatched (on CPU its scale search corrupts the weights).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text for the AWQ rows (default: the one `qwen2q quantize -m awq` uses).")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--calib-cut", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Take the K-th run of samples x seq-len tokens of --calib (0: the first); disjoint cuts show "
+                   "how far a calibrated row moves with its calibration sample.")
+def command(json_out, work_dir, **options) -> int:
+    args = types.SimpleNamespace(**options)
+    args.calib = args.calib or default_calib()
+    work = work_dir or Path(tempfile.mkdtemp(prefix="qwen2q-peers-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = run(args, work)
-    except Qwen2qError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
-        if args.work_dir is None:
+        if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    click.echo(format_table(result))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
     return 1 if any(r["status"].startswith("failed") for r in result["rows"]) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    """`python dev compare-peers ARGV` in this process (see `qwen2q_dev.cli.main`)."""
+    from qwen2q_dev.cli import run_command
+
+    return run_command(command, argv)

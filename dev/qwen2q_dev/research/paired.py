@@ -1,12 +1,14 @@
-"""Two or more `compare_peers` rows compared window by window: is a perplexity gap larger than its noise?
+"""Two or more `compare-peers` rows compared window by window: is a perplexity gap larger than its noise?
 
-    python -m qwen2q.evals.paired RESULT.json[:ROW] RESULT.json[:ROW] [...] [--first N]
+\b
+    python dev paired RESULT.json[:ROW] RESULT.json[:ROW] [...] [--first N] [--json OUT]
 
-Each argument is a `compare_peers --json` file, with `:ROW` naming the row when the file holds more than one
+Each argument is a `compare-peers --json` file, with `:ROW` naming the row when the file holds more than one
 quantized row.  Every row must have been scored on the same windows against the same reference (checked:
 same text, seq len and window count, and the same per-window reference NLL).  The first row is the baseline;
-for each other row B the table gives, from the per-window mean NLLs (`evals.drift.paired_nll_difference`):
+for each other row B the table gives, from the per-window mean NLLs (`qwen2q.evals.drift.paired_nll_difference`):
 
+\b
     gap      = ppl_B - ppl_A                      (A = the first row)
     95% ci   = ppl_A * (exp(d +- 1.96 se) - 1)   d = mean over windows of nll_B,w - nll_A,w
     KL gap   = KL_B - KL_A, with its own 1.96 se from the per-window KL
@@ -20,14 +22,16 @@ independent draws, so the intervals are if anything too narrow.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
+import click
+
+from qwen2q.cli_options import json_option
 from qwen2q.errors import Qwen2qError
 from qwen2q.evals.drift import paired_nll_difference
+from qwen2q.evals.table import Column, format_table as render_table
 
 Z95 = 1.96
 
@@ -89,43 +93,41 @@ def compare_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+ROW_COLUMNS = [Column("row", "label"), Column("ppl", "ppl", "{:.3f}"), Column("delta", "ppl_delta", "{:+.3f}"),
+               Column("± se", "ppl_delta_se", "{:.3f}"), Column("KL", "kl", "{:.4f}")]
+GAP_COLUMNS = [Column("row", "row"), Column("ppl gap", "ppl_gap", "{:+.3f}"),
+               Column("95% ci", "ci", "{}"), Column("by these windows", "verdict"), Column("KL gap", "kl_gap", "{:+.4f}"),
+               Column("± 1.96 se", "kl_ci", "{:.4f}")]
+
+
 def format_table(rows: list[dict], gaps: list[dict]) -> str:
+    """The rows' own figures, then each row's gaps to the first with their 95% intervals."""
     s = rows[0]["settings"]
-    lines = [f"{s['dataset']}: {s['windows']} windows of {s['seq_len']}, reference ppl {rows[0]['ppl_reference']:.3f}",
-             f"{'row':<44}{'ppl':>9}{'delta':>9}{'± se':>7}{'KL':>9}"]
-    for r in rows:
-        lines.append(f"{r['label'][:43]:<44}{r['ppl']:>9.3f}{r['ppl_delta']:>+9.3f}{r['ppl_delta_se']:>7.3f}{r['kl']:>9.4f}")
-    lines.append(f"against {rows[0]['label']}:")
-    for g in gaps:
-        lo, hi = g["ppl_gap_ci95"]
-        verdict = "resolved" if g["resolved"] else "not resolved"
-        lines.append(f"  {g['row'][:42]:<42} ppl {g['ppl_gap']:+.3f} (95% ci {lo:+.3f} .. {hi:+.3f}, {verdict}); "
-                     f"KL {g['kl_gap']:+.4f} ± {Z95 * g['kl_gap_se']:.4f}")
-    return "\n".join(lines)
+    gap_rows = [{**g, "ci": f"{g['ppl_gap_ci95'][0]:+.3f} .. {g['ppl_gap_ci95'][1]:+.3f}",
+                 "verdict": "resolved" if g["resolved"] else "not resolved", "kl_ci": Z95 * g["kl_gap_se"]}
+                for g in gaps]
+    return "\n".join([f"{s['dataset']}: {s['windows']} windows of {s['seq_len']}, reference ppl {rows[0]['ppl_reference']:.3f}",
+                      render_table(ROW_COLUMNS, rows), f"against {rows[0]['label']}:", render_table(GAP_COLUMNS, gap_rows)])
+
+
+@click.command("paired", help=__doc__)
+@click.argument("specs", nargs=-1, required=True, metavar="FILE[:ROW] FILE[:ROW] ...")
+@click.option("--first", type=click.IntRange(min=1), default=None, metavar="N", help="Use only each row's first N windows.")
+@json_option
+def command(specs, first, json_out) -> None:
+    if len(specs) < 2:
+        raise Qwen2qError("give at least two rows to compare")
+    rows = [load_row(spec) for spec in specs]
+    if first is not None:
+        rows = [first_windows(r, first) for r in rows]
+    gaps = compare_rows(rows)
+    click.echo(format_table(rows, gaps))
+    if json_out:
+        Path(json_out).write_text(json.dumps(gaps, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qwen2q.evals.paired", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("rows", nargs="+", metavar="FILE[:ROW]", help="compare_peers JSON files; the first is the baseline")
-    p.add_argument("--first", type=int, default=None, metavar="N", help="use only each row's first N windows")
-    p.add_argument("--json", type=Path, default=None, help="write the gaps here")
-    args = p.parse_args(argv)
-    try:
-        if len(args.rows) < 2:
-            raise Qwen2qError("give at least two rows to compare")
-        rows = [load_row(spec) for spec in args.rows]
-        if args.first is not None:
-            rows = [first_windows(r, args.first) for r in rows]
-        gaps = compare_rows(rows)
-    except Qwen2qError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_table(rows, gaps))
-    if args.json:
-        args.json.write_text(json.dumps(gaps, indent=2) + "\n")
-    return 0
+    """`python dev paired ARGV` in this process (see `qwen2q_dev.cli.main`)."""
+    from qwen2q_dev.cli import run_command
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run_command(command, argv)

@@ -1,7 +1,7 @@
 """AutoAWQ 0.2.9 on layer 0 of a Qwen2 checkpoint only, instrumented (the diagnosis of its CPU failure).
 
-[AWQ_FIX=1] python evals/peers/autoawq_layer0.py MODEL_DIR float32|float16|bfloat16 [N_SAMPLES 8] [SEQ_LEN 512]
-AWQ_FIX=1 clones the weight backup of AutoAWQ's scale search (what compare_peers' autoawq row does).
+[AWQ_FIX=1] python dev/qwen2q_dev/research/peers/autoawq_layer0.py MODEL_DIR float32|float16|bfloat16 [N_SAMPLES 8] [SEQ_LEN 512]
+AWQ_FIX=1 clones the weight backup of AutoAWQ's scale search (what compare-peers' autoawq row does).
 Calibration: the first N_SAMPLES * SEQ_LEN tokens of compare_peers' default calibration text.
 Prints: the layer kwargs AutoAWQ caches (mask, rope), per scaling group the chosen ratio, loss history,
 overflow counts and scale range; then layer-0 output error (fp32, correct rope 1e6, causal) of
@@ -10,12 +10,15 @@ overflow counts and scale range; then layer-0 output error (fp32, correct rope 1
   awq-f32q the same scales/clips re-applied to fp32 weights and quantized in fp32
 """
 import copy, json, sys, time, math
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # dev/, where qwen2q_dev lives (not the repo root)
 import torch, transformers
 from safetensors import safe_open
 import awq.quantize.quantizer as qz
 from awq import AutoAWQForCausalLM
 from qwen2q.tokenizer import Tokenizer
-from qwen2q.evals.compare_peers import calibration_blocks, default_calib
+from qwen2q_dev.research.compare_peers import calibration_blocks, default_calib
 
 src, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 n, L = (int(sys.argv[3]) if len(sys.argv) > 3 else 8), (int(sys.argv[4]) if len(sys.argv) > 4 else 512)

@@ -1,0 +1,1 @@
+"""Developer tools: build the embedded model, write large random checkpoints, benchmark the kernels."""
