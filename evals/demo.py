@@ -4,7 +4,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from qwen2q.convert import convert
+import qwen2q
 from qwen2q.evals.data import EvalText
 from qwen2q.evals.harness import evaluate
 from qwen2q.qconfig import QuantConfig
@@ -20,7 +20,7 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
     text is available (../shared/data/calib or $QWEN2Q_DATA); it never calibrates on the evaluation text."""
     from qwen2q.api import DEFAULT_MODEL
     from qwen2q.calibrate.data import default_source
-    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+    from qwen2q.calibrate.pipeline import CalibrationSettings
 
     source = Path(source or DEFAULT_MODEL)
     notes = []
@@ -28,15 +28,15 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
         reports, paths = {}, []
         for qcfg in METHODS:
             dst = Path(tmp) / qcfg.method
-            reports[str(dst)] = convert(source, dst, qcfg, progress=False)
+            reports[str(dst)] = qwen2q.quantize(source, dst, qcfg, progress=False)
             paths.append(dst)
         calib = default_source()
         if calib is not None:
             dst = Path(tmp) / "awq"
-            reports[str(dst)], details = awq_convert(source, dst, AWQ, CalibrationSettings(str(calib), **AWQ_CALIBRATION),
-                                                     progress=False)
+            report = qwen2q.quantize(source, dst, AWQ, CalibrationSettings(str(calib), **AWQ_CALIBRATION), progress=False)
+            reports[str(dst)] = report
             paths.append(dst)
-            notes.append(f"awq calibration: {details['calibration']}")
+            notes.append(f"awq calibration: {report.calibration}")
         else:
             notes.append("awq skipped: no calibration text (set QWEN2Q_DATA to a folder with calib/wiki.utf8)")
         result = evaluate(paths, text, reference=source, max_windows=max_windows, progress=progress)

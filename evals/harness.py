@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2q import __version__
+from qwen2q._version import __version__
 from qwen2q.checkpoint import check_model_dir
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError

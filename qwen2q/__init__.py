@@ -3,7 +3,7 @@
 `qwen2q.load(path)` returns a ready-to-use model with its tokenizer; `qwen2q.quantize(src, dst, recipe)`
 writes a quantized checkpoint; the `qwen2q` command quantizes, evaluates and runs checkpoints.  See README.md.
 """
-__version__ = "0.1.0"
+from qwen2q._version import __version__
 
 
 def load(*args, **kwargs):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2q import __version__
+from qwen2q._version import __version__
 from qwen2q.architecture import LINEAR_WEIGHT
 from qwen2q.checkpoint import (
     check_all_finite,

@@ -76,7 +76,7 @@ import click
 import torch
 
 import qwen2q
-from qwen2q import __version__
+from qwen2q._version import __version__
 from qwen2q.checkpoint import iter_tensors, weight_files
 from qwen2q.cli_options import dataset_option, json_option, max_windows_option, seq_len_option
 from qwen2q.config import Qwen2Config
