@@ -9,6 +9,7 @@ QWEN2Q_KERNELS=reference, the plain-PyTorch reference runs: dequantize W to x's 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,3 +55,12 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
     if backend(x) == "triton":
         return _triton_ops().int4_linear(x, w, bias)
     return F.linear(x, int4.dequantize(w, x.dtype), bias)
+
+
+def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`: the format's own op above
+    (named by `fmt.kernel`) when it has one, else the reference (dequantize to x's dtype, then linear)."""
+    op = getattr(sys.modules[__name__], fmt.kernel, None) if fmt.kernel else None
+    if op is not None:
+        return op(x, w, bias)
+    return F.linear(x, fmt.dequantize(w, x.dtype), bias)

@@ -39,7 +39,7 @@ class Format(abc.ABC):
 
     name: str = ""  # registry name, e.g. "bnb-nf4"
     module_name: str = ""  # class name of the loaded module, e.g. "NF4Linear"
-    kernel: str = ""  # qwen2q.kernels op: kernel(x, weight, bias) -> y
+    kernel: str = ""  # qwen2q.kernels op: kernel(x, weight, bias) -> y; "" runs the reference (dequantize, linear)
     bias_dtype: torch.dtype | None = None  # how a quantized linear's bias is stored; None: as the model's
     defaults: Mapping[str, Any] = {}  # parameters and their defaults, e.g. {"group_size": 128}
 

@@ -32,7 +32,7 @@ def _skip_matches(module_name: str, entry: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """method: nf4 | int8 | int4 | awq.  group_size applies to the formats that take one (awq-gemm); skip
+    """method: nf4 | int8 | int4 | awq, or the name of any registered format (round-to-nearest).  group_size applies to the formats that take one (awq-gemm); skip
     lists module names (or name suffixes, or prefixes) kept in full precision; embeddings are never
     quantized."""
 
@@ -42,13 +42,15 @@ class QuantConfig:
     compute_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise Qwen2qError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in METHODS and self.method not in registry.names():
+            raise Qwen2qError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)} "
+                              f"or a format: {', '.join(registry.names())}")
         self.params  # checks them
 
     @property
     def format(self) -> Format:
-        return registry.get(METHOD_FORMATS[self.method])
+        """The registered format: the method's (nf4 -> bnb-nf4, ...), or the one the method names directly."""
+        return registry.get(METHOD_FORMATS.get(self.method, self.method))
 
     @property
     def params(self) -> dict[str, Any]:
@@ -94,5 +96,5 @@ class QuantConfig:
             raise Qwen2qError(str(e)) from None
         # The first method that names the format: RTN int4 and calibrated AWQ share one layout; config.json's
         # "qwen2q" note says which made it.
-        method = next(m for m, f in METHOD_FORMATS.items() if f == fmt.name)
+        method = next((m for m, f in METHOD_FORMATS.items() if f == fmt.name), fmt.name)
         return cls(method, group_size=params.get("group_size", 128), skip=skip, compute_dtype=compute_dtype)

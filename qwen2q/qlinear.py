@@ -84,7 +84,7 @@ class QuantLinear(nn.Module):
         return self._weight_type(**{f: getattr(self, f) for f in self._fields})
 
     def forward(self, x):
-        return getattr(kernels, self.FORMAT.kernel)(x, self.weight_q(), self.bias)
+        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
