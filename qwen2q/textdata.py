@@ -8,8 +8,8 @@ One module owns the three questions calibration (`qwen2q.calibrate.data`) and ev
   `setup.cfg` next to the `qwen2q/` folder); an installed wheel has no such sibling and gets None.
 * **Local text** (`read_text_file`, `read_jsonl`, `read_documents`): files go through
   `datasets.load_dataset("text", sample_by="document")` (the whole file as one row, read in text mode
-  exactly as `Path.read_text` reads it) or `load_dataset("json")` for `.jsonl`, streamed, so no Arrow
-  cache is written.  Documents are WikiExtractor `<doc>` blocks, else blank-line-separated paragraphs;
+  exactly as `Path.read_text` reads it) or `load_dataset("json")` for `.jsonl`, streamed into a
+  throw-away cache folder, so nothing accumulates under ~/.cache/huggingface.  Documents are WikiExtractor `<doc>` blocks, else blank-line-separated paragraphs;
   `datasets`' own `sample_by="paragraph"` splits on "\\n\\n" only, so the split stays here.
 * **The hub** (`hub_unavailable`, `hub_rows`): used only when reachable.  "Not reachable" is decided
   once per process, without retries: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or a 2-second probe of
@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -77,7 +78,7 @@ def data_folder_hint() -> str:
 # --- local text through datasets -----------------------------------------------------------------
 
 @contextlib.contextmanager
-def _local_datasets():
+def _quiet_datasets():
     """`datasets`, quiet and offline for local files: no progress bars or log lines, and no
     download-count ping (load_dataset otherwise sends a HEAD request per call, up to 3 s when the
     network is black-holed).  The settings are restored afterwards."""
@@ -95,6 +96,18 @@ def _local_datasets():
         datasets.logging.set_verbosity(verbosity)
         if not bars_off:
             datasets.enable_progress_bars()
+
+
+def _load_local(builder: str, path: Path, **config) -> list[dict]:
+    """The rows of one local file through `load_dataset(builder, data_files=path)`, streamed.
+
+    Streaming writes no Arrow cache; its builder still drops an empty lock file per file into the cache
+    folder, so a throw-away cache folder is used and nothing is left behind.
+    """
+    with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="qwen2q-datasets-") as cache:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                     cache_dir=cache, **config)
+        return list(rows)
 
 
 def _first_line(error: BaseException) -> str:
@@ -115,16 +128,13 @@ def read_text_file(path: str | Path) -> str:
     Text mode with universal newlines, as `Path.read_text` reads it, so the result is the same string.
     """
     path = Path(path)
-    with _local_datasets() as datasets:
-        try:
-            rows = datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train",
-                                         streaming=True)
-            texts = [row["text"] for row in rows]
-        except Exception as e:  # noqa: BLE001 - a decoding error arrives wrapped in datasets' own errors
-            if _caused_by(e, UnicodeDecodeError):
-                raise Qwen2qError(f"{path} is not UTF-8 text") from None
-            raise
-    return "".join(texts)
+    try:
+        rows = _load_local("text", path, sample_by="document")
+    except Exception as e:  # noqa: BLE001 - a decoding error may arrive wrapped in datasets' own errors
+        if _caused_by(e, UnicodeDecodeError):
+            raise Qwen2qError(f"{path} is not UTF-8 text") from None
+        raise
+    return "".join(row["text"] for row in rows)
 
 
 def _bad_jsonl_line(path: Path) -> str | None:
@@ -145,16 +155,15 @@ def read_jsonl(path: str | Path) -> list:
     """The records of a `.jsonl` file, read by `load_dataset("json")`: each is its "messages" (a list of
     {"role", "content", ...} dicts) when present, else its "text"."""
     path = Path(path)
-    with _local_datasets() as datasets:
-        try:
-            rows = list(datasets.load_dataset("json", data_files=str(path), split="train", streaming=True))
-        except Exception as e:  # noqa: BLE001 - pyarrow's parse errors name no line; find it below
-            if _caused_by(e, UnicodeDecodeError):
-                raise Qwen2qError(f"{path} is not UTF-8 text") from None
-            bad = _bad_jsonl_line(path)
-            if bad is None and not path.read_text(encoding="utf-8").strip():
-                return []  # no records at all (pyarrow finds no schema to infer)
-            raise Qwen2qError(bad or f"{path}: not JSON lines ({_first_line(e)})") from None
+    try:
+        rows = _load_local("json", path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's parse errors name no line; find it below
+        if _caused_by(e, UnicodeDecodeError):
+            raise Qwen2qError(f"{path} is not UTF-8 text") from None
+        bad = _bad_jsonl_line(path)
+        if bad is None and not path.read_text(encoding="utf-8").strip():
+            return []  # no records at all (pyarrow finds no schema to infer)
+        raise Qwen2qError(bad or f"{path}: not JSON lines ({_first_line(e)})") from None
     docs = []
     for i, row in enumerate(rows):
         if row.get("messages") is not None:
