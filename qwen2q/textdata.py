@@ -8,7 +8,7 @@ One module owns the three questions calibration (`qwen2q.calibrate.data`) and ev
   `setup.cfg` next to the `qwen2q/` folder); an installed wheel has no such sibling and gets None.
 * **Local text** (`read_text_file`, `read_jsonl`, `read_documents`): files go through
   `datasets.load_dataset("text", sample_by="document")` (the whole file as one row, read in text mode
-  exactly as `Path.read_text` reads it) or `load_dataset("json")` for `.jsonl`, streamed into a
+  exactly as `Path.read_text` reads it) or `load_dataset("json")` for `.jsonl`, kept in memory with a
   throw-away cache folder, so nothing accumulates under ~/.cache/huggingface.  Documents are WikiExtractor `<doc>` blocks, else blank-line-separated paragraphs;
   `datasets`' own `sample_by="paragraph"` splits on "\\n\\n" only, so the split stays here.
 * **The hub** (`hub_unavailable`, `hub_rows`): used only when reachable.  "Not reachable" is decided
@@ -99,15 +99,15 @@ def _quiet_datasets():
 
 
 def _load_local(builder: str, path: Path, **config) -> list[dict]:
-    """The rows of one local file through `load_dataset(builder, data_files=path)`, streamed.
+    """The rows of one local file through `load_dataset(builder, data_files=path)`, kept in memory.
 
-    Streaming writes no Arrow cache; its builder still drops an empty lock file per file into the cache
-    folder, so a throw-away cache folder is used and nothing is left behind.
+    The Arrow files `datasets` writes go to a throw-away cache folder, so nothing accumulates under
+    ~/.cache/huggingface.  (Streaming would write no Arrow file, but it imports torch, 2 s on a cold start.)
     """
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="qwen2q-datasets-") as cache:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
                                      cache_dir=cache, **config)
-        return list(rows)
+        return rows.to_list()
 
 
 def _first_line(error: BaseException) -> str:
