@@ -75,11 +75,12 @@ def load_text(spec: str = "auto") -> EvalText:
         hub, why = _from_hub()
         if hub is not None:
             return hub
+        missing = f"no {WIKITEXT_RAW} under {textdata.data_folder_hint()}, and {why}"
         if spec == "wikitext2":
-            raise Qwen2qError(f"WikiText-2 not found: no {WIKITEXT_RAW} under {textdata.data_folder_hint()}, and {why}; "
+            raise Qwen2qError(f"WikiText-2 not found: {missing}; "
                               "set QWEN2Q_DATA, pass --dataset PATH, or use --dataset pydoc")
         fallback = pydoc_topics()
-        textdata.notice(f"no WikiText-2 under {textdata.data_folder_hint()}, and {why}; evaluating on {fallback.name} ({fallback.source}) instead")
+        textdata.notice(f"{missing}; evaluating on {fallback.name} ({fallback.source}) instead")
         return fallback
     if spec == "pydoc":
         return pydoc_topics()

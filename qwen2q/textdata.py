@@ -9,8 +9,9 @@ One module owns the three questions calibration (`qwen2q.calibrate.data`) and ev
 * **Local text** (`read_text_file`, `read_jsonl`, `read_documents`): files go through
   `datasets.load_dataset("text", sample_by="document")` (the whole file as one row, read in text mode
   exactly as `Path.read_text` reads it) or `load_dataset("json")` for `.jsonl`, kept in memory with a
-  throw-away cache folder, so nothing accumulates under ~/.cache/huggingface.  Documents are WikiExtractor `<doc>` blocks, else blank-line-separated paragraphs;
-  `datasets`' own `sample_by="paragraph"` splits on "\\n\\n" only, so the split stays here.
+  throw-away cache folder, so nothing accumulates under ~/.cache/huggingface.  Documents are
+  WikiExtractor `<doc>` blocks, else blank-line-separated paragraphs; `datasets`' own
+  `sample_by="paragraph"` splits on "\\n\\n" only, so the split stays here.
 * **The hub** (`hub_unavailable`, `hub_rows`): used only when reachable.  "Not reachable" is decided
   once per process, without retries: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or a 2-second probe of
   $HF_ENDPOINT that gets no HTTP answer.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import json
 import os
 import re
@@ -105,8 +107,9 @@ def _load_local(builder: str, path: Path, **config) -> list[dict]:
     ~/.cache/huggingface.  (Streaming would write no Arrow file, but it imports torch, 2 s on a cold start.)
     """
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="qwen2q-datasets-") as cache:
-        rows = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True,
-                                     cache_dir=cache, **config)
+        # data_files are glob patterns: escape "[", "*" and "?" so the file is read by its exact name
+        rows = datasets.load_dataset(builder, data_files=glob.escape(str(path)), split="train",
+                                     keep_in_memory=True, cache_dir=cache, **config)
         return rows.to_list()
 
 
