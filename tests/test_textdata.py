@@ -150,6 +150,7 @@ def test_help_does_not_import_datasets():
 
 def test_offline_variables_mean_no_hub_without_probing(monkeypatch):
     monkeypatch.setattr(textdata, "_probe", lambda *a: pytest.fail("probed although offline"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert textdata.hub_unavailable() == "HF_DATASETS_OFFLINE is set"
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
