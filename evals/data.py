@@ -1,25 +1,25 @@
 """Where evaluation text comes from, and which text it was.
 
 `load_text(spec)` resolves, in this order for spec "auto":
-  1. WikiText-2 raw test from a folder: $QWEN2Q_DATA or ../shared/data beside the checkout
-     (`wikitext-2-raw/wiki.test.raw`, used exactly as the file is);
+  1. WikiText-2 raw test from the data folder ($QWEN2Q_DATA, else ../shared/data beside the checkout;
+     see `qwen2q.textdata.data_folder`): `wikitext-2-raw/wiki.test.raw`, used exactly as the file is;
   2. the `datasets` hub copy (`wikitext`, `wikitext-2-raw-v1`, test), rows joined with "\\n\\n" as the
-     GPTQ/AWQ papers do, when the hub is reachable;
+     GPTQ/AWQ papers do, when the hub is reachable (decided once, quickly: `qwen2q.textdata.hub_unavailable`);
   3. the offline fallback: CPython's `pydoc_data.topics` (present on every Python install, held out of
-     the embedded model's training).
+     the embedded model's training), announced in one line on stderr.
 "wikitext2" means 1 or 2 and fails if neither is there; "pydoc" means 3; anything else is a path to a
 text file, or a folder holding `wikitext-2-raw/wiki.test.raw` or `wiki.test.raw`.
+Files are read through `datasets` (`qwen2q.textdata.read_text_file`).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
+from qwen2q import textdata
 from qwen2q.errors import Qwen2qError
 
 WIKITEXT_RAW = Path("wikitext-2-raw") / "wiki.test.raw"
-_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +37,9 @@ def pydoc_topics() -> EvalText:
 
 
 def _data_folders() -> list[Path]:
-    folders = []
-    if os.environ.get("QWEN2Q_DATA"):
-        folders.append(Path(os.environ["QWEN2Q_DATA"]))
-    folders.append(_REPO.parent / "shared" / "data")
-    return folders
+    """The folders searched for WikiText-2: the one data folder, when there is one."""
+    folder = textdata.data_folder()
+    return [folder] if folder is not None else []
 
 
 def _wikitext_file(folder: Path) -> Path | None:
@@ -52,25 +50,19 @@ def _wikitext_file(folder: Path) -> Path | None:
 
 
 def _from_file(path: Path, name: str | None = None) -> EvalText:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise Qwen2qError(f"{path} is not UTF-8 text") from None
+    text = textdata.read_text_file(path)
     if not text.strip():
         raise Qwen2qError(f"{path} is empty")
     return EvalText(text, name or path.name, f"{path} (file as is)")
 
 
-def _from_hub() -> EvalText | None:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return None
+def _from_hub() -> tuple[EvalText | None, str]:
+    """(the hub's WikiText-2 test text, "") or (None, why it is not available)."""
     try:
-        import datasets
-
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-    except Exception:  # no network, no package, hub error: the caller falls back  # noqa: BLE001
-        return None
-    return EvalText("\n\n".join(rows), "wikitext2", "datasets: wikitext-2-raw-v1 test, rows joined with \\n\\n")
+        rows = textdata.hub_rows("wikitext", "wikitext-2-raw-v1", split="test")
+    except Qwen2qError as e:
+        return None, str(e)
+    return EvalText("\n\n".join(rows), "wikitext2", "datasets: wikitext-2-raw-v1 test, rows joined with \\n\\n"), ""
 
 
 def load_text(spec: str = "auto") -> EvalText:
@@ -80,14 +72,16 @@ def load_text(spec: str = "auto") -> EvalText:
             f = _wikitext_file(folder)
             if f is not None:
                 return _from_file(f, "wikitext2")
-        hub = _from_hub()
+        hub, why = _from_hub()
         if hub is not None:
             return hub
+        missing = f"no {WIKITEXT_RAW} under {textdata.data_folder_hint()}, and {why}"
         if spec == "wikitext2":
-            looked = ", ".join(str(f / WIKITEXT_RAW) for f in _data_folders())
-            raise Qwen2qError(f"WikiText-2 not found (looked in {looked} and the datasets hub); "
+            raise Qwen2qError(f"WikiText-2 not found: {missing}; "
                               "set QWEN2Q_DATA, pass --dataset PATH, or use --dataset pydoc")
-        return pydoc_topics()
+        fallback = pydoc_topics()
+        textdata.notice(f"{missing}; evaluating on {fallback.name} ({fallback.source}) instead")
+        return fallback
     if spec == "pydoc":
         return pydoc_topics()
     path = Path(spec)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,10 @@ TINY = dict(
 
 
 def shared_data() -> Path | None:
-    """The shared evaluation data folder (QWEN2Q_DATA or ../shared/data beside the repo), if present."""
-    for p in (os.environ.get("QWEN2Q_DATA"), REPO.parent / "shared" / "data"):
-        if p and Path(p).is_dir():
-            return Path(p)
-    return None
+    """The shared evaluation data folder (QWEN2Q_DATA, else ../shared/data beside the repo), if present."""
+    from qwen2q.textdata import data_folder
+
+    return data_folder()
 
 
 def tiny_tokenizer_files(path: Path) -> None:
