@@ -38,10 +38,9 @@ TEXTS = [
 
 
 def data_dir() -> Path | None:
-    for c in (os.environ.get("QWEN2Q_DATA"), REPO_ROOT.parent / "shared" / "data"):
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
+    from conftest import shared_data
+
+    return shared_data()
 
 
 @pytest.fixture(scope="module")

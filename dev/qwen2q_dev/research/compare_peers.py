@@ -93,7 +93,6 @@ from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import QUANTIZABLE
 from qwen2q.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[3]
 GROUP_SIZE = 128
 AVX512_NOTE = ("bitsandbytes' AVX512-BF16 CPU fast path switched off on every Linear4bit: it repacks NF4 and "
                "rounds absmax to bf16, an approximation its GPU path does not make")
@@ -139,7 +138,9 @@ def default_calib() -> Path:
     found = default_source()
     if found is not None:
         return Path(found)
-    return Path(os.environ.get("QWEN2Q_DATA") or REPO.parent / "shared" / "data") / "calib" / "wiki.utf8"
+    from qwen2q.textdata import data_folder
+
+    return (data_folder() or Path("$QWEN2Q_DATA")) / "calib" / "wiki.utf8"
 
 
 def load_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shlex
 import sys
@@ -57,7 +56,6 @@ CHAT_TEMPLATE = (
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def log(msg: str) -> None:
@@ -65,12 +63,10 @@ def log(msg: str) -> None:
 
 
 def find_data_dir() -> Path | None:
-    """The shared data directory: $QWEN2Q_DATA, else ../shared/data next to the repository root."""
-    candidates = [os.environ.get("QWEN2Q_DATA"), REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    for c in candidates:
-        if c and Path(c).is_dir():
-            return Path(c)
-    return None
+    """The shared data directory, as everything in qwen2q finds it (`qwen2q.textdata.data_folder`)."""
+    from qwen2q.textdata import data_folder
+
+    return data_folder()
 
 
 # ----------------------------------------------------------------------------------------- data
