@@ -5,7 +5,6 @@ The checks on the shipped files need nothing outside the repository; the perplex
 shared corpora ($QWEN2Q_DATA, else ../shared/data next to the repository root) and skips without them.
 """
 import json
-import os
 import unicodedata
 from pathlib import Path
 
