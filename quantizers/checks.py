@@ -3,6 +3,44 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# The quantizers' loops work on chunks of fewer values than torch's parallel grain (32768), so each op
+# runs inline in the calling thread.  An op over more values forks onto every torch thread and waits for
+# all of them: on a busy 2-core machine a descheduled thread makes each such op wait a time slice (~7 ms
+# measured, for 0.1 ms of work), and a loop of small chunks would pay that per op.
+SERIAL_VALUES = 32000
+
+_ROUNDER = 1.5 * 2**23  # fp32 sums in [2**23, 2**24) are whole numbers, rounded to nearest, ties to even
+
+
+def round_small_(x: torch.Tensor) -> torch.Tensor:
+    """torch.round_ (half to even) for fp32 `x` with every |value| < 2**22 (inf stays inf), in place.
+
+    torch.round forks onto every thread above ~2048 values (a ~10 ms wait per call on a busy machine,
+    measured); two additions round the same way and run inline: x + 1.5 * 2**23 lands where the fp32
+    spacing is 1, so the addition itself rounds x to the nearest whole number, ties to the even one (the
+    constant is even), and subtracting the constant again is exact.  Only a zero's sign can differ.
+    """
+    return x.add_(_ROUNDER).sub_(_ROUNDER)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of `t` is finite (non-float tensors: True), exactly, in about one cheap pass.
+
+    A sum is NaN or infinite whenever one of its terms is (IEEE addition propagates both), so a finite
+    sum proves every value finite; it reads the data once with a vectorised reduction and makes no
+    per-element temporary: ~10x faster on CPU than `torch.isfinite(t).all()`, which writes a bool per value.  A sum
+    that is not finite (a NaN/Inf, or finite values whose sum overflows) is settled by the exact
+    elementwise test.
+    """
+    if not t.is_floating_point():
+        return True
+    # bf16 and fp32 sum in their own dtype (the fastest reduction; their range is fp32's); fp16 in fp32,
+    # since a half-precision total overflows at 65504
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    if torch.isfinite(total):
+        return True
+    return bool(torch.isfinite(t).all())
+
 
 def check_weight(weight: torch.Tensor) -> None:
     """Raise ValueError naming what is wrong with `weight`, or return."""
@@ -10,5 +48,5 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be non-empty [out_features, in_features], got {list(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise ValueError("weight contains NaN or Inf values; cannot quantize")
