@@ -1,4 +1,6 @@
 """The input check every quantizer shares: a finite, non-empty, 2-D float weight [out_features, in_features]."""
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -8,6 +10,26 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # all of them: on a busy 2-core machine a descheduled thread makes each such op wait a time slice (~7 ms
 # measured, for 0.1 ms of work), and a loop of small chunks would pay that per op.
 SERIAL_VALUES = 32000
+
+@contextlib.contextmanager
+def serial():
+    """Run torch ops inline in the calling thread (torch.set_num_threads(1)), restoring the count after.
+
+    Round-to-nearest quantization is a few dozen ops per weight on scale/zero-sized tensors (~34K values,
+    just above the grain) besides its serial chunks; forked onto both threads of a busy machine each waits
+    for a descheduled one (2-4 ms measured, for microseconds of work: 10 s of a 25 s int4 run).  With the
+    OpenMP backend the thread count is the calling thread's setting.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 _ROUNDER = 1.5 * 2**23  # fp32 sums in [2**23, 2**24) are whole numbers, rounded to nearest, ties to even
 

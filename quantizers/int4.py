@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import SERIAL_VALUES, check_weight, round_small_
+from .checks import SERIAL_VALUES, check_weight, round_small_, serial
 from .format import Format, TensorSpec
 
 GROUP_SIZES = (32, 64, 128)
@@ -272,7 +272,8 @@ class AwqGemm(Format):
                 f"{name}.scales": TensorSpec((torch.float16,), ((in_features // g, out_features),))}
 
     def quantize(self, weight, params):
-        return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
+        with serial():
+            return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
 
     def to_state_dict(self, q, name):
         return to_state_dict(q, name)

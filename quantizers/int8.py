@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
-from .checks import SERIAL_VALUES, check_weight, round_small_
+from .checks import SERIAL_VALUES, check_weight, round_small_, serial
 from .format import Format, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
@@ -102,7 +102,8 @@ class BnbInt8(Format):
                 f"{name}.weight_format": TensorSpec((torch.uint8,), ((), (1,)))}
 
     def quantize(self, weight, params):
-        return quantize(weight)
+        with serial():
+            return quantize(weight)
 
     def to_state_dict(self, q, name):
         return to_state_dict(q, name)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
-from .checks import FLOAT_DTYPES, check_weight
+from .checks import FLOAT_DTYPES, check_weight, serial
 from .format import Format, TensorSpec
 
 BLOCK_SIZE = 64
@@ -202,21 +202,24 @@ def quantize(weight: torch.Tensor) -> NF4Weight:
 
     Raises ValueError for a non-2-D or non-float weight, or one containing NaN/Inf.
     """
-    check_weight(weight)
     flat = weight.detach().reshape(-1)
     whole = flat.numel() - flat.numel() % BLOCK_SIZE
-    if flat.device.type == "cpu" and whole:
-        packed, absmax = _pack_blocks(flat[:whole])
-        if whole < flat.numel():  # a partial last block: the reference path, on that block alone
-            codes, tail_absmax = _nf4_codes(flat[whole:].float())
-            packed = torch.cat([packed, codes[0::2] << 4 | codes[1::2]])
-            absmax = torch.cat([absmax, tail_absmax])
-        packed = packed.unsqueeze(1)
-    else:
-        codes, absmax = _nf4_codes(flat.float())
-        packed = (codes[0::2] << 4 | codes[1::2]).unsqueeze(1)
+    with serial():
+        check_weight(weight)
+        if flat.device.type == "cpu" and whole:
+            packed, absmax = _pack_blocks(flat[:whole])
+            if whole < flat.numel():  # a partial last block: the reference path, on that block alone
+                codes, tail_absmax = _nf4_codes(flat[whole:].float())
+                packed = torch.cat([packed, codes[0::2] << 4 | codes[1::2]])
+                absmax = torch.cat([absmax, tail_absmax])
+            packed = packed.unsqueeze(1)
+        else:
+            codes, absmax = _nf4_codes(flat.float())
+            packed = (codes[0::2] << 4 | codes[1::2]).unsqueeze(1)
+    # outside serial(): a sum's rounding depends on how many threads split it, and the offset is stored
     offset = absmax.mean()
-    absmax_codes, nested_absmax = _absmax_codes(absmax - offset)
+    with serial():
+        absmax_codes, nested_absmax = _absmax_codes(absmax - offset)
     return NF4Weight(packed, absmax_codes, nested_absmax, offset.item(), tuple(weight.shape), weight.dtype)
 
 
