@@ -17,12 +17,13 @@ half-to-even. Stored tensors:
 
 Packing: nibble i (bits 4i..4i+3) of packed column c holds column 8c + NIBBLE_COLUMNS[i].
 """
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .checks import check_weight
+from .checks import SERIAL_VALUES, check_weight, round_small_, serial
 from .format import Format, TensorSpec
 
 GROUP_SIZES = (32, 64, 128)
@@ -100,7 +101,8 @@ def compute_scales_zeros(weight: torch.Tensor, group_size: int) -> tuple[torch.T
     check_weight(weight)
     out_features, in_features = weight.shape
     check_shape(in_features, out_features, group_size)
-    groups = weight.detach().float().view(out_features, in_features // group_size, group_size)
+    # min and max are exact in the weight's own dtype: no fp32 copy of the weight
+    groups = weight.detach().view(out_features, in_features // group_size, group_size)
     scales, zeros = grid(groups.amin(dim=-1), groups.amax(dim=-1))
     if not torch.isfinite(scales).all():
         raise ValueError("weight range exceeds what float16 scales can hold (max - min > 15 * 65504)")
@@ -153,10 +155,54 @@ def quantize(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
         raise ValueError("scales must be positive and finite in float16")
     if ((zeros != torch.round(zeros.float())) | (zeros < 0) | (zeros > _MAX_CODE)).any():
         raise ValueError("zeros must be whole numbers in 0..15")
-    full_scales = scales.float().repeat_interleave(group_size, dim=0)
-    full_zeros = zeros.float().repeat_interleave(group_size, dim=0)
-    codes = (torch.round(weight.detach().float().t() / full_scales) + full_zeros).clamp(0, _MAX_CODE)
-    return Int4Weight(pack(codes.to(torch.uint8)), pack(zeros.to(torch.uint8)), scales.contiguous())
+    if weight.device.type == "cpu" and sys.byteorder == "little":
+        qweight = _quantize_pack(weight.detach(), scales, zeros)
+    else:
+        full_scales = scales.float().repeat_interleave(group_size, dim=0)
+        full_zeros = zeros.float().repeat_interleave(group_size, dim=0)
+        codes = (torch.round(weight.detach().float().t() / full_scales) + full_zeros).clamp(0, _MAX_CODE)
+        qweight = pack(codes.to(torch.uint8))
+    return Int4Weight(qweight, pack(zeros.to(torch.uint8)), scales.contiguous())
+
+
+def _quantize_pack(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """pack(clamp(round(W^T / scale) + zero, 0, 15)) for weight [out, in], scales fp16 and zeros
+    [in / G, out], computed with the same fp32 arithmetic on small blocks of 8k output rows (see checks.SERIAL_VALUES).
+
+    Rows stay rows (no transposed division, no [in, out] scale/zero copies, no int64 nibbles): each block
+    is divided by its groups' scales in place, then byte j of every packed word is written as
+    code[8c + NIBBLE_COLUMNS[2j]] + 16 * code[8c + NIBBLE_COLUMNS[2j + 1]] into a [out / 8, in, 4] byte
+    array, which is the int32 words (little-endian) transposed; one transpose gives [in, out / 8].
+    """
+    out_features, in_features = weight.shape
+    num_groups = scales.shape[0]
+    group_size = in_features // num_groups
+    scale_rows = scales.float().t().contiguous()  # [out, in / G]
+    zero_rows = zeros.float().t().contiguous()
+    words = torch.empty(out_features // PACK_FACTOR, in_features, 4, dtype=torch.uint8)
+    # blocks of 8k rows by a run of groups, each under SERIAL_VALUES values when the shapes allow
+    rows = min(out_features, max(1, SERIAL_VALUES // in_features // PACK_FACTOR) * PACK_FACTOR)
+    span = min(num_groups, max(1, SERIAL_VALUES // (rows * group_size)))
+    x = torch.empty(rows, span, group_size)
+    codes = torch.empty(rows, num_groups, group_size, dtype=torch.uint8)
+    for s in range(0, out_features, rows):
+        e = min(s + rows, out_features)
+        source = weight[s:e].view(e - s, num_groups, group_size)
+        for g in range(0, num_groups, span):
+            h = min(g + span, num_groups)
+            xs = x[: e - s, : h - g]
+            xs.copy_(source[:, g:h])
+            # |w / scale| beyond 64 ends at 0 or 15 whatever its rounding: clamping it first keeps the codes
+            # and lets round_small_ round exactly
+            round_small_(xs.div_(scale_rows[s:e, g:h, None]).clamp_(-64, 64))
+            xs.add_(zero_rows[s:e, g:h, None]).clamp_(0, _MAX_CODE)
+            codes[: e - s, g:h].copy_(xs)
+        by_column = codes[: e - s].view(-1, PACK_FACTOR, in_features)
+        for j in range(4):
+            low, high = NIBBLE_COLUMNS[2 * j], NIBBLE_COLUMNS[2 * j + 1]
+            torch.add(by_column[:, low], by_column[:, high], alpha=16,
+                      out=words[s // PACK_FACTOR : e // PACK_FACTOR, :, j])
+    return words.view(torch.int32).view(out_features // PACK_FACTOR, in_features).t().contiguous()
 
 
 def dequantize(q: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -226,7 +272,8 @@ class AwqGemm(Format):
                 f"{name}.scales": TensorSpec((torch.float16,), ((in_features // g, out_features),))}
 
     def quantize(self, weight, params):
-        return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
+        with serial():
+            return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
 
     def to_state_dict(self, q, name):
         return to_state_dict(q, name)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
-from .checks import check_weight
+from .checks import SERIAL_VALUES, check_weight, round_small_, serial
 from .format import Format, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
@@ -36,9 +36,24 @@ def quantize(weight: torch.Tensor) -> Int8Weight:
     """
     check_weight(weight)
     weight = weight.detach()
-    absmax = weight.abs().amax(dim=1).float()
-    factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
-    qweight = torch.round(weight.float() * factor[:, None]).to(torch.int8)
+    if weight.device.type != "cpu":
+        absmax = weight.abs().amax(dim=1).float()
+        factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+        return Int8Weight(torch.round(weight.float() * factor[:, None]).to(torch.int8), absmax)
+    # The same arithmetic a block of rows at a time, in two small fp32 buffers (convert, |.|, row max,
+    # scale, round, narrow) instead of four whole-weight temporaries.
+    out_features, in_features = weight.shape
+    qweight = torch.empty(out_features, in_features, dtype=torch.int8)
+    absmax = torch.empty(out_features, dtype=torch.float32)
+    rows = min(out_features, max(1, SERIAL_VALUES // in_features))
+    x, ax = torch.empty(rows, in_features), torch.empty(rows, in_features)
+    for s in range(0, out_features, rows):
+        e = min(s + rows, out_features)
+        xs = x[: e - s]
+        xs.copy_(weight[s:e])
+        torch.amax(torch.abs(xs, out=ax[: e - s]), dim=1, out=absmax[s:e])
+        factor = torch.where(absmax[s:e] > 0, 127.0 / absmax[s:e], 0.0)
+        qweight[s:e].copy_(round_small_(xs.mul_(factor[:, None])))  # |x| <= 127 or inf: exact
     return Int8Weight(qweight, absmax)
 
 
@@ -87,7 +102,8 @@ class BnbInt8(Format):
                 f"{name}.weight_format": TensorSpec((torch.uint8,), ((), (1,)))}
 
     def quantize(self, weight, params):
-        return quantize(weight)
+        with serial():
+            return quantize(weight)
 
     def to_state_dict(self, q, name):
         return to_state_dict(q, name)

@@ -236,6 +236,8 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
     unquantized (quantized linears need finite weights)."""
     from tqdm import tqdm
 
+    from qwen2q.quantizers.checks import all_finite
+
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
     src, config, files = read_source(src, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
@@ -253,7 +255,12 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
                 q_elems += tensor.numel()
                 q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             else:
-                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite)
+                # read_source proved every stored value finite (unless allowed): only a cast can add NaN/Inf,
+                # so only a cast tensor is checked again, with the fast test first
+                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite=True)
+                for key, t in tensors.items():
+                    if not allow_non_finite and t.dtype != tensor.dtype and not all_finite(t):
+                        check_finite(key, t, tensor)
             out.add(tensors)
         shards = out.finish(quantized_config(config, qcfg, src))
     return ConversionReport(
