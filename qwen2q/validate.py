@@ -28,10 +28,10 @@ from qwen2q.architecture import NORMS, layer_prefix, linear_shapes
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError
 from qwen2q.qconfig import QuantConfig
+from qwen2q.quantizers.checks import all_finite
 from qwen2q.quantizers.format import TensorSpec
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the temporary bool mask to 16 MiB
 NON_FINITE_HINT = "pass allow_non_finite=True (CLI: --allow-non-finite) to accept it"
 
 
@@ -111,14 +111,6 @@ def check_index(weight_map: dict[str, str], headers: dict, index_name: str) -> N
     absent = [n for n in weight_map if n not in headers]
     if absent:
         raise CheckpointError(f"{index_name} lists {len(absent)} tensor(s) its shards do not hold: {_names(absent)}")
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every value of float tensor `t` is finite (checked in chunks; non-float tensors: True)."""
-    if not t.is_floating_point():
-        return True
-    flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[s : s + _FINITE_CHUNK]).all()) for s in range(0, flat.numel(), _FINITE_CHUNK))
 
 
 def check_finite(name: str, tensor: torch.Tensor, stored: torch.Tensor | None = None) -> None:
