@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,3 +103,19 @@ class Format(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"
+
+
+class LayoutFormat(Format):
+    """A format whose bit-layout module (`layout`) provides `to_state_dict(q, name)`,
+    `from_state_dict(tensors, name)` and `dequantize(q, dtype)` as functions: the format forwards to them."""
+
+    layout: types.ModuleType
+
+    def to_state_dict(self, q, name):
+        return self.layout.to_state_dict(q, name)
+
+    def from_state_dict(self, tensors, name):
+        return self.layout.from_state_dict(tensors, name)
+
+    def dequantize(self, q, dtype):
+        return self.layout.dequantize(q, dtype)

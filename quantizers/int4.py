@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import SERIAL_VALUES, check_weight, round_small_, serial
-from .format import Format, TensorSpec
+from .format import LayoutFormat, TensorSpec
 
 GROUP_SIZES = (32, 64, 128)
 NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -249,10 +249,11 @@ def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return snap(groups, scales, zeros).reshape(out_features, in_features)
 
 
-class AwqGemm(Format):
+class AwqGemm(LayoutFormat):
     """AutoAWQ's GEMM layout (`WQLinear_GEMM`): asymmetric uint4 in groups of `group_size` input channels,
     bias stored fp16.  Round-to-nearest and calibrated AWQ both write it."""
 
+    layout = sys.modules[__name__]
     name, module_name, kernel = "awq-gemm", "Int4Linear", "int4_linear"
     bias_dtype = torch.float16  # WQLinear_GEMM keeps its bias in fp16
     defaults = {"group_size": 128}
@@ -275,17 +276,8 @@ class AwqGemm(Format):
         with serial():
             return quantize(weight, *compute_scales_zeros(weight, params["group_size"]))
 
-    def to_state_dict(self, q, name):
-        return to_state_dict(q, name)
-
-    def from_state_dict(self, tensors, name):
-        return from_state_dict(tensors, name)
-
     def shape(self, q):
         return (q.out_features, q.in_features)
-
-    def dequantize(self, q, dtype):
-        return dequantize(q, dtype)
 
     def to_config(self, params, skip, compute_dtype):
         return {"quant_method": "awq", "bits": 4, "group_size": params["group_size"], "zero_point": True,

@@ -9,6 +9,7 @@ For a weight W [out_features, in_features]:
 round() is half-to-even, computed in fp32 exactly as `bitsandbytes.functional.int8_vectorwise_quant`. An
 all-zero row stores absmax 0 and zero codes.
 """
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
 from .checks import SERIAL_VALUES, check_weight, round_small_, serial
-from .format import Format, TensorSpec
+from .format import LayoutFormat, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
 
@@ -91,9 +92,10 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int8Wei
     return Int8Weight(qweight, absmax)
 
 
-class BnbInt8(Format):
+class BnbInt8(LayoutFormat):
     """bitsandbytes `Linear8bitLt` storage (row-major int8 + per-row absmax), run weight-only."""
 
+    layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-int8", "Int8Linear", "int8_linear"
 
     def stored_tensors(self, name, out_features, in_features, params):
@@ -105,17 +107,8 @@ class BnbInt8(Format):
         with serial():
             return quantize(weight)
 
-    def to_state_dict(self, q, name):
-        return to_state_dict(q, name)
-
-    def from_state_dict(self, tensors, name):
-        return from_state_dict(tensors, name)
-
     def shape(self, q):
         return tuple(q.qweight.shape)
-
-    def dequantize(self, q, dtype):
-        return dequantize(q, dtype)
 
     def to_config(self, params, skip, compute_dtype):
         return bnb_config(False, skip, compute_dtype)

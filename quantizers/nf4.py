@@ -22,6 +22,7 @@ to 1e-38), and absmax codes come from bitsandbytes' 65536-entry lookup table (se
 import functools
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
 from .checks import FLOAT_DTYPES, check_weight, serial
-from .format import Format, TensorSpec
+from .format import LayoutFormat, TensorSpec
 
 BLOCK_SIZE = 64
 NESTED_BLOCK_SIZE = 256
@@ -332,9 +333,10 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> NF4Weig
     return q
 
 
-class BnbNF4(Format):
+class BnbNF4(LayoutFormat):
     """bitsandbytes NF4 with double quantization (`Linear4bit`), as transformers saves it."""
 
+    layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-nf4", "NF4Linear", "nf4_linear"
 
     def stored_tensors(self, name, out_features, in_features, params):
@@ -351,17 +353,8 @@ class BnbNF4(Format):
     def quantize(self, weight, params):
         return quantize(weight)
 
-    def to_state_dict(self, q, name):
-        return to_state_dict(q, name)
-
-    def from_state_dict(self, tensors, name):
-        return from_state_dict(tensors, name)
-
     def shape(self, q):
         return tuple(q.shape)
-
-    def dequantize(self, q, dtype):
-        return dequantize(q, dtype)
 
     def to_config(self, params, skip, compute_dtype):
         return bnb_config(True, skip, compute_dtype)
