@@ -8,8 +8,15 @@ from pathlib import Path
 
 import click
 
-from qwen2q.cli_options import check_device as _check_device
-from qwen2q.cli_options import load_options, sampling_options
+from qwen2q.cli_options import (
+    check_device,
+    dataset_option,
+    json_option,
+    load_options,
+    max_windows_option,
+    sampling_options,
+    seq_len_option,
+)
 from qwen2q.errors import Qwen2qError
 
 MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
@@ -253,7 +260,7 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool) -
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")
 @click.option("--device", default="cpu", show_default=True, help="awq: compute device (cpu, cuda, ...).",
-              callback=_check_device)
+              callback=check_device)
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
@@ -320,12 +327,10 @@ def _print_report(report) -> None:
 @click.argument("models", nargs=-1, type=click.Path(), metavar="[MODEL]...")
 @click.option("--reference", "-r", type=click.Path(), default=None,
               help="bf16 checkpoint to measure drift against (KL, top-1, perplexity delta).")
-@click.option("--dataset", "-d", default="auto", show_default=True,
-              help="auto, wikitext2, pydoc, or a text file / folder (see `qwen2q eval --help`).")
-@click.option("--seq-len", default=2048, show_default=True, type=click.IntRange(min=2),
-              help="Window length (capped at the model's context).")
-@click.option("--max-windows", default=None, type=click.IntRange(min=1), help="Evaluate only the first N windows.")
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
+@dataset_option
+@seq_len_option
+@max_windows_option
+@json_option
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
 @load_options
 def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle,
@@ -392,9 +397,9 @@ def _report(result: dict, json_out, plot, extra_columns=()) -> None:
 
 
 @main.command()
-@click.option("--dataset", "-d", default="auto", show_default=True, help="auto, wikitext2, pydoc or a text file.")
+@dataset_option
 @click.option("--max-windows", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every figure and setting here.")
+@json_option
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG.")
 def demo(dataset, max_windows, json_out, plot):
     """Quantize the embedded model with every method and compare each with bf16, offline.
