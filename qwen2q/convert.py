@@ -200,8 +200,9 @@ def is_quantized_linear(name: str, qcfg: QuantConfig) -> bool:
 def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen2Config,
                 allow_non_finite: bool = False) -> dict:
     """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of a
-    quantized linear in its format's bias dtype (AWQ's WQLinear_GEMM keeps it fp16).  NaN/Inf (stored, or
-    made by that cast) is refused unless `allow_non_finite`."""
+    quantized linear in its format's bias dtype (AWQ's WQLinear_GEMM keeps it fp16).  `read_source` has
+    proved every stored value finite (unless `allow_non_finite`), so only that cast can add NaN/Inf: a cast
+    tensor is checked again, unless `allow_non_finite`."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return {}
     out = tensor.clone()
@@ -209,8 +210,8 @@ def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen
         is_quantized_linear(name[: -len(".bias")] + ".weight", qcfg) else None
     if owner is not None and owner[0].bias_dtype is not None:
         out = tensor.to(owner[0].bias_dtype)
-    if not allow_non_finite:
-        check_finite(name, out, tensor)
+        if not allow_non_finite:
+            check_finite(name, out, tensor)
     return {name: out}
 
 
@@ -236,8 +237,6 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
     unquantized (quantized linears need finite weights)."""
     from tqdm import tqdm
 
-    from qwen2q.quantizers.checks import all_finite
-
     if qcfg.method == "awq":
         raise Qwen2qError("AWQ needs calibration: use qwen2q.calibrate.awq_convert (CLI: --method awq)")
     src, config, files = read_source(src, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
@@ -255,12 +254,7 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
                 q_elems += tensor.numel()
                 q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
             else:
-                # read_source proved every stored value finite (unless allowed): only a cast can add NaN/Inf,
-                # so only a cast tensor is checked again, with the fast test first
-                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite=True)
-                for key, t in tensors.items():
-                    if not allow_non_finite and t.dtype != tensor.dtype and not all_finite(t):
-                        check_finite(key, t, tensor)
+                tensors = passthrough(name, tensor, qcfg, config, allow_non_finite)
             out.add(tensors)
         shards = out.finish(quantized_config(config, qcfg, src))
     return ConversionReport(
