@@ -7,14 +7,17 @@ consumes them:
     L(s) = || f(X; Q(W * s) / s) - f(X; W) ||^2
     s(α) = x_mean^α / (w_mean^(1-α) + 1e-4),   normalised by sqrt(max s * min s),   α ∈ {0, 0.05, ..., 0.95}
 
-where Q is round-to-nearest int4 with groups of G input channels, x_mean[c] = mean_t |X[t, c]| and
-w_mean[c] = mean over output rows of |W[o, c]| / max|W[o, group(c)]| ("duo scaling").  The best s is
+where Q is the target format's quantize-dequantize (`Format.fake_quantize`: AutoAWQ's is round-to-nearest
+int4 with groups of G input channels; each linear of a group may have its own), x_mean[c] = mean_t |X[t, c]| and
+w_mean[c] = mean over output rows of |W[o, c]| / max|W[o, group(c)]| ("duo scaling"), groups of G channels
+sharing a scale in the format.  The best s is
 folded away exactly, so the float model is unchanged: the previous op's output is divided by s (an
 RMSNorm's weight, or the rows of a linear) and each linear's input columns are multiplied by s.
 
 Clipping.  Then, for every linear but q/k (whose errors the softmax amplifies), each (output channel,
-group) gets the clip bound max|W| * (1 - i/20), i = 0..9, that minimises the group-wise partial output
-error on up to 512 input tokens; the weight is clamped to it before the final quantization.
+group of G channels sharing a scale) gets the clip bound max|W| * (1 - i/20), i = 0..9, that minimises
+the group-wise partial output error of the format's quantize-dequantize on up to 512 input tokens; the
+weight is clamped to it before the final quantization.
 
 Weights, scales and statistics are fp32; the pipeline runs the layer forwards the search scores in
 bf16 autocast by default (`pipeline.forward_precision`) or fp32, never fp16 (which overflowed on
@@ -25,9 +28,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Callable, Sequence
+
 from qwen2q.architecture import ScaleGroup
 from qwen2q.errors import Qwen2qError
-from qwen2q.quantizers import int4
+
+FakeQuantize = Callable[[torch.Tensor], torch.Tensor]  # weight [out, in] -> quantized and dequantized, fp32
 
 ALPHA_GRID = [i / 20 for i in range(20)]
 CLIP_SHRINKS = [1 - i / 20 for i in range(10)]  # 1.0, 0.95, ..., 0.55
@@ -54,23 +60,25 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 
 @torch.no_grad()
 def search_scales(layer: nn.Module, group: ScaleGroup, x_mean: torch.Tensor, inputs: torch.Tensor,
-                  run_inspect, group_size: int, where: str, fake_quant=None) -> tuple[torch.Tensor, float, float]:
+                  run_inspect, group_size: int, where: str,
+                  fake_quant: FakeQuantize | Sequence[FakeQuantize]) -> tuple[torch.Tensor, float, float]:
     """Grid-search α for `group`; return (best s fp32 [C], best α, its loss).
 
     inputs: the search sample of the group's input X; run_inspect(inputs) -> the inspected module's
-    output, computed with whatever weights the linears hold at call time.  fake_quant(w) -> Q(w) fp32,
-    default int4 round-to-nearest with groups of `group_size` (which also sets w_mean's groups).
+    output, computed with whatever weights the linears hold at call time.  fake_quant(w) -> Q(w) fp32:
+    one for every linear of the group, or one per linear (in `group.linears` order); `group_size`: the
+    input channels sharing a scale, w_mean's groups.
     """
-    fake_quant = fake_quant or (lambda w: int4.fake_quantize(w, group_size))
     linears = [_get(layer, n) for n in group.linears]
+    fakes = list(fake_quant) if isinstance(fake_quant, Sequence) else [fake_quant] * len(linears)
     originals = [lin.weight.data.clone() for lin in linears]
     reference = run_inspect(inputs)
     wmean = w_mean(originals, group_size)
     best = (None, None, float("inf"))
     for alpha in ALPHA_GRID:
         s = scales_for(alpha, x_mean, wmean)
-        for lin, w in zip(linears, originals):
-            lin.weight.data = fake_quant(w * s) / s
+        for lin, w, fake in zip(linears, originals, fakes):
+            lin.weight.data = fake(w * s) / s
         loss = (run_inspect(inputs) - reference).float().pow(2).mean().item()
         if loss < best[2]:
             best = (s, alpha, loss)
@@ -99,8 +107,10 @@ def fold_scales(layer: nn.Module, group: ScaleGroup, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, inputs: torch.Tensor, group_size: int, rows_per_batch: int = 64) -> torch.Tensor:
-    """Per (output channel, group) clip bound fp32 [N, K/G, 1] for weight [N, K] given inputs [T, K]."""
+def search_clip(weight: torch.Tensor, inputs: torch.Tensor, group_size: int, fake_quant: FakeQuantize,
+                rows_per_batch: int = 64) -> torch.Tensor:
+    """Per (output channel, group) clip bound fp32 [N, K/G, 1] for weight [N, K] given inputs [T, K];
+    fake_quant(w [rows, K]) -> the format's Q(w) fp32, with groups of `group_size` channels."""
     n_out, k = weight.shape
     step = max(1, inputs.shape[0] // CLIP_TOKENS)
     x = inputs[::step][:CLIP_TOKENS].float().view(-1, k // group_size, group_size)  # [T, g, G]
@@ -113,7 +123,7 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, group_size: int, row
         best = original_max.clone()
         for shrink in CLIP_SHRINKS:
             bound = original_max * shrink
-            q = int4.fake_quantize(w.clamp(-bound, bound).view(w.shape[0], k), group_size).view_as(w)
+            q = fake_quant(w.clamp(-bound, bound).view(w.shape[0], k)).view_as(w)
             err = (torch.einsum("tgk,ogk->otg", x, q) - reference).pow(2).mean(dim=1, keepdim=True)
             err = err.transpose(1, 2)  # [o, g, 1]
             better = err < best_err

@@ -1,4 +1,4 @@
-r"""Error-compensating rounding (GPTQ, Frantar et al. 2022) onto the int4 AWQ grid.
+r"""Error-compensating rounding (GPTQ, Frantar et al. 2022) onto a format's grid.
 
 Round-to-nearest rounds every weight on its own.  GPTQ rounds the input columns of W [N, K] one at a
 time and pushes each column's rounding error onto the columns not yet rounded, in the way that
@@ -8,12 +8,13 @@ minimises the layer's output error over the calibration inputs X [T, K]:
     U: upper triangular with H^-1 = U^T U  (the Cholesky factor of H^-1)
     for column j:   q_j = Q(w_j),   e_j = (w_j - q_j) / U[j, j],   w_{j+1..} -= e_j U[j, j+1..]
 
-Groups of G consecutive columns share one asymmetric uint4 grid (scale fp16, zero 0..15, exactly the
-format of `qwen2q.quantizers.int4`); each group's grid is fixed from its columns as they stand,
-error-updated, when the sweep reaches the group: of the ranges p [min, max], p = 1 down to 0.8, the one
-that rounds the group with the least sum |w - q|^2.4 (GPTQ's "mse" grid; mse_grid=False: p = 1).  So
-the result is an ordinary AWQ checkpoint: only the grids and which point each weight takes differ from
-round-to-nearest.  On Qwen2.5-Coder-0.5B the mse grid took KL 0.0698 -> 0.0671, ppl delta +4.52 -> +4.32.
+The grid is the target format's (`qwen2q.quantizers.format.Grid`): groups of G consecutive columns share
+one grid per row (AWQ int4: an asymmetric uint4 grid, scale fp16 and zero 0..15; bitsandbytes int8: one
+absmax per row, G = K).  Each group's grid is fixed from its columns as they stand, error-updated, when
+the sweep reaches the group: of the ranges p x (the group's range), p = 1 down to 0.8, the one that
+rounds the group with the least sum |w - q|^2.4 (GPTQ's "mse" grid; mse_grid=False: p = 1).  So the
+result is an ordinary checkpoint of the format: only the grids and which point each weight takes differ
+from round-to-nearest.  On Qwen2.5-Coder-0.5B the mse grid took KL 0.0698 -> 0.0671, ppl delta +4.52 -> +4.32.
 
 act_order: sweep the columns in order of decreasing diag(H) (the inputs with the most energy first,
 while the most columns are left to absorb their error).  The groups stay G consecutive columns in
@@ -25,24 +26,27 @@ from __future__ import annotations
 
 import torch
 
-from qwen2q.quantizers import int4
+from qwen2q.quantizers.format import Grid
 
 DAMPING = 0.01
 
 
 @torch.no_grad()
-def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act_order: bool = False,
-                  mse_grid: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round weight [N, K] onto per-group int4 grids, compensating errors through gram = X^T X [K, K].
+def gptq_round(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, act_order: bool = False,
+               mse_grid: bool = True) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+    """Round weight [N, K] onto `grid`, compensating errors through gram = X^T X [K, K].
 
     mse_grid: each group's grid is the shrunken range that minimises its own rounding error
-    (`mse_grid_of`); False: the group's [min, max].
+    (`mse_fit`); False: the group's full range.
 
-    Returns (dequantized weight fp32 [N, K], scales fp16 [K / G, N], zeros uint8 [K / G, N]), so that
-    int4.quantize(dequantized, scales, zeros) stores exactly the codes chosen here.
+    Returns (dequantized weight fp32 [N, K], the grid of each group in column order), so that
+    grid.encode(dequantized, grids) stores exactly the codes chosen here.  ValueError for a K that is
+    not a multiple of the grid's group size, a gram of the wrong shape, or a grid the format cannot store.
     """
     n_out, k = weight.shape
-    int4.check_shape(k, n_out, group_size)
+    group_size = grid.group_size
+    if k % group_size:
+        raise ValueError(f"in_features={k} is not a multiple of the grid's group of {group_size} columns")
     if gram.shape != (k, k):
         raise ValueError(f"gram must be [{k}, {k}] for weight {list(weight.shape)}, got {list(gram.shape)}")
     w = weight.detach().float().clone()
@@ -51,13 +55,10 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
-    scales = torch.empty(k // group_size, n_out, dtype=torch.float16, device=w.device)
-    zeros = torch.empty(k // group_size, n_out, dtype=torch.uint8, device=w.device)
-    grid_of = mse_grid_of if mse_grid else minmax_grid_of
+    fit = (lambda block: mse_fit(grid, block)) if mse_grid else grid.fit
+    grids: list = [None] * (k // group_size)
     if act_order:
-        static_scale, static_zero = (t.view(n_out, k // group_size) for t in grid_of(w.view(-1, group_size)))
-        _check_finite(static_scale)
-        scales[:], zeros[:] = static_scale.t(), static_zero.t().to(torch.uint8)
+        grids = [fit(w[:, s : s + group_size]) for s in range(0, k, group_size)]
         order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
         w, h = w[:, order], h[order][:, order]
         column_group = (order // group_size).tolist()
@@ -75,15 +76,11 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
         end = start + group_size
         block = w[:, start:end]  # a view: updates below land in w
         if not act_order:
-            scale, zero = grid_of(block)
-            _check_finite(scale)
-            scales[g], zeros[g] = scale, zero.to(torch.uint8)
+            grids[g] = fit(block)
         errors = torch.empty_like(block)
         for j in range(group_size):
             col = start + j
-            if act_order:
-                scale, zero = static_scale[:, column_group[col]], static_zero[:, column_group[col]]
-            q = int4.snap(block[:, j], scale, zero)
+            q = grid.snap(block[:, j], grids[column_group[col]] if act_order else grids[g])
             result[:, col] = q
             err = (block[:, j] - q) / u[col, col]
             block[:, j:] -= err[:, None] * u[col, col:end][None, :]
@@ -91,30 +88,19 @@ def gptq_quantize(weight: torch.Tensor, gram: torch.Tensor, group_size: int, act
         w[:, end:] -= errors @ u[start:end, end:]
     if act_order:
         result[:, order] = result.clone()
-    return result, scales, zeros
+    return result, grids
 
 
-def minmax_grid_of(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest grid of each row of block [N, G]: (scale fp16 [N], zero fp32 [N])."""
-    return int4.grid(block.amin(dim=1), block.amax(dim=1))
-
-
-def mse_grid_of(block: torch.Tensor, steps: int = 20, shrink: float = 0.8, norm: float = 2.4
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of block [N, G], the grid of range p * [min, max], p in [shrink, 1] (`steps` points),
-    that minimises sum |w - snap(w)|^norm (GPTQ's "mse" grid); (scale fp16 [N], zero fp32 [N])."""
-    low, high = block.amin(dim=1), block.amax(dim=1)
-    best_scale, best_zero = int4.grid(low, high)
-    best = (block - int4.snap(block, best_scale[:, None], best_zero[:, None])).abs().pow(norm).sum(1)
+def mse_fit(grid: Grid, block: torch.Tensor, steps: int = 20, shrink: float = 0.8, norm: float = 2.4
+            ) -> tuple[torch.Tensor, ...]:
+    """Per row of block [N, G], the grid of range p x (the row's range), p in [shrink, 1] (`steps`
+    points), that minimises sum |w - snap(w)|^norm (GPTQ's "mse" grid)."""
+    best_grid = grid.fit(block)
+    best = (block - grid.snap(block, best_grid)).abs().pow(norm).sum(1)
     for p in torch.linspace(1, shrink, steps)[1:].tolist():
-        scale, zero = int4.grid(low * p, high * p)
-        err = (block - int4.snap(block, scale[:, None], zero[:, None])).abs().pow(norm).sum(1)
+        candidate = grid.fit(block, p)
+        err = (block - grid.snap(block, candidate)).abs().pow(norm).sum(1)
         better = err < best
         best = torch.where(better, err, best)
-        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
-def _check_finite(scale: torch.Tensor) -> None:
-    if not torch.isfinite(scale).all():
-        raise ValueError("weight range exceeds what float16 scales can hold")
+        best_grid = tuple(torch.where(better, c, b) for c, b in zip(candidate, best_grid))
+    return best_grid

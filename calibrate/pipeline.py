@@ -1,10 +1,11 @@
-"""`qwen2q quantize --method awq` (and `--method nf4 --awq-scales`): calibrate and quantize a checkpoint
-one decoder layer at a time.
+"""Calibrated quantization, one decoder layer at a time: the layer-wise path of `qwen2q.quantize` for
+recipes whose algorithms need calibration (`qwen2q.recipe`: awq, awq-gptq, awq-scales, gptq).
 
-Per layer: capture its inputs, search and fold AWQ's scales (`awq.py`), then round every linear onto the
-int4 grid, with GPTQ's error feedback (`gptq.py`, the default) or with AWQ's clip search and
-round-to-nearest (`rounding="nearest"`, AutoAWQ's algorithm); for NF4 the search scores NF4 and the
-linears are then quantized to NF4 as bitsandbytes would.
+Per layer: capture its inputs, search and fold AWQ's scales where the linears' algorithms ask for it
+(`awq.py`), then round every linear onto its format's grid: with GPTQ's error feedback (`gptq.py`), or
+with AWQ's clip search and round-to-nearest, or to nearest alone.  Each linear's format supplies what
+the searches score (`Format.fake_quantize`), its scale groups and its GPTQ grid, so nothing here is
+tied to int4: AWQ int4 and AWQ scales in front of NF4 are two recipes of the same code.
 
 Precision: the layer's weights, folded scales, statistics (mean |x|, X^T X) and GPTQ are fp32; the
 forwards (capture, scale search, next layer's input) run under bf16 autocast, as the model runs in
@@ -27,33 +28,23 @@ from pathlib import Path
 
 import torch
 
-from qwen2q.architecture import LINEAR_INPUT, LINEARS, SCALE_GROUPS, linear_shapes
+from qwen2q.architecture import LINEAR_INPUT, LINEARS, SCALE_GROUPS
 from qwen2q.architecture import INPUT_READER as HOOKED
 from qwen2q.calibrate.awq import NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
 from qwen2q.calibrate.data import calibration_tokens
-from qwen2q.calibrate.gptq import gptq_quantize
-from qwen2q.checkpoint import TensorIndex, check_filled, fill_module, weight_files
-from qwen2q.convert import (
-    DEFAULT_SHARD_BYTES,
-    CheckpointWriter,
-    ConversionReport,
-    passthrough,
-    peak_rss_bytes,
-    quantized_config,
-    read_source,
-    with_source_dtype,
-)
-from qwen2q.destination import check_destination
-from qwen2q.devices import parse_device
+from qwen2q.calibrate.gptq import gptq_round
+from qwen2q.checkpoint import TensorIndex, check_filled, fill_module
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import DecoderLayer
-from qwen2q.qconfig import QuantConfig
-from qwen2q.quantizers import int4, nf4
+from qwen2q.recipe import Choice
 from qwen2q.rope import RotaryEmbedding
 from qwen2q.tokenizer import Tokenizer
 
+
 @dataclasses.dataclass
 class CalibrationSettings:
+    """Where the calibration tokens come from and how the layer forwards run."""
+
     source: str | None = None  # file, folder or hub id; None: ../shared/data/calib/wiki.utf8
     samples: int = 128
     seq_len: int = 512
@@ -61,8 +52,9 @@ class CalibrationSettings:
     search_tokens: int = 4096  # tokens the scale search scores (statistics use all of them)
     ids: torch.Tensor | None = None  # ready-made int64 [samples, seq_len] tokens instead of `source`
     feed: str = "quantized"  # next layer's input: the quantized layer's output, or "float" (AutoAWQ's choice)
-    rounding: str | None = None  # after scaling: "gptq" error feedback (awq's default) or "nearest" (clip search
-    # + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
+    # --method awq only (a Recipe's rules name their algorithms): after scaling, "gptq" error feedback (the
+    # default) or "nearest" (clip search + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
+    rounding: str | None = None
     act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
     compute_dtype: str = "bfloat16"  # the layer forwards (capture, scale search, feed): one of COMPUTE_DTYPES
 
@@ -153,189 +145,149 @@ def _inspector(layer: DecoderLayer, inspect: str, cos, sin):
     return module
 
 
-def nf4_fake_quantize(weight: torch.Tensor) -> torch.Tensor:
-    """NF4 (double quant) quantize then dequantize, fp32: what the NF4 scale search scores."""
-    return nf4.dequantize(nf4.quantize(weight), torch.float32)
+def _fake_quantize(choice: Choice | None):
+    """w [out, in] -> what the file will hold, fp32 (a linear kept in full precision: w itself)."""
+    if choice is None:
+        return lambda w: w
+    return lambda w: choice.format.fake_quantize(w, choice.params)
 
 
 @torch.no_grad()
-def calibrate_layer(layer: DecoderLayer, x, cos, sin, group_size: int, search_tokens: int, where: str,
-                    rounding: str = "nearest", target: str = "int4", act_order: bool = False,
-                    compute_dtype: str = "float32") -> tuple[dict, dict]:
-    """Search and fold the scales of one layer in place, then either search clipping (rounding
-    "nearest") or round every linear with GPTQ (rounding "gptq", leaving the linears on their grids).
-    target "nf4": the search scores NF4 (blocks of 64) instead of int4, and nothing follows it.
-    compute_dtype: the precision of the layer forwards (capture and scale search; `forward_precision`).
+def calibrate_layer(layer: DecoderLayer, x, cos, sin, choices: dict[str, Choice | None], search_tokens: int,
+                    where: str, compute_dtype: str = "float32") -> tuple[dict, dict]:
+    """Run each linear's algorithm on one layer in place: search and fold AWQ's scales for every scaling
+    group one of whose linears asks for it, then GPTQ-round (leaving those linears on their grids) or
+    clip-search the linears that ask for it.  choices: {linear name (e.g. "mlp.up_proj"): its Choice, or
+    None for one kept in full precision}.  compute_dtype: the precision of the layer forwards (capture
+    and scale search; `forward_precision`).
 
-    Returns ({scaling group: alpha}, {linear name: (scales, zeros)} chosen by GPTQ, empty otherwise).
+    Returns ({scaling group's previous op: alpha}, {linear name: its GPTQ grids, one per group}).
     """
-    if rounding not in ("nearest", "gptq"):
-        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
-    if target not in ("int4", "nf4") or (target == "nf4" and rounding != "nearest"):
-        raise ValueError(f"target must be 'int4', or 'nf4' with rounding 'nearest'; got {target!r}, {rounding!r}")
-    fake_quant = nf4_fake_quantize if target == "nf4" else None
-    if target == "nf4":
-        group_size = nf4.BLOCK_SIZE
     seq_len = x.shape[1]
     n_search = max(1, min(x.shape[0], math.ceil(search_tokens / seq_len)))
     precision = functools.partial(forward_precision, x.device, compute_dtype)
+    gptq = [n for n, c in choices.items() if c is not None and c.algorithm.rounding == "gptq"]
     with precision():
-        means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=rounding == "gptq")
+        means, inputs, grams = capture(layer, x, cos, sin, n_search, grams=bool(gptq))
     chosen = {}
     for group in SCALE_GROUPS:
+        quantized = [choices[n] for n in group.linears if choices[n] is not None]
+        if not any(c.algorithm.scale_search for c in quantized):
+            continue
         if group.needs_same_shape:
             prev, first = layer.get_submodule(group.prev), layer.get_submodule(group.linears[0])
             if prev.out_features != first.in_features:
                 continue  # GQA: v's output is narrower than o's input, nothing to fold
         kind = group.input_kind
+        first = layer.get_submodule(group.linears[0])
+        group_size = quantized[0].format.scale_group(quantized[0].params, first.in_features)
         with precision():
             s, alpha, loss = search_scales(layer, group, means[kind], inputs[kind],
-                                           _inspector(layer, group.inspect, cos, sin), group_size, where, fake_quant)
+                                           _inspector(layer, group.inspect, cos, sin), group_size, where,
+                                           [_fake_quantize(choices[n]) for n in group.linears])
         fold_scales(layer, group, s)
         inputs[kind] = inputs[kind] / s  # what the scaled linears now read
         if grams is not None:
             grams[kind] = grams[kind] / (s[:, None] * s[None, :])
         chosen[group.prev] = alpha
-    if grams is not None:
-        grids = {}
-        for name in LINEARS:
-            lin = layer.get_submodule(name)
-            dequantized, scales, zeros = gptq_quantize(lin.weight.data, grams[LINEAR_INPUT[name]], group_size,
-                                                       act_order)
-            lin.weight.data = dequantized
-            grids[name] = (scales, zeros)
-        return chosen, grids
-    if target == "nf4":
-        return chosen, {}
-    for name in LINEARS:
-        if name.rsplit(".", 1)[-1] in NO_CLIP:
+    grids = {}
+    for name in gptq:
+        lin, choice = layer.get_submodule(name), choices[name]
+        grid = choice.format.grid(choice.params, lin.in_features)
+        try:
+            lin.weight.data, grids[name] = gptq_round(lin.weight.data, grams[LINEAR_INPUT[name]], grid,
+                                                      choice.algorithm.act_order)
+        except ValueError as e:
+            raise Qwen2qError(f"{where} {name}: {e}") from None
+    for name, choice in choices.items():
+        if choice is None or not choice.algorithm.clip_search or name.rsplit(".", 1)[-1] in NO_CLIP:
             continue
         lin = layer.get_submodule(name)
+        group_size = choice.format.scale_group(choice.params, lin.in_features)
         x_in = inputs[LINEAR_INPUT[name]].reshape(-1, lin.in_features)
-        apply_clip(lin, search_clip(lin.weight.data, x_in, group_size), group_size)
-    return chosen, {}
+        apply_clip(lin, search_clip(lin.weight.data, x_in, group_size, _fake_quantize(choice)), group_size)
+    return chosen, grids
 
 
 @torch.no_grad()
-def quantize_layer(layer: DecoderLayer, i: int, group_size: int, source_dtype: torch.dtype,
-                   grids: dict | None = None, target: str = "int4") -> dict:
-    """The layer's checkpoint tensors (int4 linears with fp16 biases, or NF4 linears (weights cast to the
-    source dtype first, as bitsandbytes quantizes them) with source-dtype biases; folded norms in the
-    source dtype); the layer's linears are left holding their dequantized weights, so it computes what
-    the file will.  grids: {linear name: (scales, zeros)} already chosen (GPTQ); round-to-nearest otherwise."""
-    out = {}
+def quantize_layer(layer: DecoderLayer, i: int, choices: dict[str, Choice | None], source_dtype: torch.dtype,
+                   grids: dict | None = None) -> tuple[dict, int, int]:
+    """The checkpoint tensors of calibrated layer `i`: each linear in its format (stored on its GPTQ grids
+    when it has them, else rounded to nearest, from the source dtype where the format says bitsandbytes
+    would), its bias in the format's bias dtype; a linear kept in full precision, and the folded norms,
+    in the source dtype.  The layer's linears are left holding their dequantized weights, so the layer
+    computes what the file will.  Returns (tensors on the CPU, quantized weights, their stored bytes)."""
+    out, q_elems, q_bytes = {}, 0, 0
     prefix = f"model.layers.{i}."
     for name in LINEARS:
-        lin = layer.get_submodule(name)
-        if target == "nf4":
-            q = nf4.quantize(lin.weight.data.to(source_dtype))
-            out.update(nf4.to_state_dict(q, prefix + name))
-            bias_dtype, lin.weight.data = source_dtype, nf4.dequantize(q, torch.float32)
+        lin, choice = layer.get_submodule(name), choices[name]
+        if choice is None:
+            out[prefix + name + ".weight"] = lin.weight.data.to(source_dtype)
+            bias_dtype = source_dtype
         else:
-            scales, zeros = (grids or {}).get(name) or int4.compute_scales_zeros(lin.weight.data, group_size)
-            q = int4.quantize(lin.weight.data, scales, zeros)
-            out.update(int4.to_state_dict(q, prefix + name))
-            bias_dtype, lin.weight.data = torch.float16, int4.dequantize(q, torch.float32)
+            fmt = choice.format
+            if name in (grids or {}):
+                q = fmt.grid(choice.params, lin.in_features).encode(lin.weight.data, grids[name])
+            else:
+                q = fmt.quantize(lin.weight.data.to(source_dtype) if fmt.rounds_source_dtype else lin.weight.data,
+                                 choice.params)
+            stored = fmt.to_state_dict(q, prefix + name)
+            out.update(stored)
+            q_elems += lin.weight.numel()
+            q_bytes += sum(t.numel() * t.element_size() for t in stored.values())
+            bias_dtype = fmt.bias_dtype or source_dtype
+            lin.weight.data = fmt.dequantize(q, torch.float32)
         if lin.bias is not None:
             out[prefix + name + ".bias"] = lin.bias.data.to(bias_dtype)
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[prefix + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(source_dtype).cpu()
-    return {k: v.cpu() for k, v in out.items()}
+        out[prefix + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(source_dtype)
+    return {k: v.cpu() for k, v in out.items()}, q_elems, q_bytes
 
 
-def _check_shapes(config, qcfg: QuantConfig) -> None:
-    """Refuse, naming the linear, a model whose decoder linears the target format cannot hold."""
-    for name, (out_features, in_features, _) in linear_shapes(config).items():
-        fmt, params = qcfg.format_for(name)
-        try:
-            fmt.check_shape(out_features, in_features, params)
-        except ValueError as e:
-            raise Qwen2qError(f"model.layers.*.{name}: {e}") from None
+def calibration_ids(src, settings: CalibrationSettings) -> tuple[torch.Tensor, str]:
+    """The calibration tokens int64 [samples, seq_len] and where they came from, in words."""
+    if settings.ids is not None:
+        ids = settings.ids.long()
+        return ids, f"given tokens: {ids.shape[0]} x {ids.shape[1]}"
+    return calibration_tokens(Tokenizer(src), settings.source, settings.samples, settings.seq_len,
+                              settings.chat_template)
 
 
-def awq_convert(src, dst, qcfg: QuantConfig, calib: CalibrationSettings | None = None, device: str = "cpu",
-                force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
-                allow_pickle: bool = False):
-    """Calibrated conversion of checkpoint `src` into `dst`; returns (ConversionReport, details).
+class LayerCalibrator:
+    """Calibrates and quantizes decoder layers in order: `layer(i)` reads layer i from `index`, runs each
+    linear's algorithm on the current activations, returns its checkpoint tensors and moves the
+    activations through the quantized layer (or the float one, `settings.feed == "float"`).
 
-    qcfg.method "awq": AWQ int4 (AutoAWQ GEMM layout); "nf4": the same scale search in front of
-    bitsandbytes NF4 (scales folded into the norms and up_proj, so the output is a plain NF4 checkpoint).
-    """
-    from tqdm import tqdm
+    ids: calibration tokens int64 [N, L]; the embedding rows they use become the first activations
+    (fp32 [N, L, hidden] on `device`)."""
 
-    calib = calib or CalibrationSettings()
-    if qcfg.method not in ("awq", "nf4"):
-        raise Qwen2qError(f"calibrated conversion is for --method awq or nf4 (--awq-scales), not {qcfg.method}")
-    target = "nf4" if qcfg.method == "nf4" else "int4"
-    if target == "nf4" and calib.rounding not in (None, "nearest"):
-        raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
-    calib = dataclasses.replace(calib, rounding=calib.rounding or ("gptq" if target == "int4" else "nearest"))
-    if calib.compute_dtype not in COMPUTE_DTYPES:
-        raise Qwen2qError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                          f"not {calib.compute_dtype!r}")
-    if calib.act_order and calib.rounding != "gptq":
-        raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
-    device = parse_device(device)
-    src, config, files = read_source(src, allow_pickle=allow_pickle)
-    dst = Path(dst)
-    check_destination(src, dst, force)  # before tokenizing and calibrating, not after
-    group_size = qcfg.group_size
-    if target == "nf4":
-        qcfg = with_source_dtype(qcfg, config)
-    else:
-        _check_shapes(config, qcfg)
-    start = time.perf_counter()
-    if calib.ids is not None:
-        ids = calib.ids.long()
-        calib = dataclasses.replace(calib, samples=ids.shape[0], seq_len=ids.shape[1])
-        described = f"given tokens: {ids.shape[0]} x {ids.shape[1]}"
-    else:
-        ids, described = calibration_tokens(Tokenizer(src), calib.source, calib.samples, calib.seq_len,
-                                            calib.chat_template)
-    index = TensorIndex(files)
-    source_dtype = index.get("model.embed_tokens.weight").dtype
-    rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
-    cos, sin = rotary(torch.arange(calib.seq_len, device=device)[None], torch.float32, seq_end=calib.seq_len)
-    x = index.get("model.embed_tokens.weight")[ids].to(device, torch.float32)  # only the rows used, never the table in fp32
-    alphas = []
-    with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
-        for name in index.names():
-            if not name.startswith("model.layers."):
-                out.add(passthrough(name, index.get(name), qcfg, config))
-        index.release()
-        q_elems = q_bytes = 0
-        desc = "awq" if target == "int4" else "awq scales, nf4"
-        for i in tqdm(range(config.num_hidden_layers), desc=desc, unit="layer", disable=not progress):
-            layer = load_layer(index, config, i, device)
-            index.release()  # unmap what this layer read, so host RSS does not grow layer by layer
-            with forward_precision(device, calib.compute_dtype):
-                next_x = run_layer(layer, x, cos, sin) if calib.feed == "float" else None  # float layer's output
-            q_elems += sum(layer.get_submodule(n).weight.numel() for n in LINEARS)
-            chosen, grids = calibrate_layer(layer, x, cos, sin, group_size, calib.search_tokens, f"layer {i}",
-                                            calib.rounding, target, calib.act_order, calib.compute_dtype)
-            alphas.append(chosen)
-            tensors = quantize_layer(layer, i, group_size, source_dtype, grids, target)
-            q_bytes += sum(t.numel() * t.element_size() for k, t in tensors.items()
-                           if not (k.endswith(".bias") or k.endswith("layernorm.weight")))
-            out.add(tensors)
-            if next_x is None:  # feed "quantized": the quantized layer's output
-                with forward_precision(device, calib.compute_dtype):
-                    next_x = run_layer(layer, x, cos, sin)
-            x = next_x.float()  # the residual stream stays fp32 between layers
-            if not torch.isfinite(x).all():
-                raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
-            del layer
-        how = {"awq_scales": True} if target == "nf4" else {"rounding": calib.rounding}
-        if calib.rounding == "gptq":
-            how["act_order"] = calib.act_order
-        shards = out.finish(quantized_config(config, qcfg, src, calibration=described,
-                                             search_tokens=calib.search_tokens, compute_dtype=calib.compute_dtype,
-                                             **how))
-    report = ConversionReport(
-        method=qcfg.method, seconds=time.perf_counter() - start,
-        bytes_before=sum(f.stat().st_size for f in files),
-        bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
-        quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(), shards=shards)
-    details = {"calibration": described, "alphas": alphas,
-               "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    return report, details
+    def __init__(self, index: TensorIndex, config, choices, settings: CalibrationSettings, ids: torch.Tensor,
+                 device: torch.device, source_dtype: torch.dtype):
+        self.index, self.config, self.choices, self.settings = index, config, choices, settings
+        self.device, self.source_dtype = device, source_dtype
+        seq_len = ids.shape[1]
+        rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+        self.cos, self.sin = rotary(torch.arange(seq_len, device=device)[None], torch.float32, seq_end=seq_len)
+        # only the rows used, never the table in fp32
+        self.x = index.get("model.embed_tokens.weight")[ids].to(device, torch.float32)
+        self.alphas: list[dict] = []
+
+    def layer(self, i: int) -> tuple[dict, int, int]:
+        """Layer i's checkpoint tensors, quantized weights and their stored bytes (`quantize_layer`)."""
+        settings, x = self.settings, self.x
+        layer = load_layer(self.index, self.config, i, self.device)
+        self.index.release()  # unmap what this layer read, so host RSS does not grow layer by layer
+        with forward_precision(self.device, settings.compute_dtype):
+            next_x = run_layer(layer, x, self.cos, self.sin) if settings.feed == "float" else None
+        choices = {name: self.choices(f"model.layers.{i}.{name}") for name in LINEARS}
+        chosen, grids = calibrate_layer(layer, x, self.cos, self.sin, choices, settings.search_tokens,
+                                        f"layer {i}", settings.compute_dtype)
+        self.alphas.append(chosen)
+        result = quantize_layer(layer, i, choices, self.source_dtype, grids)
+        if next_x is None:  # feed "quantized": the quantized layer's output
+            with forward_precision(self.device, settings.compute_dtype):
+                next_x = run_layer(layer, x, self.cos, self.sin)
+        self.x = next_x.float()  # the residual stream stays fp32 between layers
+        if not torch.isfinite(self.x).all():
+            raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
+        return result

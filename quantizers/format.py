@@ -11,7 +11,10 @@ there; `qwen2q.quantizers.registry` finds it by that name, so adding a format to
 - the dtype its linears' biases are stored in (`bias_dtype`; None: the model's);
 - the `quantization_config` it writes into config.json and reads back (`to_config` / `from_config`);
 - the name of the `qwen2q.kernels` op that multiplies by its weights (`kernel`), and the name of the
-  module class the loader builds (`module_name`).
+  module class the loader builds (`module_name`);
+- what the calibration algorithms (`qwen2q.calibrate`) need of its grid: `scale_group` (how many
+  consecutive input channels share a scale), `fake_quantize` (what the scale and clip searches score),
+  and, for GPTQ's error-compensating rounding, a `Grid` (`grid`; None where the format has none).
 
 Parameters (e.g. the group size) travel as a plain dict, checked by `check_params`.
 """
@@ -34,6 +37,29 @@ class TensorSpec:
     shapes: tuple[tuple[int, ...], ...] | None
 
 
+class Grid(abc.ABC):
+    """A format's quantization grid as GPTQ sweeps it: each output row n holds one grid per group of
+    `group_size` consecutive input columns.  A grid is a tuple of tensors with one entry per row ([N]);
+    GPTQ fits one per group as its sweep reaches the group (or all up front), snaps columns onto it and
+    finally stores the swept weight on exactly those grids (`encode`)."""
+
+    group_size: int
+
+    @abc.abstractmethod
+    def fit(self, block: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, ...]:
+        """The grid of each row of block fp32 [N, G] for its range shrunk by `shrink` (1.0: the full range);
+        ValueError when the stored grid cannot hold it (e.g. a scale beyond float16)."""
+
+    @abc.abstractmethod
+    def snap(self, values: torch.Tensor, grid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """values fp32 [N] or [N, j] rounded onto each row's grid point and dequantized, fp32, same shape."""
+
+    @abc.abstractmethod
+    def encode(self, dequantized: torch.Tensor, grids: list[tuple[torch.Tensor, ...]]):
+        """The format's weight object storing dequantized [N, K] (every value a grid point of its group's
+        grid in `grids`, one per group in column order) exactly."""
+
+
 class Format(abc.ABC):
     """One on-disk layout for a quantized linear.  Subclasses set the attributes and implement every
     abstract method (a missing one fails at instantiation, not at first use)."""
@@ -42,6 +68,8 @@ class Format(abc.ABC):
     module_name: str = ""  # class name of the loaded module, e.g. "NF4Linear"
     kernel: str = ""  # qwen2q.kernels op: kernel(x, weight, bias) -> y; "" runs the reference (dequantize, linear)
     bias_dtype: torch.dtype | None = None  # how a quantized linear's bias is stored; None: as the model's
+    rounds_source_dtype: bool = False  # calibrated weights are cast to the checkpoint's dtype before the final
+    # quantize (as bitsandbytes quantizes the model it loaded); False: quantized from fp32
     defaults: Mapping[str, Any] = {}  # parameters and their defaults, e.g. {"group_size": 128}
 
     def params(self, **given) -> dict[str, Any]:
@@ -100,6 +128,18 @@ class Format(abc.ABC):
     @abc.abstractmethod
     def describe(self, config: Mapping[str, Any]) -> str:
         """One phrase for `qwen2q info`, e.g. "AWQ int4 group 128 (gemm)"."""
+
+    def scale_group(self, params: Mapping[str, Any], in_features: int) -> int:
+        """How many consecutive input channels of a row share one scale (default: the whole row)."""
+        return in_features
+
+    def fake_quantize(self, weight: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+        """Quantize then dequantize weight [out, in], fp32: what calibration searches score."""
+        return self.dequantize(self.quantize(weight, params), torch.float32)
+
+    def grid(self, params: Mapping[str, Any], in_features: int) -> Grid | None:
+        """The grid GPTQ rounds a linear with `in_features` inputs onto, or None when this format offers none."""
+        return None
 
     def __repr__(self) -> str:
         return f"<format {self.name}>"

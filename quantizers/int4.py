@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import SERIAL_VALUES, check_weight, round_small_, serial
-from .format import LayoutFormat, TensorSpec
+from .format import Grid, LayoutFormat, TensorSpec
 
 GROUP_SIZES = (32, 64, 128)
 NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -249,6 +249,31 @@ def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return snap(groups, scales, zeros).reshape(out_features, in_features)
 
 
+class AsymmetricGrid(Grid):
+    """Each row's grid over a group of `group_size` columns: (scale fp16 [N], zero fp32 [N], 0..15), the
+    round-to-nearest grid of the group's [min, max] (times `shrink`)."""
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def fit(self, block, shrink=1.0):
+        scale, zero = grid(block.amin(dim=1) * shrink, block.amax(dim=1) * shrink)
+        if not torch.isfinite(scale).all():
+            raise ValueError("weight range exceeds what float16 scales can hold")
+        return scale, zero
+
+    def snap(self, values, grid_):
+        scale, zero = grid_
+        if values.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return snap(values, scale, zero)
+
+    def encode(self, dequantized, grids):
+        scales = torch.stack([s for s, _ in grids])  # [K / G, N]
+        zeros = torch.stack([z for _, z in grids]).to(torch.uint8)
+        return quantize(dequantized, scales, zeros)
+
+
 class AwqGemm(LayoutFormat):
     """AutoAWQ's GEMM layout (`WQLinear_GEMM`): asymmetric uint4 in groups of `group_size` input channels,
     bias stored fp16.  Round-to-nearest and calibrated AWQ both write it."""
@@ -278,6 +303,15 @@ class AwqGemm(LayoutFormat):
 
     def shape(self, q):
         return (q.out_features, q.in_features)
+
+    def scale_group(self, params, in_features):
+        return params["group_size"]
+
+    def fake_quantize(self, weight, params):
+        return fake_quantize(weight, params["group_size"])
+
+    def grid(self, params, in_features):
+        return AsymmetricGrid(params["group_size"])
 
     def to_config(self, params, skip, compute_dtype):
         return {"quant_method": "awq", "bits": 4, "group_size": params["group_size"], "zero_point": True,

@@ -17,7 +17,7 @@ import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
 from .checks import SERIAL_VALUES, check_weight, round_small_, serial
-from .format import LayoutFormat, TensorSpec
+from .format import Grid, LayoutFormat, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
 
@@ -92,11 +92,33 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], prefix: str) -> Int8Wei
     return Int8Weight(qweight, absmax)
 
 
+class RowGrid(Grid):
+    """One grid per row over all its columns: (absmax fp32 [N],), codes -127..127 of absmax / 127."""
+
+    def __init__(self, in_features: int):
+        self.group_size = in_features
+
+    def fit(self, block, shrink=1.0):
+        return (block.abs().amax(dim=1).float() * shrink,)
+
+    def snap(self, values, grid):
+        absmax = grid[0][:, None] if values.dim() == 2 else grid[0]
+        factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+        return torch.round(values.float() * factor).clamp(-127, 127) * (absmax / 127.0)
+
+    def encode(self, dequantized, grids):
+        (absmax,) = grids[0]
+        factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
+        codes = torch.round(dequantized.float() * factor[:, None]).clamp(-127, 127)
+        return Int8Weight(codes.to(torch.int8), absmax.float().contiguous())
+
+
 class BnbInt8(LayoutFormat):
     """bitsandbytes `Linear8bitLt` storage (row-major int8 + per-row absmax), run weight-only."""
 
     layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-int8", "Int8Linear", "int8_linear"
+    rounds_source_dtype = True  # bitsandbytes quantizes the weights the model holds
 
     def stored_tensors(self, name, out_features, in_features, params):
         return {f"{name}.weight": TensorSpec((torch.int8,), ((out_features, in_features),)),
@@ -109,6 +131,9 @@ class BnbInt8(LayoutFormat):
 
     def shape(self, q):
         return tuple(q.qweight.shape)
+
+    def grid(self, params, in_features):
+        return RowGrid(in_features)
 
     def to_config(self, params, skip, compute_dtype):
         return bnb_config(False, skip, compute_dtype)

@@ -338,6 +338,7 @@ class BnbNF4(LayoutFormat):
 
     layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-nf4", "NF4Linear", "nf4_linear"
+    rounds_source_dtype = True  # bitsandbytes quantizes the weights the model holds
 
     def stored_tensors(self, name, out_features, in_features, params):
         n = out_features * in_features
@@ -355,6 +356,9 @@ class BnbNF4(LayoutFormat):
 
     def shape(self, q):
         return tuple(q.shape)
+
+    def scale_group(self, params, in_features):
+        return BLOCK_SIZE  # blocks of 64 run along the rows when in_features is a multiple of 64
 
     def to_config(self, params, skip, compute_dtype):
         return bnb_config(True, skip, compute_dtype)

@@ -20,7 +20,7 @@ from torch import nn
 
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError, Qwen2qError
-from qwen2q.qconfig import QuantConfig
+from qwen2q.recipe import Recipe
 from qwen2q.quantizers.checks import all_finite
 from qwen2q.validate import check_finite, check_index, check_tensors
 
@@ -182,7 +182,7 @@ def validate_checkpoint(path: Path, config: Qwen2Config, files: list[Path]) -> d
     weight_map = read_weight_map(path)
     if weight_map is not None:
         check_index(weight_map, headers, str(path / INDEX_FILE))
-    qcfg = QuantConfig.from_hf(config.quantization_config) if config.quantization_config else None
+    qcfg = Recipe.from_hf(config.quantization_config) if config.quantization_config else None
     check_tensors(config, headers, qcfg)
     return headers
 
@@ -270,13 +270,15 @@ def _umask() -> int:
 
 
 class TensorIndex:
-    """Random access to a checkpoint's tensors by name, memory-mapped, one tensor read at a time."""
+    """Random access to a checkpoint's tensors by name, memory-mapped, one tensor read at a time (pickle
+    `.bin` files, which `weight_files` returns only when allowed, through torch's memory-mapped load)."""
 
     def __init__(self, files: list[Path]):
         self._files: dict[str, Path] = {}
         for f in files:
             if f.suffix == ".bin":
-                raise Qwen2qError(f"{f}: random access needs safetensors; convert pickle checkpoints first")
+                self._files.update({name: f for name in load_pickle(f)})
+                continue
             try:
                 with safe_open(str(f), framework="pt") as sf:
                     self._files.update({name: f for name in sf.keys()})
@@ -295,8 +297,9 @@ class TensorIndex:
         if f is None:
             raise Qwen2qError(f"checkpoint lacks tensor {name}")
         if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="pt")
-        return self._open[f].get_tensor(name)
+            self._open[f] = load_pickle(f) if f.suffix == ".bin" else safe_open(str(f), framework="pt")
+        opened = self._open[f]
+        return opened[name] if isinstance(opened, dict) else opened.get_tensor(name)
 
     def release(self) -> None:
         """Close the open files.  Each open file is one memory map, and every page read through it

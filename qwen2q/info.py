@@ -7,6 +7,7 @@ from qwen2q.checkpoint import check_model_dir, weight_files
 from qwen2q.architecture import parameter_count
 from qwen2q.config import Qwen2Config
 from qwen2q.quantizers import registry
+from qwen2q.recipe import MIXED
 
 
 def quantization_summary(c: Qwen2Config) -> str:
@@ -14,8 +15,18 @@ def quantization_summary(c: Qwen2Config) -> str:
     q = c.quantization_config
     if not q:
         return "none"
+    if q.get("quant_method") == MIXED and isinstance(q.get("groups"), list):
+        return "mixed: " + "; ".join(_describe_group(g) for g in q["groups"])
     fmt = registry.for_config(q)
     return fmt.describe(q) if fmt is not None else str(q.get("quant_method"))
+
+
+def _describe_group(group) -> str:
+    config = group.get("config") if isinstance(group, dict) else None
+    fmt = registry.for_config(config) if isinstance(config, dict) else None
+    phrase = fmt.describe(config) if fmt is not None else str(group.get("format") if isinstance(group, dict) else group)
+    modules = group.get("modules") if isinstance(group, dict) else None
+    return f"{phrase} ({len(modules)} linears)" if isinstance(modules, list) else phrase
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:

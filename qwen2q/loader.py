@@ -24,7 +24,7 @@ from qwen2q.checkpoint import (
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
-from qwen2q.qconfig import QuantConfig
+from qwen2q.recipe import Recipe
 from qwen2q.qlinear import swap_linears
 from qwen2q.rope import RotaryEmbedding
 
@@ -66,7 +66,7 @@ def load_model(
         model = Qwen2ForCausalLM(config)
     quantized = []
     if config.quantization_config:
-        quantized = swap_linears(model, QuantConfig.from_hf(config.quantization_config), dtype)
+        quantized = swap_linears(model, Recipe.from_hf(config.quantization_config), dtype)
     # Rotary frequencies are computed, never stored in checkpoints.
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
     ignore = {"lm_head.weight"} if config.tie_word_embeddings else set()

@@ -1,5 +1,5 @@
-"""`--method` as a quantization scheme: which format each decoder linear gets, and the
-`quantization_config` that travels in config.json.
+"""`--method` as shorthand for a one-rule recipe (`qwen2q.recipe`): which format each decoder linear gets,
+and the `quantization_config` that travels in config.json.
 
 A method names one format of `qwen2q.quantizers.registry` (nf4 -> bnb-nf4, int8 -> bnb-int8, int4 and awq ->
 awq-gemm) plus its parameters and the modules kept in full precision.  The format writes exactly the JSON
@@ -7,8 +7,8 @@ its ecosystem expects (transformers' BitsAndBytesConfig, AutoAWQ's config) and r
 checkpoints move between qwen2q, transformers, AutoAWQ and vLLM.  qwen2q adds only a `qwen2q` note (tool,
 version, method), which the others ignore, at the top level of config.json.
 
-Everything that builds or reads quantized linears asks `format_for(module_name)`, never the method, so
-a scheme that gives different modules different formats fits the same interface.
+Everything that builds or reads quantized linears asks the recipe (`Recipe.format_for(module_name)`),
+never the method, so recipes that give different modules different formats fit the same interface.
 """
 from __future__ import annotations
 
@@ -18,16 +18,11 @@ from typing import Any
 from qwen2q.errors import Qwen2qError
 from qwen2q.quantizers import registry
 from qwen2q.quantizers.format import Format
+from qwen2q.recipe import DEFAULT_SKIP, Recipe, Rule
 
 METHOD_FORMATS = {"nf4": "bnb-nf4", "int8": "bnb-int8", "int4": "awq-gemm", "awq": "awq-gemm"}
 METHODS = tuple(METHOD_FORMATS)
 GROUP_SIZES = (32, 64, 128)
-DEFAULT_SKIP = ("lm_head",)
-
-
-def _skip_matches(module_name: str, entry: str) -> bool:
-    """A skip entry names a module, a dotted suffix of one ('mlp.down_proj', 'down_proj') or a prefix ('model.layers.3')."""
-    return module_name == entry or module_name.endswith("." + entry) or module_name.startswith(entry + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,39 +57,14 @@ class QuantConfig:
         except ValueError as e:
             raise Qwen2qError(str(e)) from None
 
-    @property
-    def bits(self) -> int:
-        return 8 if self.method == "int8" else 4
-
-    def skips(self, module_name: str) -> bool:
-        """Whether the linear `module_name` (e.g. 'model.layers.0.mlp.up_proj') stays unquantized."""
-        return any(_skip_matches(module_name, s) for s in self.skip)
-
-    def format_for(self, module_name: str) -> tuple[Format, dict[str, Any]] | None:
-        """(format, parameters) of decoder linear `module_name`, or None when it stays in full precision."""
-        return None if self.skips(module_name) else (self.format, self.params)
-
-    def unused_skips(self, module_names) -> list[str]:
-        """The skip entries (beyond the defaults) that match none of `module_names`: typos, most likely."""
-        names = list(module_names)
-        return [s for s in self.skip if s not in DEFAULT_SKIP and not any(_skip_matches(n, s) for n in names)]
-
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json `quantization_config` dict."""
-        return self.format.to_config(self.params, sorted(set(self.skip)), self.compute_dtype)
-
-    @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "QuantConfig":
-        """Read a `quantization_config` written by qwen2q, transformers + bitsandbytes or AutoAWQ."""
-        fmt = registry.for_config(d)
-        if fmt is None:
-            raise Qwen2qError(f"quantization method {d.get('quant_method')!r} is not supported; qwen2q reads "
-                              f"{', '.join(registry.names())}")
-        try:
-            params, skip, compute_dtype = fmt.from_config(d)
-        except ValueError as e:
-            raise Qwen2qError(str(e)) from None
-        # The first method that names the format: RTN int4 and calibrated AWQ share one layout; config.json's
-        # "qwen2q" note says which made it.
-        method = next((m for m, f in METHOD_FORMATS.items() if f == fmt.name), fmt.name)
-        return cls(method, group_size=params.get("group_size", 128), skip=skip, compute_dtype=compute_dtype)
+    def recipe(self, rounding: str | None = None, act_order: bool = False, awq_scales: bool = False) -> Recipe:
+        """The one-rule recipe this method stands for.  awq: AWQ's scale search, then GPTQ rounding
+        (rounding None or "gptq", optionally in act order) or clip search and round to nearest
+        ("nearest"); nf4 with `awq_scales`: the scale search, then NF4 as bitsandbytes rounds it."""
+        algorithm = "rtn"
+        if self.method == "awq":
+            algorithm = "awq" if rounding == "nearest" else "awq-gptq-act-order" if act_order else "awq-gptq"
+        elif self.method == "nf4" and awq_scales:
+            algorithm = "awq-scales"
+        return Recipe((Rule("*", self.format.name, self.params, algorithm),), skip=tuple(self.skip),
+                      compute_dtype=self.compute_dtype)

@@ -1,24 +1,39 @@
 """`qwen2q.quantize(src, dst, recipe, calibration=None, ...) -> Report`: the one library entry point for
-writing a quantized checkpoint; the CLI only parses options into these arguments and renders the report.
+writing a quantized checkpoint, and its one pipeline; the CLI only parses options into these arguments
+and renders the report.
 
-The recipe is a `QuantConfig` (or a method name: "nf4", "int8", "int4", "awq"): which format each decoder
-linear gets, and which stay in full precision.  Round-to-nearest recipes stream tensor by tensor
-(`qwen2q.convert`); a calibrated recipe (method "awq", or "nf4" with `calibration`: AWQ's scale search in
-front of plain NF4) runs one decoder layer at a time (`qwen2q.calibrate.pipeline`).  Both write through
-the same destination rules (`qwen2q.destination`): nothing the user owns is replaced or lost.
+The recipe (`qwen2q.recipe.Recipe`, or a `QuantConfig` / method name as shorthand: "nf4", "int8",
+"int4", "awq") gives each decoder linear a format and an algorithm.  The pipeline checks everything
+first (options, the source's tensors and values, the plan against the model's linears, the
+destination), writes the tensors outside the decoder layers, then goes through the layers in order:
 
-Every combination is checked here, before any work: calibration only where the recipe calibrates, no
-`skip` or non-finite opt-out with calibration (calibration needs every linear, finite), a positive shard
-size.
+- no rule calibrates (round-to-nearest): each layer's tensors stream from the memory-mapped source
+  into their formats one at a time, no forward pass, no fp32 copy (the fast path);
+- some rule calibrates: every layer is loaded, calibrated and quantized (`qwen2q.calibrate.pipeline`),
+  and its quantized output feeds the next.
+
+Both write through `qwen2q.writer.CheckpointWriter` (nothing the user owns is replaced or lost) and end
+with config.json: the recipe's `quantization_config` and a `qwen2q` note of how the file was made.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
-from qwen2q.convert import DEFAULT_SHARD_BYTES
+import torch
+
+from qwen2q._version import __version__
+from qwen2q.architecture import LINEAR_WEIGHT, LINEARS, layer_prefix, linear_shapes
+from qwen2q.checkpoint import TensorIndex, check_all_finite, check_model_dir, validate_checkpoint, weight_files
+from qwen2q.config import Qwen2Config
+from qwen2q.destination import check_destination
 from qwen2q.errors import Qwen2qError
-from qwen2q.qconfig import DEFAULT_SKIP, QuantConfig
+from qwen2q.qconfig import QuantConfig
+from qwen2q.qlinear import quantize_linear
+from qwen2q.recipe import DEFAULT_SKIP, Recipe
+from qwen2q.validate import check_finite
+from qwen2q.writer import DEFAULT_SHARD_BYTES, CheckpointWriter, peak_rss_bytes
 
 
 @dataclasses.dataclass
@@ -44,76 +59,238 @@ class Report:
         return 8 * self.quantized_bytes / max(self.quantized_weights, 1)
 
 
-def as_recipe(recipe: QuantConfig | str) -> QuantConfig:
-    if isinstance(recipe, QuantConfig):
-        return recipe
+def as_recipe(recipe: Recipe | QuantConfig | str, calibration=None) -> tuple[Recipe, QuantConfig | None]:
+    """(the recipe, the method shorthand it came from or None)."""
+    if isinstance(recipe, Recipe):
+        return recipe, None
     if isinstance(recipe, str):
-        return QuantConfig(recipe)
-    raise Qwen2qError(f"recipe must be a QuantConfig or a method name, not {type(recipe).__name__}")
+        recipe = QuantConfig(recipe)
+    if not isinstance(recipe, QuantConfig):
+        raise Qwen2qError(f"recipe must be a Recipe, a QuantConfig or a method name, not {type(recipe).__name__}")
+    awq_scales = recipe.method == "nf4" and calibration is not None
+    rounding, act_order = (calibration.rounding, calibration.act_order) if calibration is not None else (None, False)
+    return recipe.recipe(rounding, act_order, awq_scales), recipe
 
 
-def calibrates(recipe: QuantConfig, calibration) -> bool:
-    """Whether this recipe runs the layer-wise calibrated pipeline."""
-    return recipe.method == "awq" or calibration is not None
+def check(recipe: Recipe | QuantConfig, calibration, max_shard_bytes: int, allow_non_finite: bool) -> None:
+    """Refuse, before any work, a combination of options that would fail later or be silently ignored."""
+    from qwen2q.calibrate.pipeline import COMPUTE_DTYPES
 
-
-def check(recipe: QuantConfig, calibration, max_shard_bytes: int, allow_non_finite: bool) -> None:
-    """Refuse, before any work, a combination that would fail later or be silently ignored."""
     if max_shard_bytes <= 0:
         raise Qwen2qError(f"the largest shard must be a positive size, not {max_shard_bytes} bytes")
-    if calibration is not None and recipe.method not in ("awq", "nf4"):
-        raise Qwen2qError(f"calibration goes with --method awq or nf4 (AWQ scales), not {recipe.method}")
-    if calibrates(recipe, calibration):
-        extra = [s for s in recipe.skip if s not in DEFAULT_SKIP]
-        if extra:
-            raise Qwen2qError(f"--skip is not supported with calibrated --method {recipe.method} yet")
+    if isinstance(recipe, QuantConfig):
+        method = recipe.method
+        if calibration is not None and method not in ("awq", "nf4"):
+            raise Qwen2qError(f"calibration goes with --method awq or nf4 (AWQ scales), not {method}")
+        if calibration is not None and calibration.rounding not in (None, "nearest", "gptq"):
+            raise Qwen2qError(f"rounding must be 'gptq' or 'nearest', not {calibration.rounding!r}")
+        if method == "nf4" and calibration is not None and calibration.rounding not in (None, "nearest"):
+            raise Qwen2qError("NF4 with AWQ scales rounds to nearest: --rounding gptq is for --method awq only")
+        if calibration is not None and calibration.act_order and calibration.rounding not in (None, "gptq"):
+            raise Qwen2qError("--act-order orders GPTQ's column sweep: it goes with --rounding gptq only")
+        recipe, _ = as_recipe(recipe, calibration)
+    elif calibration is not None and (calibration.rounding is not None or calibration.act_order):
+        raise Qwen2qError("with a Recipe, each rule's algorithm says how it rounds: leave the calibration "
+                          "settings' rounding and act_order unset")
+    if recipe.calibrated:
         if allow_non_finite:
-            raise Qwen2qError(f"--allow-non-finite does not go with calibrated --method {recipe.method}: "
-                              "calibration needs finite weights")
+            raise Qwen2qError("--allow-non-finite does not go with calibration: calibration needs finite weights")
+        if calibration is not None and calibration.compute_dtype not in COMPUTE_DTYPES:
+            raise Qwen2qError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                              f"not {calibration.compute_dtype!r}")
+    elif calibration is not None:
+        raise Qwen2qError("calibration settings were given, but no rule of the recipe calibrates")
 
 
-def quantize(src, dst, recipe: QuantConfig | str, calibration=None, *, device: str = "cpu", force: bool = False,
-             max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False, allow_non_finite: bool = False,
-             progress: bool = True) -> Report:
+def read_source(src, allow_pickle: bool = False, allow_non_finite: bool = False
+                ) -> tuple[Path, Qwen2Config, list[Path]]:
+    """Check that `src` is an unquantized checkpoint whose tensors' names, shapes and dtypes match its
+    config.json (file headers) and whose values are finite (unless `allow_non_finite`), all before any
+    work starts; return its path, config and weight files (pickle `pytorch_model*.bin` files only with
+    `allow_pickle`: reading them can run code)."""
+    src = check_model_dir(src)
+    config = Qwen2Config.from_file(src / "config.json")
+    if config.quantization_config:
+        raise Qwen2qError(f"{src} is already quantized ({config.quantization_config.get('quant_method')}); "
+                          "give a bf16/fp16/fp32 checkpoint")
+    files = weight_files(src, allow_pickle=allow_pickle)
+    validate_checkpoint(src, config, files)
+    if not allow_non_finite:
+        check_all_finite(files)
+    return src, config, files
+
+
+def decoder_linears(config: Qwen2Config) -> list[str]:
+    """Every decoder linear's full name, layer by layer ("model.layers.0.self_attn.q_proj", ...)."""
+    return [layer_prefix(i) + name for i in range(config.num_hidden_layers) for name in LINEARS]
+
+
+def check_plan(recipe: Recipe, config: Qwen2Config) -> None:
+    """Refuse, before any work, a skip entry or rule that matches no decoder linear, a recipe that would
+    quantize nothing, and a linear its format cannot hold (naming it, with the --skip that avoids it)."""
+    recipe.check_plan(decoder_linears(config))
+    shapes = linear_shapes(config)
+    for name in decoder_linears(config):
+        chosen = recipe.format_for(name)
+        if chosen is None:
+            continue
+        out_features, in_features, _ = shapes[name.split(".", 3)[3]]
+        try:
+            chosen[0].check_shape(out_features, in_features, chosen[1])
+        except ValueError as e:
+            raise Qwen2qError(f"{name}.weight: {e} (or keep it in full precision with --skip "
+                              f"{name.rsplit('.', 1)[-1]})") from None
+
+
+def passthrough(name: str, tensor: torch.Tensor, recipe: Recipe, config: Qwen2Config,
+                allow_non_finite: bool = False) -> dict:
+    """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of a
+    quantized linear in its format's bias dtype (AWQ's WQLinear_GEMM keeps it fp16).  `read_source` has
+    proved every stored value finite (unless `allow_non_finite`), so only that cast can add NaN/Inf: a cast
+    tensor is checked again, unless `allow_non_finite`."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return {}
+    out = tensor.clone()
+    owner = recipe.format_for(name[: -len(".bias")]) if name.endswith(".bias") and \
+        LINEAR_WEIGHT.match(name[: -len(".bias")] + ".weight") else None
+    if owner is not None and owner[0].bias_dtype is not None:
+        out = tensor.to(owner[0].bias_dtype)
+        if not allow_non_finite:
+            check_finite(name, out, tensor)
+    return {name: out}
+
+
+def quantized_config(config: Qwen2Config, recipe: Recipe, shorthand: QuantConfig | None, src: Path, **note) -> dict:
+    """config.json for the output: the source's, plus quantization_config and a note of how it was made."""
+    cfg = config.to_dict()
+    cfg["quantization_config"] = recipe.to_hf(decoder_linears(config))
+    if shorthand is not None:
+        made = {"method": shorthand.method, "source": src.name, "group_size": shorthand.params.get("group_size")}
+    else:
+        made = {"method": "recipe", "source": src.name,
+                "rules": [{"pattern": r.pattern, "format": r.format, "params": dict(r.params), "algorithm": r.algorithm}
+                          for r in recipe.rules]}
+    cfg["qwen2q"] = {"version": __version__, **made, **note}
+    return cfg
+
+
+def with_source_dtype(recipe: Recipe, config: Qwen2Config) -> Recipe:
+    """Peers compute in the checkpoint's dtype: record it as the bitsandbytes compute dtype."""
+    if config.dtype in ("bfloat16", "float16", "float32"):
+        return dataclasses.replace(recipe, compute_dtype=config.dtype)
+    return recipe
+
+
+def _rtn_layer(index: TensorIndex, i: int, recipe: Recipe, config: Qwen2Config,
+               allow_non_finite: bool) -> tuple[dict, int, int]:
+    """Layer i's checkpoint tensors by round-to-nearest, streamed one source tensor at a time; returns
+    (tensors, quantized weights, their stored bytes)."""
+    out, q_elems, q_bytes = {}, 0, 0
+    prefix = layer_prefix(i)
+    for name in [n for n in index.names() if n.startswith(prefix)]:
+        tensor = index.get(name)
+        if LINEAR_WEIGHT.match(name) and recipe.format_for(name[: -len(".weight")]) is not None:
+            tensors = quantize_linear(recipe, name[: -len(".weight")], tensor)
+            q_elems += tensor.numel()
+            q_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        else:
+            tensors = passthrough(name, tensor, recipe, config, allow_non_finite)
+        out.update(tensors)
+    return out, q_elems, q_bytes
+
+
+def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, device: str = "cpu",
+             force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False,
+             allow_non_finite: bool = False, progress: bool = True) -> Report:
     """Quantize checkpoint directory `src` into the new directory `dst` by `recipe`; return the Report.
 
-    calibration: a `qwen2q.calibrate.pipeline.CalibrationSettings` (method "awq" uses the defaults when
-    None; with method "nf4" it adds AWQ's scale search).  force: replace `dst` if it is a checkpoint
-    qwen2q wrote.  Raises `Qwen2qError` (one line) for anything the user can fix.
+    calibration: a `qwen2q.calibrate.pipeline.CalibrationSettings` for recipes that calibrate (the
+    defaults when None; with method "nf4" it adds AWQ's scale search).  force: replace `dst` if it is a
+    checkpoint qwen2q wrote.  Raises `Qwen2qError` (one line) for anything the user can fix.
     """
-    recipe = as_recipe(recipe)
-    check(recipe, calibration, max_shard_bytes, allow_non_finite)
+    from tqdm import tqdm
+
+    from qwen2q.devices import parse_device
+
+    if not isinstance(recipe, (Recipe, QuantConfig, str)):
+        as_recipe(recipe)  # raises, naming the type
+    check(QuantConfig(recipe) if isinstance(recipe, str) else recipe, calibration, max_shard_bytes, allow_non_finite)
+    plan, shorthand = as_recipe(recipe, calibration)
+    device = parse_device(device)  # checked even where unused, so a typo is never silently accepted
+    src, config, files = read_source(src, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
     dst = Path(dst)
-    if calibrates(recipe, calibration):
-        from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+    check_plan(plan, config)
+    plan = with_source_dtype(plan, config)
+    check_destination(src, dst, force)  # before tokenizing and calibrating, not after
+    start = time.perf_counter()
+    note, calibrator = {}, None
+    if plan.calibrated:
+        from qwen2q.calibrate.pipeline import CalibrationSettings, LayerCalibrator, calibration_ids
 
         settings = calibration or CalibrationSettings()
-        done, details = awq_convert(src, dst, recipe, settings, device=device, force=force,
-                                    max_shard_bytes=max_shard_bytes, progress=progress, allow_pickle=allow_pickle)
-        extra = {"calibration": details["calibration"], "peak_device_bytes": details["peak_device_bytes"],
-                 "alphas": details["alphas"]}
-    else:
-        from qwen2q.convert import convert
-        from qwen2q.devices import parse_device
+        ids, described = calibration_ids(src, settings)
+        note = _calibration_note(plan, shorthand, settings, described)
+    index = TensorIndex(files)
+    with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
+        for name in index.names():
+            if not name.startswith("model.layers."):
+                out.add(passthrough(name, index.get(name), plan, config, allow_non_finite))
+        if plan.calibrated:
+            calibrator = LayerCalibrator(index, config, plan.choice_for, settings, ids, device,
+                                         index.get("model.embed_tokens.weight").dtype)
+        index.release()
+        q_elems = q_bytes = 0
+        label = describe(plan, shorthand)
+        for i in tqdm(range(config.num_hidden_layers), desc=f"quantize {label}", unit="layer", disable=not progress):
+            if calibrator is not None:
+                tensors, elems, size = calibrator.layer(i)
+            else:
+                tensors, elems, size = _rtn_layer(index, i, plan, config, allow_non_finite)
+            out.add(tensors)
+            index.release()  # unmap what this layer read, so RSS does not grow layer by layer
+            q_elems, q_bytes = q_elems + elems, q_bytes + size
+        shards = out.finish(quantized_config(config, plan, shorthand, src, **note))
+    extra = {}
+    if calibrator is not None:
+        extra = {"calibration": note["calibration"], "alphas": calibrator.alphas,
+                 "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    return Report(dst=dst, method=describe(plan, shorthand), seconds=time.perf_counter() - start,
+                  bytes_before=sum(f.stat().st_size for f in files),
+                  bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
+                  quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(),
+                  shards=shards, **extra)
 
-        parse_device(device)  # checked even where unused, so a typo is never silently accepted
-        done = convert(src, dst, recipe, force=force, max_shard_bytes=max_shard_bytes, progress=progress,
-                       allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
-        extra = {}
-    return Report(dst=dst, method=describe(recipe, calibration), seconds=done.seconds, bytes_before=done.bytes_before,
-                  bytes_after=done.bytes_after, quantized_weights=done.quantized_weights,
-                  quantized_bytes=done.quantized_bytes, peak_rss_bytes=done.peak_rss_bytes, shards=done.shards, **extra)
+
+def _calibration_note(plan: Recipe, shorthand: QuantConfig | None, settings, described: str) -> dict:
+    """What config.json's `qwen2q` note records of a calibrated run."""
+    note = {"calibration": described, "search_tokens": settings.search_tokens, "compute_dtype": settings.compute_dtype}
+    algorithms = {r.algorithm for r in plan.rules}
+    if shorthand is not None and shorthand.method == "nf4":
+        note["awq_scales"] = True
+    elif shorthand is not None:
+        rounding = "gptq" if algorithms & {"awq-gptq", "awq-gptq-act-order"} else "nearest"
+        note["rounding"] = rounding
+        if rounding == "gptq":
+            note["act_order"] = "awq-gptq-act-order" in algorithms
+    return note
 
 
-def describe(recipe: QuantConfig, calibration) -> str:
-    """The method as a person reads it: "awq g128 (gptq rounding, act order)", "nf4 + AWQ scales", "int8"."""
-    label = recipe.method
-    if "group_size" in recipe.params:
-        label += f" g{recipe.params['group_size']}"
-    if recipe.method == "nf4" and calibration is not None:
+def describe(recipe: Recipe, shorthand: QuantConfig | None = None) -> str:
+    """The recipe as a person reads it: "awq g128 (gptq rounding, act order)", "nf4 + AWQ scales", "int8",
+    or each rule's "pattern: format algorithm" for a general recipe."""
+    if shorthand is None:
+        return "; ".join(f"{r.pattern}: {r.format} {r.algorithm}" for r in recipe.rules)
+    label = shorthand.method
+    params = recipe.rules[0].params
+    if "group_size" in params:
+        label += f" g{params['group_size']}"
+    algorithm = recipe.rules[0].algorithm
+    if algorithm == "awq-scales":
         label += " + AWQ scales"
-    if recipe.method == "awq":
-        rounding = (calibration.rounding if calibration is not None else None) or "gptq"
-        act_order = calibration is not None and calibration.act_order
-        label += f" ({rounding} rounding{', act order' if act_order else ''})"
+    elif shorthand.method == "awq":
+        label += " (gptq rounding, act order)" if algorithm == "awq-gptq-act-order" else \
+            " (gptq rounding)" if algorithm == "awq-gptq" else " (nearest rounding)"
     return label
+
+
+__all__ = ["DEFAULT_SHARD_BYTES", "DEFAULT_SKIP", "Report", "check", "quantize"]

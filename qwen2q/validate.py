@@ -1,7 +1,7 @@
 """What a checkpoint's tensors must be, given its config.json: names, shapes, dtypes and finite values.
 
 The rules live here and nowhere else; `qwen2q.checkpoint.validate_checkpoint` applies them to file
-headers before any work starts (loading, quantizing), and `fill_module` / `convert` apply `check_finite`
+headers before any work starts (loading, quantizing), and `fill_module` / `qwen2q.quantize` apply `check_finite`
 to each tensor's values as it is read.
 
 Shapes, for hidden size H, intermediate size I, vocabulary V, heads n, kv heads m, head dim D:
@@ -27,7 +27,7 @@ import torch
 from qwen2q.architecture import NORMS, layer_prefix, linear_shapes
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError
-from qwen2q.qconfig import QuantConfig
+from qwen2q.recipe import Recipe
 from qwen2q.quantizers.checks import all_finite
 from qwen2q.quantizers.format import TensorSpec
 
@@ -51,7 +51,7 @@ def quantized_tensors(scheme, name: str, out_features: int, in_features: int) ->
         raise CheckpointError(f"{name}: config.json's sizes do not fit the {fmt.name} layout: {e}") from None
 
 
-def expected_tensors(config: Qwen2Config, qcfg: QuantConfig | None = None) -> tuple[dict[str, Expect], set[str]]:
+def expected_tensors(config: Qwen2Config, qcfg: Recipe | None = None) -> tuple[dict[str, Expect], set[str]]:
     """(every tensor name the checkpoint may hold -> Expect, the names among them it may leave out)."""
     v, h = config.vocab_size, config.hidden_size
     expect = {"model.embed_tokens.weight": _float(v, h), "model.norm.weight": _float(h), "lm_head.weight": _float(v, h)}
@@ -79,7 +79,7 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_tensors(config: Qwen2Config, headers: dict, qcfg: QuantConfig | None = None) -> None:
+def check_tensors(config: Qwen2Config, headers: dict, qcfg: Recipe | None = None) -> None:
     """Check `headers` ({name: object with .shape, .dtype, .file}) against what `config` implies: no
     unknown names, none missing, each shape and dtype as `expected_tensors` says."""
     expect, optional = expected_tensors(config, qcfg)

@@ -3,22 +3,24 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint, shared_data
+from qwen2q.architecture import LINEARS
 from qwen2q.architecture import SCALE_GROUPS as QWEN2_GROUPS
 from qwen2q.calibrate.awq import fold_scales, search_clip, search_scales
 from qwen2q.calibrate.pipeline import (
     HOOKED,
     CalibrationSettings,
-    awq_convert,
     calibrate_layer,
     capture,
     forward_precision,
     load_layer,
 )
 from qwen2q.checkpoint import TensorIndex, weight_files
+from qwen2q.quantization import quantize as awq_convert
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import Qwen2qError
 from qwen2q.qconfig import QuantConfig
 from qwen2q.quantizers import int4
+from qwen2q.recipe import Recipe, Rule
 from qwen2q.rope import RotaryEmbedding
 
 
@@ -61,8 +63,10 @@ def test_calibrated_layer_is_closer_than_round_to_nearest(tmp_path, rounding, co
         return (lay(x, cos, sin) - reference).pow(2).mean().item()
 
     rtn_error = quantized_error(_layer(tmp_path / "b")[0])
-    _, grids = calibrate_layer(layer, x, cos, sin, group_size=32, search_tokens=64, where="layer 0",
-                               rounding=rounding, compute_dtype=compute_dtype)
+    rule = Rule("*", "awq-gemm", {"group_size": 32}, "awq-gptq" if rounding == "gptq" else "awq")
+    choices = {name: Recipe((rule,)).choice_for(f"model.layers.0.{name}") for name in LINEARS}
+    _, grids = calibrate_layer(layer, x, cos, sin, choices, search_tokens=64, where="layer 0",
+                               compute_dtype=compute_dtype)
     assert bool(grids) == (rounding == "gptq")
     assert quantized_error(layer) < rtn_error
 
@@ -95,7 +99,7 @@ def test_compute_dtype_is_bf16_or_fp32_never_fp16(tmp_path):
 def test_clip_bounds_never_exceed_the_weight_range():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(16, 64, generator=g)
-    bound = search_clip(w, torch.randn(100, 64, generator=g), 32)
+    bound = search_clip(w, torch.randn(100, 64, generator=g), 32, lambda w: int4.fake_quantize(w, 32))
     assert bound.shape == (16, 2, 1)
     assert (bound <= w.abs().view(16, 2, 32).amax(-1, keepdim=True)).all()
     assert (bound >= 0.55 * w.abs().view(16, 2, 32).amax(-1, keepdim=True) - 1e-6).all()
@@ -107,7 +111,7 @@ def test_non_finite_activations_stop_with_the_layer_named(tmp_path):
     inputs = torch.full((8, layer.mlp.gate_proj.in_features), float("nan"))
     x_mean = torch.ones(layer.mlp.gate_proj.in_features)
     with pytest.raises(Qwen2qError, match="layer 7.*gate_proj"):
-        search_scales(layer, group, x_mean, inputs, layer.mlp, 32, "layer 7")
+        search_scales(layer, group, x_mean, inputs, layer.mlp, 32, "layer 7", lambda w: int4.fake_quantize(w, 32))
 
 
 def test_group_size_must_divide_every_linear(tmp_path):
@@ -127,10 +131,11 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     make_hf_checkpoint(tmp_path / "src", seed=5)
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(400)))
-    report, details = awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
+    report = awq_convert(tmp_path / "src", tmp_path / "q", QuantConfig("awq", group_size=32),
                                   CalibrationSettings(str(text), samples=4, seq_len=64, search_tokens=128, feed=feed,
                                                       rounding=rounding),
                                   progress=False)
+    details = vars(report)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "awq" and cfg["qwen2q"]["method"] == "awq"
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
@@ -148,7 +153,7 @@ def test_awq_beats_round_to_nearest_on_the_embedded_model(tmp_path):
     """The CI guard for calibration: on a trained model (the embedded one), AWQ int4 g128 drifts less than
     round-to-nearest int4 g128 in both KL and perplexity delta."""
     from qwen2q.api import DEFAULT_MODEL
-    from qwen2q.convert import convert
+    from qwen2q.quantization import quantize as convert
     from qwen2q.evals.data import load_text
     from qwen2q.evals.harness import evaluate
 
@@ -176,7 +181,7 @@ def test_nf4_with_awq_scales_is_a_plain_nf4_checkpoint_closer_than_nf4(tmp_path)
     (qwen2q's NF4 modules load it), and on calibration-like inputs the layer drifts less than plain NF4."""
     import json
 
-    from qwen2q.convert import convert
+    from qwen2q.quantization import quantize as convert
     from qwen2q.loader import load_model
 
     make_hf_checkpoint(tmp_path / "src", seed=6)

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from qwen2q.convert import convert
+from qwen2q.quantization import quantize as convert
 from qwen2q.loader import load_model
 from qwen2q.qconfig import QuantConfig
 from qwen2q.quantizers import int4
@@ -176,7 +176,8 @@ def test_autoawq_loads_our_int4(src, tmp_path, group_size, skip):
 
 def test_autoawq_loads_our_calibrated_awq(src, tmp_path):
     """qwen2q's calibrated AWQ (scales folded into the norms and up_proj) runs in AutoAWQ's own forward."""
-    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+    from qwen2q.calibrate.pipeline import CalibrationSettings
+    from qwen2q.quantization import quantize as awq_convert
 
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(_calibration_text(n=200, words=12)))

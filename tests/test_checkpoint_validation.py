@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from cli_support import one_line_error, run_cli, tree_digest
 from conftest import make_hf_checkpoint
 from qwen2q.config import Qwen2Config
-from qwen2q.convert import convert
+from qwen2q.quantization import quantize as convert
 from qwen2q.errors import CheckpointError, ConfigError, Qwen2qError
 from qwen2q.loader import load_model
 from qwen2q.qconfig import QuantConfig

@@ -106,15 +106,13 @@ def test_gptq_rounding_missing_is_unavailable(monkeypatch, tmp_path):
 
 def test_awq_rows_pass_rounding_explicitly(monkeypatch, tmp_path):
     """qwen2q's default rounding changed (nearest, then gptq): each AWQ row asks for its own."""
-    from qwen2q.calibrate import pipeline
-
     seen = []
 
     def fake_convert(src, dst, qcfg, calib, progress=True):
         seen.append(calib.rounding)
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(pipeline, "awq_convert", fake_convert)
+    monkeypatch.setattr(compare_peers, "quantize", fake_convert)
     ctx = compare_peers.Context(tmp_path, tmp_path, torch.bfloat16, None, _calib=torch.zeros(1, 4, dtype=torch.long))
     for rounding in ("nearest", "gptq"):
         with pytest.raises(RuntimeError, match="stop"):

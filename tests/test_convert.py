@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_hf_checkpoint
-from qwen2q.convert import convert
+from qwen2q.quantization import quantize as convert
 from qwen2q.errors import Qwen2qError
 from qwen2q.loader import load_model
 from qwen2q.qconfig import QuantConfig
@@ -108,7 +108,7 @@ def test_already_quantized_source_refused(src, tmp_path):
 
 SLOW_CONVERT = """
 import sys, time
-import qwen2q.convert as c
+import qwen2q.quantization as c
 from qwen2q.qconfig import QuantConfig
 real = c.quantize_linear
 def slow(*a):
@@ -116,7 +116,7 @@ def slow(*a):
     time.sleep(0.5)
     return real(*a)
 c.quantize_linear = slow
-c.convert(sys.argv[1], sys.argv[2], QuantConfig("nf4"), progress=False)
+c.quantize(sys.argv[1], sys.argv[2], QuantConfig("nf4"), progress=False)
 """
 
 

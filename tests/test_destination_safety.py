@@ -53,7 +53,7 @@ def last_line_error(result, *needles):
 # A conversion slowed down per tensor so another process can act while it runs; prints "tick" per linear.
 SLOW_CLI = """
 import sys, time
-import qwen2q.convert as c
+import qwen2q.quantization as c
 real, delay = c.quantize_linear, float(sys.argv[1])
 def slow(*a):
     print("tick", flush=True)

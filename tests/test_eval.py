@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from qwen2q.convert import convert
+from qwen2q.quantization import quantize as convert
 from qwen2q.errors import Qwen2qError
 from qwen2q.evals.data import load_text
 from qwen2q.qconfig import QuantConfig

@@ -3,8 +3,15 @@ inverse-Hessian downdates instead of the Cholesky form the implementation uses).
 import pytest
 import torch
 
-from qwen2q.calibrate.gptq import DAMPING, gptq_quantize
+from qwen2q.calibrate.gptq import DAMPING, gptq_round
 from qwen2q.quantizers import int4
+
+
+def gptq_quantize(weight, gram, group_size, act_order=False, mse_grid=True):
+    """GPTQ onto AWQ's int4 grid: (dequantized fp32 [N, K], scales fp16 [K / G, N], zeros uint8 [K / G, N])."""
+    grid = int4.FORMAT.grid({"group_size": group_size}, weight.shape[1])
+    q, grids = gptq_round(weight, gram, grid, act_order=act_order, mse_grid=mse_grid)
+    return q, torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids]).to(torch.uint8)
 
 
 def _grid64(block, shrink=1.0):
@@ -112,3 +119,37 @@ def test_dead_inputs_get_zero_weight_and_shapes_are_checked(act_order):
     assert (q[:, 5].abs() <= scales[0].float() / 2 + 1e-6).all()  # the grid point nearest 0
     with pytest.raises(ValueError, match="gram must be"):
         gptq_quantize(w, torch.eye(64), 128)
+
+
+def reference_gptq_rows(weight, gram):
+    """GPTQ onto a symmetric per-row int8 grid (absmax / 127 of the original row), textbook float64."""
+    w = weight.double().clone()
+    h = gram.double().clone()
+    h += DAMPING * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    absmax = w.abs().amax(1)
+    out = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        q = torch.round(w[:, j] * (127 / absmax)).clamp(-127, 127) * (absmax / 127)
+        out[:, j] = q
+        w -= ((w[:, j] - q) / hinv[j, j])[:, None] * hinv[j][None, :]
+        hinv -= hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+        w[:, j] = q
+    return out
+
+
+def test_int8_row_grid_matches_the_float64_reference_and_stores_exactly():
+    """The algorithm is the format's grid's: bitsandbytes int8 (one absmax per row) through the same code."""
+    from qwen2q.quantizers import int8
+
+    torch.manual_seed(5)
+    w = torch.randn(24, 128)
+    x = correlated_inputs(512, 128, seed=5)
+    grid = int8.FORMAT.grid({}, 128)
+    q, grids = gptq_round(w, x.t() @ x, grid, mse_grid=False)
+    expected = reference_gptq_rows(w, x.t() @ x).float()
+    agree = torch.isclose(q, expected, rtol=0, atol=1e-5).float().mean().item()
+    assert agree > 0.995, f"only {agree:.4f} of the weights took the reference's grid point"
+    stored = int8.dequantize(grid.encode(q, grids), torch.float32)
+    assert torch.equal(stored, q)
+    assert output_error(x, w, q) < 0.8 * output_error(x, w, int8.dequantize(int8.quantize(w), torch.float32))

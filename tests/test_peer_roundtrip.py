@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_hf_checkpoint
-from qwen2q.convert import convert
+from qwen2q.quantization import quantize as convert
 from qwen2q.loader import load_model
 from qwen2q.qconfig import QuantConfig
 
@@ -73,7 +73,8 @@ def test_transformers_loads_our_nf4(src, tmp_path):
 
 def test_transformers_loads_our_nf4_with_awq_scales(src, tmp_path):
     """The AWQ scales fold into norms and up_proj: transformers + bitsandbytes still read a plain NF4 file."""
-    from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+    from qwen2q.calibrate.pipeline import CalibrationSettings
+    from qwen2q.quantization import quantize as awq_convert
 
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(f"Calibration sentence number {i} about foxes and dogs." for i in range(300)))

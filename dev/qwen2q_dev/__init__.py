@@ -6,6 +6,6 @@
                 bench_kernels (the Triton kernels against cuBLAS)
 
 Run them as `python dev COMMAND` from a checkout (`python dev --help` lists them).  They use qwen2q's
-public surface (`qwen2q.load`, `qwen2q.convert.convert`, `qwen2q.calibrate.pipeline.awq_convert`, the
+public surface (`qwen2q.load`, `qwen2q.quantize`, `qwen2q.calibrate.pipeline.CalibrationSettings`, the
 evaluation protocol of `qwen2q.evals`) and the shared options of `qwen2q.cli_options`.
 """

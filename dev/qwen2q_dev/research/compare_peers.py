@@ -45,7 +45,7 @@ never fatal; a row that fails is reported with its error and the exit status is 
 Columns: ± se = one standard error of the perplexity delta over windows (`qwen2q.evals.drift`; each row's
 per-window NLL and KL are in the JSON, for `python dev paired` to compare two rows window by window); bits/w = bytes of the stored tensors of the quantized linears (codes, scales, zeros, statistics;
 bias excluded) * 8 / their weight count; size = bytes of all stored tensors (what the checkpoint holds,
-tied lm_head once); quant s = wall time to quantize (qwen2q: `convert` to disk; transformers: load +
+tied lm_head once); quant s = wall time to quantize (qwen2q: `qwen2q.quantize` to disk; transformers: load +
 quantize in memory; AutoAWQ: `quantize()` including calibration; llm-compressor: `oneshot`); cpu s = CPU
 seconds (user + system, this process and its waited-for children) over the same span: on a shared
 machine wall time also counts the other jobs, CPU time does not.
@@ -80,7 +80,8 @@ from qwen2q._version import __version__
 from qwen2q.checkpoint import iter_tensors, weight_files
 from qwen2q.cli_options import dataset_option, json_option, max_windows_option, seq_len_option
 from qwen2q.config import Qwen2Config
-from qwen2q.convert import SIDE_FILES, convert
+from qwen2q.destination import SIDE_FILES
+from qwen2q.quantization import quantize
 from qwen2q.errors import Qwen2qError
 from qwen2q.evals.data import load_text
 from qwen2q.evals.drift import compare
@@ -206,7 +207,7 @@ def qwen2q_rtn(method: str) -> Callable[[Context], Candidate]:
     def build(ctx: Context) -> Candidate:
         dst = ctx.work / f"qwen2q-{method}"
         with Clock() as clock:
-            convert(ctx.src, dst, QuantConfig(method, group_size=GROUP_SIZE), force=True, progress=False)
+            quantize(ctx.src, dst, QuantConfig(method, group_size=GROUP_SIZE), force=True, progress=False)
         note = "weight-only int8 (bf16 activations)" if method == "int8" else "round to nearest"
         return _qwen2q_load(dst, ctx, clock, [note])
     return build
@@ -217,7 +218,7 @@ def qwen2q_awq(rounding: str = "nearest") -> Callable[[Context], Candidate]:
     search and round to nearest for GPTQ rounding (a CalibrationSettings field newer qwen2q versions have)."""
     def build(ctx: Context) -> Candidate:
         try:
-            from qwen2q.calibrate.pipeline import CalibrationSettings, awq_convert
+            from qwen2q.calibrate.pipeline import CalibrationSettings
         except ImportError as e:
             raise Unavailable(f"qwen2q.calibrate has no AWQ pipeline here ({e})") from None
         extra = {}
@@ -229,7 +230,7 @@ def qwen2q_awq(rounding: str = "nearest") -> Callable[[Context], Candidate]:
         dst = ctx.work / ("qwen2q-awq" if rounding == "nearest" else f"qwen2q-awq-{rounding}")
         settings = CalibrationSettings(ids=calib, **extra)
         with Clock() as clock:
-            awq_convert(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), settings, progress=False)
+            quantize(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), settings, progress=False)
         notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}",
                  f"calibration forwards in {getattr(settings, 'compute_dtype', 'float32')}"]
         return _qwen2q_load(dst, ctx, clock, notes)
