@@ -1,7 +1,8 @@
 """The one plain-text table renderer for everything qwen2q and its dev tools print as a table.
 
-    from qwen2q.evals.table import Column, format_table
+    from qwen2q.evals.table import Column, format_fields, format_table
     print(format_table([Column("method", "method"), Column("ppl", "ppl", "{:.4f}")], rows))
+    print(format_fields([("size before", "940.0 MiB"), ("size after", "310.2 MiB")]))
 
 The first column is left-aligned, the others right-aligned; each column is as wide as its widest cell;
 columns are two spaces apart.  A missing value (None, or a float NaN) prints as "-".  A row given as a
@@ -54,3 +55,11 @@ def format_table(columns: list[Column], rows: Iterable[Mapping | tuple[str, str]
         else:
             lines.append(render(line))
     return "\n".join(lines)
+
+
+def format_fields(fields: Iterable[tuple[str, str]], indent: str = "") -> str:
+    """(name, value) pairs one per line, the values aligned in one column after the widest name: the
+    form of `qwen2q info` and of the quantize report."""
+    fields = list(fields)
+    width = max((len(name) for name, _ in fields), default=0)
+    return "\n".join(f"{indent}{name.ljust(width)}{GAP}{value}".rstrip() for name, value in fields)

@@ -99,10 +99,9 @@ def info(model):
     from qwen2q.api import DEFAULT_MODEL
     from qwen2q.info import describe
 
-    rows = describe(model or DEFAULT_MODEL)
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k:<{width}}  {v}")
+    from qwen2q.evals.table import format_fields
+
+    click.echo(format_fields(describe(model or DEFAULT_MODEL)))
 
 
 def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
@@ -208,10 +207,22 @@ CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_tem
                        "act_order", "calib_dtype", "device")
 
 
-def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool) -> None:
-    """Refuse flags that were given but that this method would ignore (what the library never sees);
-    `qwen2q.quantization.check` validates the rest."""
+def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: bool, recipe=None) -> None:
+    """Refuse flags that were given but that this method or recipe would ignore (what the library never
+    sees); `qwen2q.quantization.check` validates the rest."""
     given = {name for name in ctx.params if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    if (method is None) == (recipe is None):
+        raise click.UsageError("give --method (-m) or --recipe, one of them")
+    if recipe is not None:
+        flags = sorted(n for n in ("group_size", "rounding", "act_order", "awq_scales") if n in given)
+        if flags:
+            raise Qwen2qError(f"--{flags[0].replace('_', '-')} goes with --method; with --recipe each rule says its "
+                              "format, parameters and algorithm")
+        ignored = sorted(n for n in CALIBRATION_OPTIONS if n in given and not recipe.calibrated)
+        if ignored:
+            raise Qwen2qError(f"--{ignored[0].replace('_', '-')} is a calibration option, and no rule of this "
+                              "recipe calibrates")
+        return
     if awq_scales and method != "nf4":
         raise Qwen2qError(f"--awq-scales goes with --method nf4 (--method awq searches scales already), not {method}")
     if "group_size" in given and method not in ("int4", "awq"):
@@ -227,9 +238,14 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool) -
 @main.command()
 @click.argument("src", type=click.Path(), metavar="SRC")
 @click.argument("dst", type=click.Path(), metavar="DST", required=False)
-@click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4", "awq"]), required=True,
+@click.option("--method", "-m", type=click.Choice(["nf4", "int8", "int4", "awq"]), default=None,
               help="nf4: bitsandbytes NF4 + double quant; int8: bitsandbytes int8 storage; "
-                   "int4: AWQ-layout group-wise uint4, round-to-nearest; awq: the same layout, calibrated.")
+                   "int4: AWQ-layout group-wise uint4, round-to-nearest; awq: the same layout, calibrated.  "
+                   "Give this or --recipe.")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="A JSON recipe instead of --method: ordered rules giving each linear a format, its parameters "
+                   "and an algorithm (rtn, awq, awq-gptq, awq-scales, gptq), so one checkpoint may hold several "
+                   "formats; see the README.")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               help="Input channels per scale/zero (int4 and awq only).")
 @click.option("--skip", multiple=True, metavar="MODULE",
@@ -264,7 +280,7 @@ def _check_quantize_options(ctx: click.Context, method: str, awq_scales: bool) -
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
-def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+def quantize(ctx, src, dst, method, recipe_file, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
              allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
@@ -283,18 +299,28 @@ def quantize(ctx, src, dst, method, group_size, skip, max_shard_size, force, all
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-nf4-awq -m nf4 --awq-scales --calib-samples 48
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
+      qwen2q quantize ./Qwen2-0.5B ./q-mixed --recipe int8-down-awq-rest.json --calib-samples 48
     """
+    import dataclasses
+
     from qwen2q.qconfig import DEFAULT_SKIP, QuantConfig
     from qwen2q.quantization import quantize as run
+    from qwen2q.recipe import read_recipe
 
     if dst is None:
         raise click.UsageError(f"quantize needs SRC and DST (got only {src}); to quantize the embedded model, "
                                f"name it: qwen2q quantize {EMBEDDED} {src} ...")
     max_shard_bytes = _parse_size(max_shard_size)
-    _check_quantize_options(ctx, method, awq_scales)
-    recipe = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
+    if recipe_file is not None:
+        recipe = read_recipe(recipe_file)
+        recipe = dataclasses.replace(recipe, skip=tuple(dict.fromkeys((*recipe.skip, *skip))))
+    else:
+        recipe = None
+    _check_quantize_options(ctx, method, awq_scales, recipe)
+    if recipe is None:
+        recipe = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
     calibration = None
-    if method == "awq" or awq_scales:
+    if method == "awq" or awq_scales or (recipe_file is not None and recipe.calibrated):
         from qwen2q.calibrate.pipeline import CalibrationSettings
 
         calibration = CalibrationSettings(calib_data, calib_samples, calib_seq_len, chat_template, search_tokens,
@@ -318,9 +344,10 @@ def _print_report(report) -> None:
         rows.append(("calibration", report.calibration))
     if report.peak_device_bytes is not None:
         rows.append(("peak device", f"{report.peak_device_bytes / 2**20:,.0f} MiB"))
+    from qwen2q.evals.table import format_fields
+
     click.echo(f"wrote {report.dst}")
-    for k, v in rows:
-        click.echo(f"  {k:<14}{v}")
+    click.echo(format_fields(rows, indent="  "))
 
 
 @main.command("eval")
