@@ -165,3 +165,31 @@ def test_mixed_config_round_trips_and_bad_ones_are_refused():
                                                     "modules": ["model.layers.0.mlp.up_proj"]}]}):
         with pytest.raises(Qwen2qError, match=MIXED):
             Recipe.from_hf(bad)
+
+
+@pytest.mark.parametrize("content, args, needle", [
+    ("{not json", (), "cannot read it as JSON"),
+    ('{"rules": [{"pattern": "*", "format": "fp3"}]}', (), "unknown quantization format 'fp3'"),
+    ('{"rules": [{"pattern": "*", "format": "bnb-int8", "bits": 3}]}', (), "rule 0 must be"),
+    ('{"rules": [{"pattern": "*", "format": "bnb-int8"}]}', ("-m", "int8"), "--method (-m) or --recipe"),
+    ('{"rules": [{"pattern": "*", "format": "awq-gemm"}]}', ("--group-size", "64"), "--group-size goes with --method"),
+    ('{"rules": [{"pattern": "*", "format": "bnb-int8"}]}', ("--calib-samples", "8"), "no rule of this recipe calibrates"),
+    ('{"rules": [{"pattern": "*.nothing", "format": "bnb-int8"}]}', (), "matches no linear"),
+])
+def test_cli_recipe_errors_are_one_line_before_any_work(tmp_path, content, args, needle):
+    from cli_support import one_line_error, run_cli
+
+    make_hf_checkpoint(tmp_path / "src")
+    (tmp_path / "r.json").write_text(content)
+    one_line_error(run_cli("quantize", tmp_path / "src", tmp_path / "q", "--recipe", tmp_path / "r.json", *args), needle)
+    assert not (tmp_path / "q").exists()
+
+
+def test_cli_recipe_writes_what_the_library_writes(tmp_path, converted):
+    from cli_support import run_cli
+
+    rules = [{"pattern": r.pattern, "format": r.format, "params": dict(r.params)} for r in MIXED_RECIPE.rules]
+    (tmp_path / "r.json").write_text(json.dumps({"rules": rules}))
+    r = run_cli("quantize", converted / "src", tmp_path / "q", "--recipe", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q" / "model.safetensors").read_bytes() == (converted / "mixed" / "model.safetensors").read_bytes()
