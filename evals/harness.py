@@ -19,6 +19,7 @@ from qwen2q.errors import Qwen2qError
 from qwen2q.evals import table
 from qwen2q.evals.data import EvalText
 from qwen2q.evals.drift import compare
+from qwen2q.evals.logits_cache import CachedLogits
 from qwen2q.evals.perplexity import perplexity
 from qwen2q.evals.table import Column
 from qwen2q.info import quantization_summary
@@ -92,7 +93,6 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
     All models must share one vocab_size (checked before loading).  Non-finite logits stop the run
     with the model and window named; `allow_non_finite` lets NaN/Inf weights load (see `qwen2q.load`)."""
     import qwen2q
-    from tqdm import tqdm
 
     tok_source = reference or models[0]
     vocab_size = check_same_vocabulary([Path(tok_source)] + [Path(m) for m in models])
@@ -109,32 +109,39 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
                 "reference": str(reference) if reference else None, "qwen2q": __version__,
                 "torch": torch.__version__, "python": platform.python_version()}
     rows = []
-    ref_model = first.model if reference else None
-    if reference:
-        t0 = time.perf_counter()
-        r = perplexity(FiniteLogits(ref_model, reference, n_windows), ids, seq_len, max_windows=n_windows,
-                       batch_size=1)
-        rows.append({"model": str(reference), "method": method_label(Path(reference)), "size_bytes":
-                     weights_size(Path(reference)), "ppl": r["ppl"], "seconds": time.perf_counter() - t0})
-    for path in models:
-        path = Path(path)
-        m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(
-            path, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
-        t0 = time.perf_counter()
-        # a bar only on a terminal (in a log it is noise and splits an error line); closed on errors too
-        with tqdm(total=n_windows, desc=f"eval {path.name}", unit="window", disable=None if progress else True,
-                  leave=False) as bar:
-            if reference:
-                d = compare(FiniteLogits(ref_model, reference, n_windows), FiniteLogits(m.model, path, n_windows),
-                            ids, seq_len, max_windows=n_windows, progress=bar.update)
-                row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
-                       "top1": d["top1"]}
-            else:
-                row = {"ppl": perplexity(FiniteLogits(m.model, path, n_windows), ids, seq_len,
-                                         max_windows=n_windows, batch_size=1)["ppl"]}
-        rows.append({"model": str(path), "method": method_label(path), "size_bytes": weights_size(path), **row,
-                     "seconds": time.perf_counter() - t0})
+    # The reference runs once per window: its logits are kept (bounded) and replayed in every comparison.
+    with CachedLogits(FiniteLogits(first.model, reference, n_windows)) as ref_logits:
+        if reference:
+            t0 = time.perf_counter()
+            with _bar(n_windows, f"eval {Path(reference).name} (reference)", progress) as bar:
+                r = perplexity(ref_logits, ids, seq_len, max_windows=n_windows, batch_size=1, progress=bar.update)
+            rows.append({"model": str(reference), "method": method_label(Path(reference)), "size_bytes":
+                         weights_size(Path(reference)), "ppl": r["ppl"], "seconds": time.perf_counter() - t0})
+        for path in models:
+            path = Path(path)
+            m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(
+                path, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
+            t0 = time.perf_counter()
+            with _bar(n_windows, f"eval {path.name}", progress) as bar:
+                if reference:
+                    d = compare(ref_logits, FiniteLogits(m.model, path, n_windows), ids, seq_len,
+                                max_windows=n_windows, progress=bar.update)
+                    row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
+                           "top1": d["top1"]}
+                else:
+                    row = {"ppl": perplexity(FiniteLogits(m.model, path, n_windows), ids, seq_len,
+                                             max_windows=n_windows, batch_size=1, progress=bar.update)["ppl"]}
+            rows.append({"model": str(path), "method": method_label(path), "size_bytes": weights_size(path), **row,
+                         "seconds": time.perf_counter() - t0})
     return {"settings": settings, "rows": rows}
+
+
+def _bar(total: int, desc: str, progress: bool):
+    """A progress bar over windows, only on a terminal (in a log it is noise and splits an error line),
+    cleared when done; closed on errors too."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="window", disable=None if progress else True, leave=False)
 
 
 COLUMNS = [Column("method", "method"), Column("size MiB", "size_mib", "{:.2f}"), Column("ppl", "ppl", "{:.4f}"),

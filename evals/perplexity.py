@@ -46,11 +46,13 @@ def perplexity(
     seq_len: int,
     max_windows: int | None = None,
     batch_size: int = 4,
+    progress=None,
 ) -> dict:
     """Perplexity of `model` (forward(input_ids [B, T]) -> logits [B, T, V]) over `token_ids`.
 
     Returns {'ppl': exp(nll), 'nll': mean NLL in nats per scored token, 'windows': n, 'tokens': n * (seq_len - 1)}.
-    `batch_size` windows go through the model at once; it changes speed only.
+    `batch_size` windows go through the model at once; it changes speed only.  `progress`, if given, is
+    called with the number of windows done after each batch.
     """
     cut = windows(token_ids, seq_len, max_windows)
     try:
@@ -64,6 +66,8 @@ def perplexity(
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
         total += nll.double().sum().item()
+        if progress is not None:
+            progress(batch.shape[0])
     tokens = cut.shape[0] * (seq_len - 1)
     nll = total / tokens
     return {"ppl": math.exp(nll), "nll": nll, "windows": int(cut.shape[0]), "tokens": int(tokens)}

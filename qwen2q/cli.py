@@ -366,8 +366,9 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
 
     Text: WikiText-2 raw test ($QWEN2Q_DATA or ../shared/data, else the `datasets` hub), tokenized once
     and cut into non-overlapping windows that each score their last L-1 tokens; with no WikiText-2
-    available, "auto" falls back to CPython's pydoc topics.  The reference and the models run side by
-    side window by window, so memory holds two windows of logits, never a logits file.
+    available, "auto" falls back to CPython's pydoc topics.  The reference runs once per window: its
+    logits are kept (up to 2 GiB in memory, then in a temporary folder while 2 GiB of disk stay free,
+    deleted at the end) and replayed for every model.
 
     \b
     Examples:
