@@ -14,10 +14,12 @@ AWQ = QuantConfig("awq", group_size=128)
 AWQ_CALIBRATION = dict(samples=16, seq_len=512, search_tokens=2048)  # small: the demo stays near a minute
 
 
-def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None, progress: bool = True) -> dict:
+def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None, progress: bool = True,
+        calibration: str | None = None) -> dict:
     """Quantize `source` (default: the embedded model) with each method into a temporary directory and
     evaluate all against it; rows carry bits/weight and quantize time too.  AWQ joins when calibration
-    text is available (../shared/data/calib or $QWEN2Q_DATA); it never calibrates on the evaluation text."""
+    text is available (`calibration`: a file, folder or hub id; default ../shared/data/calib or
+    $QWEN2Q_DATA); it never calibrates on the evaluation text."""
     from qwen2q.api import DEFAULT_MODEL
     from qwen2q.calibrate.data import default_source
     from qwen2q.calibrate.pipeline import CalibrationSettings
@@ -30,7 +32,7 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
             dst = Path(tmp) / qcfg.method
             reports[str(dst)] = qwen2q.quantize(source, dst, qcfg, progress=False)
             paths.append(dst)
-        calib = default_source()
+        calib = calibration or default_source()
         if calib is not None:
             dst = Path(tmp) / "awq"
             report = qwen2q.quantize(source, dst, AWQ, CalibrationSettings(str(calib), **AWQ_CALIBRATION), progress=False)
@@ -38,7 +40,8 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
             paths.append(dst)
             notes.append(f"awq calibration: {report.calibration}")
         else:
-            notes.append("awq skipped: no calibration text (set QWEN2Q_DATA to a folder with calib/wiki.utf8)")
+            notes.append("awq skipped: no calibration text (give --calib-data FILE, or set QWEN2Q_DATA to a folder "
+                         "with calib/wiki.utf8)")
         result = evaluate(paths, text, reference=source, max_windows=max_windows, progress=progress)
     for row in result["rows"]:
         report = reports.get(row["model"])
@@ -47,5 +50,6 @@ def run(text: EvalText, max_windows: int | None = 16, source: Path | None = None
             row["quantize_seconds"] = report.seconds
             row["peak_rss_bytes"] = report.peak_rss_bytes
         row["model"] = Path(row["model"]).name if report is not None else "embedded bf16"
+        row["name"] = row["model"]
     result["notes"] = notes
     return result

@@ -85,15 +85,29 @@ class FiniteLogits:
         return logits
 
 
-def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, seq_len: int | None = None,
-             max_windows: int | None = None, device: str = "cpu", dtype: str | None = None,
-             progress: bool = True, allow_non_finite: bool = False) -> dict:
-    """Rows of figures for each model in `models` (and the reference), plus the settings used.
+def row_names(paths: list[Path], given: dict[Path, str] | None = None) -> list[str]:
+    """How each checkpoint is named in the table: the name the user gave it, else its folder's name, else
+    (two folders of one name) the path as given."""
+    given = given or {}
+    names = [given.get(p) or p.name or str(p) for p in paths]
+    clash = {n for n in names if names.count(n) > 1}
+    return [str(p) if n in clash and p not in given else n for p, n in zip(paths, names)]
+
+
+def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: Path | None = None,
+             seq_len: int | None = None, max_windows: int | None = None, device: str = "cpu",
+             dtype: str | None = None, progress: bool = True, allow_non_finite: bool = False) -> dict:
+    """Rows of figures for each model in `models` (a path, or (name, path) to name its row) and the
+    reference, plus the settings used.
 
     All models must share one vocab_size (checked before loading).  Non-finite logits stop the run
     with the model and window named; `allow_non_finite` lets NaN/Inf weights load (see `qwen2q.load`)."""
     import qwen2q
 
+    given = {Path(m[1]): m[0] for m in models if isinstance(m, tuple)}
+    models = [Path(m[1]) if isinstance(m, tuple) else Path(m) for m in models]
+    names = dict(zip([Path(reference)] if reference else [], ["reference"]))
+    names.update(zip(models, row_names(models, given)))
     tok_source = reference or models[0]
     vocab_size = check_same_vocabulary([Path(tok_source)] + [Path(m) for m in models])
     first = qwen2q.load(tok_source, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
@@ -115,7 +129,8 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
             t0 = time.perf_counter()
             with _bar(n_windows, f"eval {Path(reference).name} (reference)", progress) as bar:
                 r = perplexity(ref_logits, ids, seq_len, max_windows=n_windows, batch_size=1, progress=bar.update)
-            rows.append({"model": str(reference), "method": method_label(Path(reference)), "size_bytes":
+            rows.append({"name": names[Path(reference)], "model": str(reference),
+                         "method": method_label(Path(reference)), "size_bytes":
                          weights_size(Path(reference)), "ppl": r["ppl"], "seconds": time.perf_counter() - t0})
         for path in models:
             path = Path(path)
@@ -131,7 +146,8 @@ def evaluate(models: list[Path], text: EvalText, reference: Path | None = None, 
                 else:
                     row = {"ppl": perplexity(FiniteLogits(m.model, path, n_windows), ids, seq_len,
                                              max_windows=n_windows, batch_size=1, progress=bar.update)["ppl"]}
-            rows.append({"model": str(path), "method": method_label(path), "size_bytes": weights_size(path), **row,
+            rows.append({"name": names[path], "model": str(path), "method": method_label(path),
+                         "size_bytes": weights_size(path), **row,
                          "seconds": time.perf_counter() - t0})
     return {"settings": settings, "rows": rows}
 
@@ -144,7 +160,7 @@ def _bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="window", disable=None if progress else True, leave=False)
 
 
-COLUMNS = [Column("method", "method"), Column("size MiB", "size_mib", "{:.2f}"), Column("ppl", "ppl", "{:.4f}"),
+COLUMNS = [Column("model", "name"), Column("method", "method"), Column("size MiB", "size_mib", "{:.2f}"), Column("ppl", "ppl", "{:.4f}"),
            Column("delta", "ppl_delta", "{:+.4f}"), Column("KL", "kl", "{:.5f}"), Column("top-1", "top1", "{:.2%}")]
 EXTRA_COLUMNS = [Column("bits/w", "bits_per_weight", "{:.3f}"), Column("quant s", "quantize_seconds", "{:.1f}")]
 
@@ -165,7 +181,7 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Bar charts of KL and perplexity delta by method (needs matplotlib: pip install qwen2q[plot])."""
+    """Bar charts of KL and perplexity delta by model (needs matplotlib: pip install qwen2q[plot])."""
     try:
         import matplotlib
 
@@ -176,7 +192,7 @@ def plot(result: dict, path: str | Path) -> None:
     rows = [r for r in result["rows"] if "kl" in r]
     if not rows:
         raise Qwen2qError("--plot needs --reference (it draws drift against the reference)")
-    names = [r["method"] for r in rows]
+    names = [r.get("name", r["method"]) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].bar(names, [r["kl"] for r in rows], color="tab:blue")
     axes[0].set_title("mean KL(reference || quantized)")

@@ -351,7 +351,7 @@ def _print_report(report) -> None:
 
 
 @main.command("eval")
-@click.argument("models", nargs=-1, type=click.Path(), metavar="[MODEL]...")
+@click.argument("models", nargs=-1, type=click.Path(), metavar="[[NAME=]MODEL]...")
 @click.option("--reference", "-r", type=click.Path(), default=None,
               help="bf16 checkpoint to measure drift against (KL, top-1, perplexity delta).")
 @dataset_option
@@ -364,6 +364,8 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
           allow_non_finite):
     """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
 
+    Each row is named by its folder (two folders of one name: by path), or as given: NAME=MODEL.
+
     Text: WikiText-2 raw test ($QWEN2Q_DATA or ../shared/data, else the `datasets` hub), tokenized once
     and cut into non-overlapping windows that each score their last L-1 tokens; with no WikiText-2
     available, "auto" falls back to CPython's pydoc topics.  The reference runs once per window: its
@@ -375,18 +377,30 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
       qwen2q eval ./q-nf4 --reference ./Qwen2-0.5B --max-windows 32 --seq-len 512
       qwen2q eval ./q-nf4 ./q-int8 ./q-int4 -r ./Qwen2-0.5B --json drift.json --plot drift.png
       qwen2q eval ./Qwen2-0.5B --dataset ./my-text.txt
+      qwen2q eval rtn=./runs/1/q-int4 awq=./runs/2/q-int4 -r ./Qwen2-0.5B
     """
     from qwen2q.api import DEFAULT_MODEL
     from qwen2q.evals import harness
     from qwen2q.evals.data import load_text
 
+    if plot and not reference:
+        raise Qwen2qError("--plot needs --reference (it draws drift against the reference)")
     _check_output_files(json=json_out, plot=plot)
-    models = [Path(_model_path(m)) for m in models] or [DEFAULT_MODEL]
+    models = [_named_model(m) for m in models] or [DEFAULT_MODEL]
     reference = _model_path(reference)
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
                               max_windows=max_windows, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
     _report(result, json_out, plot)
+
+
+def _named_model(arg: str):
+    """MODEL, or NAME=MODEL (a name without '/' before the first '='; an existing path is always a path)
+    -> Path, or (name, Path)."""
+    name, sep, path = arg.partition("=")
+    if sep and name and "/" not in name and not Path(arg).exists():
+        return name, Path(_model_path(path))
+    return Path(_model_path(arg))
 
 
 def _check_output_files(**paths) -> None:
@@ -429,7 +443,10 @@ def _report(result: dict, json_out, plot, extra_columns=()) -> None:
 @click.option("--max-windows", default=16, show_default=True, type=click.IntRange(min=1))
 @json_option
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG.")
-def demo(dataset, max_windows, json_out, plot):
+@click.option("--calib-data", default=None, metavar="FILE|DIR|HUB_ID",
+              help="Calibration text for the AWQ row (.txt/.jsonl file, folder, or datasets hub id); default "
+                   "$QWEN2Q_DATA/calib/wiki.utf8 or ../shared/data/calib/wiki.utf8; without any, AWQ is skipped.")
+def demo(dataset, max_windows, json_out, plot, calib_data):
     """Quantize the embedded model with every method and compare each with bf16, offline.
 
     Prints one table: method, bits/weight, size, perplexity, its delta, KL, top-1 agreement and
@@ -438,12 +455,16 @@ def demo(dataset, max_windows, json_out, plot):
     \b
     Example:
       qwen2q demo --json demo.json --plot demo.png
+      qwen2q demo --calib-data ./my-calibration-text.txt
     """
+    from qwen2q.calibrate.data import load_documents
     from qwen2q.evals import demo as demo_mod
     from qwen2q.evals.data import load_text
 
     _check_output_files(json=json_out, plot=plot)
-    result = demo_mod.run(load_text(dataset), max_windows=max_windows)
+    if calib_data is not None:
+        load_documents(calib_data)  # a missing file or unreachable hub id fails now, not after the other methods
+    result = demo_mod.run(load_text(dataset), max_windows=max_windows, calibration=calib_data)
     for note in result["notes"]:
         click.echo(note)
     _report(result, json_out, plot, extra_columns=("bits_per_weight", "quantize_seconds"))

@@ -102,3 +102,31 @@ def test_demo_on_the_embedded_model(tmp_path):
     for row in result["rows"][1:]:
         assert row["kl"] >= 0 and 0 < row["top1"] <= 1 and row["bits_per_weight"] > 4 and row["quantize_seconds"] >= 0
     assert "bits/w" in r.stdout and "quant s" in r.stdout
+
+
+def test_rows_are_named_by_folder_by_path_on_a_clash_or_as_given(pair, tmp_path):
+    import shutil
+
+    shutil.copytree(pair / "nf4", tmp_path / "other" / "nf4")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "qwen2q.cli", "eval", "-r", str(pair / "bf16"), "--dataset", "pydoc",
+            "--seq-len", "64", "--max-windows", "1", "--json"]
+    r = subprocess.run([*args, str(tmp_path / "a.json"), str(pair / "nf4"), str(tmp_path / "other" / "nf4")],
+                       capture_output=True, text=True, cwd="/", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    names = [row["name"] for row in json.loads((tmp_path / "a.json").read_text())["rows"]]
+    assert names == ["reference", str(pair / "nf4"), str(tmp_path / "other" / "nf4")]
+    r = subprocess.run([*args, str(tmp_path / "b.json"), f"mine={tmp_path / 'other' / 'nf4'}", str(pair / "nf4")],
+                       capture_output=True, text=True, cwd="/", env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["reference", "mine", "nf4"] and rows[1]["method"] == "nf4"
+    assert r.stdout.splitlines()[1].split()[:2] == ["model", "method"]
+
+
+def test_plot_without_reference_and_bad_calibration_text_are_refused_before_any_work(pair, tmp_path):
+    from cli_support import one_line_error, run_cli
+
+    one_line_error(run_cli("eval", pair / "nf4", "--plot", tmp_path / "p.png"), "--plot needs --reference")
+    one_line_error(run_cli("demo", "--calib-data", tmp_path / "missing.txt"), "missing.txt")
+    assert list(tmp_path.iterdir()) == []
