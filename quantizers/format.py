@@ -125,10 +125,6 @@ class Format(abc.ABC):
         """(params, skipped module names, compute dtype) from a `quantization_config` this format reads;
         ValueError for settings it does not support."""
 
-    @abc.abstractmethod
-    def describe(self, config: Mapping[str, Any]) -> str:
-        """One phrase for `qwen2q info`, e.g. "AWQ int4 group 128 (gemm)"."""
-
     def scale_group(self, params: Mapping[str, Any], in_features: int) -> int:
         """How many consecutive input channels of a row share one scale (default: the whole row)."""
         return in_features

@@ -329,8 +329,5 @@ class AwqGemm(LayoutFormat):
         skip = tuple(config.get("modules_to_not_convert") or ()) + ("lm_head",)
         return {"group_size": int(config.get("group_size", 128))}, skip, "bfloat16"
 
-    def describe(self, config):
-        return f"AWQ int{config.get('bits', 4)} group {config.get('group_size')} ({config.get('version', 'gemm')})"
-
 
 FORMAT = AwqGemm()

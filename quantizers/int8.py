@@ -144,8 +144,5 @@ class BnbInt8(LayoutFormat):
     def from_config(self, config):
         return {}, skipped(config), "bfloat16"
 
-    def describe(self, config):
-        return "bitsandbytes int8 (LLM.int8 storage)"
-
 
 FORMAT = BnbInt8()

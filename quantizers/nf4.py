@@ -373,9 +373,5 @@ class BnbNF4(LayoutFormat):
             raise ValueError("bitsandbytes NF4 without double quantization is not supported yet")
         return {}, skipped(config), str(config.get("bnb_4bit_compute_dtype") or "bfloat16")
 
-    def describe(self, config):
-        dq = ", double quant" if config.get("bnb_4bit_use_double_quant") else ""
-        return f"bitsandbytes 4-bit {config.get('bnb_4bit_quant_type', 'fp4')}{dq}"
-
 
 FORMAT = BnbNF4()

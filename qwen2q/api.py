@@ -9,12 +9,11 @@ import torch
 from qwen2q.config import Qwen2Config
 from qwen2q.devices import parse_device
 from qwen2q.errors import Qwen2qError
+from qwen2q.files import DEFAULT_MODEL  # re-exported: qwen2q.api.DEFAULT_MODEL
 from qwen2q.generation import ContextError, SamplingParams, TextStream, generate_ids
 from qwen2q.loader import load_model
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.tokenizer import Tokenizer, check_messages
-
-DEFAULT_MODEL = Path(__file__).parent / "assets" / "qwen2-tiny"
 
 
 class QwenModel:

@@ -7,7 +7,6 @@ can execute code when read and are refused unless the caller opts in.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zipfile
 from collections.abc import Iterator
@@ -20,72 +19,10 @@ from torch import nn
 
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError, Qwen2qError
+from qwen2q.files import INDEX_FILE, PICKLE_FILES, SINGLE_FILE, check_model_dir, read_weight_map, weight_files  # noqa: F401
 from qwen2q.recipe import Recipe
 from qwen2q.quantizers.checks import all_finite
 from qwen2q.validate import check_finite, check_index, check_tensors
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """The path as a Path, or a one-line error if it is not an existing directory with a config.json."""
-    p = Path(path)
-    if not p.exists():
-        raise Qwen2qError(f"{p}: no such directory")
-    if not p.is_dir():
-        raise Qwen2qError(f"{p}: not a directory (give the checkpoint directory, not a file in it)")
-    if not (p / "config.json").is_file():
-        raise Qwen2qError(f"{p}: no config.json; not a Hugging Face checkpoint directory")
-    return p
-
-
-def read_weight_map(path: Path) -> dict[str, str] | None:
-    """The `weight_map` of `path`'s model.safetensors.index.json ({tensor name: shard file name}), or None
-    without an index.  Every shard must be a plain file name in `path` (no separators, not absolute): an
-    index must not reach files outside its checkpoint.  A shard may be a symlink (the hub cache links
-    every file to a blob elsewhere); the name is what is checked, not where it resolves."""
-    index_path = path / INDEX_FILE
-    if not index_path.is_file():
-        return None
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: needs a non-empty object \"weight_map\" of tensor name -> shard file name")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str):
-            raise CheckpointError(f"{index_path}: weight_map[{name!r}] is {json.dumps(shard)}, not a file name")
-        if shard in ("", ".", "..") or any(c in shard for c in "/\\\0") or os.path.isabs(shard):
-            raise CheckpointError(f"{index_path}: weight_map[{name!r}] = {shard!r} is not a plain file name in "
-                                  f"{path}; an index may name only files beside it")
-    return weight_map
-
-
-def weight_files(path: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint directory, in index order, each checked to exist."""
-    weight_map = read_weight_map(path)
-    if weight_map is not None:
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
-        return [path / s for s in shards]
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    pickles = sorted(path.glob("pytorch_model*.bin"))
-    if pickles:
-        if not allow_pickle:
-            raise Qwen2qError(
-                f"{path} holds only pickle weights ({pickles[0].name}), which can run code when loaded; "
-                "convert them to safetensors or pass allow_pickle=True (CLI: --allow-pickle) if you trust the source"
-            )
-        return pickles
-    raise Qwen2qError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or pytorch_model*.bin found")
-
 
 def load_pickle(f: Path) -> dict[str, torch.Tensor]:
     """A pickle checkpoint's {name: tensor}, memory-mapped, read with torch's weights-only unpickler.

@@ -26,7 +26,7 @@ EMBEDDED = "qwen2q:tiny"  # how a user names the embedded model where a path is 
 def _model_path(text: str | None) -> str | None:
     """A model argument as given, with the embedded model's name replaced by its directory."""
     if text == EMBEDDED:
-        from qwen2q.api import DEFAULT_MODEL
+        from qwen2q.files import DEFAULT_MODEL
 
         return str(DEFAULT_MODEL)
     return text
@@ -96,7 +96,7 @@ def info(model):
     Example:
       qwen2q info ./Qwen2-7B-Instruct-nf4
     """
-    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.files import DEFAULT_MODEL
     from qwen2q.info import describe
 
     from qwen2q.evals.table import format_fields
@@ -379,7 +379,7 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
       qwen2q eval ./Qwen2-0.5B --dataset ./my-text.txt
       qwen2q eval rtn=./runs/1/q-int4 awq=./runs/2/q-int4 -r ./Qwen2-0.5B
     """
-    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.files import DEFAULT_MODEL
     from qwen2q.evals import harness
     from qwen2q.evals.data import load_text
 

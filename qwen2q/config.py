@@ -15,6 +15,8 @@ from typing import Any
 
 from qwen2q.errors import ConfigError
 
+MIXED = "qwen2q-mixed"  # quant_method of a checkpoint whose linears use several formats (qwen2q.recipe)
+
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 _REQUIRED = object()
 

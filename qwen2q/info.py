@@ -1,42 +1,82 @@
-"""What `qwen2q info` reports about a checkpoint directory, read from config.json and file headers only."""
+"""What `qwen2q info` reports about a checkpoint directory, read from config.json and file headers only.
+
+Nothing here imports torch (`qwen2q info` answers in a fraction of a second): weight files and their
+safetensors headers come from `qwen2q.files`, the quantization from config.json's `quantization_config`
+and the `qwen2q` note a qwen2q-written checkpoint carries.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from qwen2q.checkpoint import check_model_dir, weight_files
 from qwen2q.architecture import parameter_count
-from qwen2q.config import Qwen2Config
-from qwen2q.quantizers import registry
-from qwen2q.recipe import MIXED
+from qwen2q.config import MIXED, Qwen2Config
+from qwen2q.files import check_model_dir, read_safetensors_header, weight_files
+
+
+def describe_quantization_config(q: dict) -> str:
+    """A `quantization_config` in a phrase: "AWQ int4 group 128 (gemm)", "bitsandbytes 4-bit nf4, double
+    quant", "bitsandbytes int8 (LLM.int8 storage)", each group of a mixed one, else its quant_method."""
+    method = q.get("quant_method")
+    if method == MIXED and isinstance(q.get("groups"), list):
+        parts = []
+        for g in q["groups"]:
+            config = g.get("config") if isinstance(g, dict) else None
+            phrase = describe_quantization_config(config) if isinstance(config, dict) else str(g)
+            modules = g.get("modules") if isinstance(g, dict) else None
+            parts.append(f"{phrase} ({len(modules)} linears)" if isinstance(modules, list) else phrase)
+        return "mixed: " + "; ".join(parts)
+    if method == "awq":
+        return f"AWQ int{q.get('bits', 4)} group {q.get('group_size')} ({q.get('version', 'gemm')})"
+    if method == "bitsandbytes":
+        if q.get("load_in_4bit"):
+            dq = ", double quant" if q.get("bnb_4bit_use_double_quant") else ""
+            return f"bitsandbytes 4-bit {q.get('bnb_4bit_quant_type', 'fp4')}{dq}"
+        if q.get("load_in_8bit"):
+            return "bitsandbytes int8 (LLM.int8 storage)"
+    details = ", ".join(f"{k} {q[k]}" for k in ("format", "bits", "group_size") if k in q)
+    return f"{method} ({details})" if details else str(method)
 
 
 def quantization_summary(c: Qwen2Config) -> str:
-    """The checkpoint's quantization in a phrase, as its format describes it ("none" when unquantized)."""
-    q = c.quantization_config
-    if not q:
-        return "none"
-    if q.get("quant_method") == MIXED and isinstance(q.get("groups"), list):
-        return "mixed: " + "; ".join(_describe_group(g) for g in q["groups"])
-    fmt = registry.for_config(q)
-    return fmt.describe(q) if fmt is not None else str(q.get("quant_method"))
+    """The checkpoint's quantization in a phrase ("none" when unquantized)."""
+    return describe_quantization_config(c.quantization_config) if c.quantization_config else "none"
 
 
-def _describe_group(group) -> str:
-    config = group.get("config") if isinstance(group, dict) else None
-    fmt = registry.for_config(config) if isinstance(config, dict) else None
-    phrase = fmt.describe(config) if fmt is not None else str(group.get("format") if isinstance(group, dict) else group)
-    modules = group.get("modules") if isinstance(group, dict) else None
-    return f"{phrase} ({len(modules)} linears)" if isinstance(modules, list) else phrase
+def recorded_method(c: Qwen2Config) -> str | None:
+    """How qwen2q made the checkpoint, from its config.json note: "awq g128, gptq rounding; calibration:
+    wiki.utf8: 128 x 512 tokens (qwen2q 0.1.0)"; None for a checkpoint qwen2q did not write."""
+    note = c.raw.get("qwen2q")
+    if not isinstance(note, dict) or not note.get("method"):
+        return None
+    text = str(note["method"])
+    if note.get("group_size"):
+        text += f" g{note['group_size']}"
+    if note.get("rounding"):
+        text += f", {note['rounding']} rounding" + (", act order" if note.get("act_order") else "")
+    if note.get("awq_scales"):
+        text += " + AWQ scales"
+    if note.get("rules"):
+        text += ": " + "; ".join(f"{r.get('pattern')} -> {r.get('format')} {r.get('algorithm')}"
+                                 for r in note["rules"] if isinstance(r, dict))
+    if note.get("calibration"):
+        text += f"; calibration: {note['calibration']}"
+    if note.get("source"):
+        text += f"; from {note['source']}"
+    return text + (f" (qwen2q {note['version']})" if note.get("version") else "")
 
 
 def describe(path: str | Path) -> list[tuple[str, str]]:
-    """(field, value) rows describing the checkpoint at `path`."""
+    """(field, value) rows describing the checkpoint at `path`.  CheckpointError / Qwen2qError for a
+    directory that would not load: no weights, pickle weights only, a truncated or corrupt file, an
+    index naming files outside the directory."""
     path = check_model_dir(path)
     c = Qwen2Config.from_file(path / "config.json")
-    files = weight_files(path, allow_pickle=True)
+    files = weight_files(path)
+    for f in files:
+        read_safetensors_header(f)  # refuses a truncated or corrupt file
     size = sum(f.stat().st_size for f in files)
     rope = c.rope.rope_type if c.rope.rope_type == "default" else f"{c.rope.rope_type} x{c.rope.factor:g}"
-    return [
+    rows = [
         ("path", str(path)),
         ("architecture", "Qwen2ForCausalLM"),
         ("parameters", f"{parameter_count(c) / 1e6:,.1f} M"),
@@ -49,6 +89,8 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
         ("context", str(c.max_position_embeddings)),
         ("dtype", c.dtype),
         ("quantization", quantization_summary(c)),
-        ("weight files", str(len(files))),
-        ("size on disk", f"{size / 2**20:,.1f} MiB"),
     ]
+    made = recorded_method(c)
+    if made is not None:
+        rows.append(("made by", made))
+    return rows + [("weight files", str(len(files))), ("size on disk", f"{size / 2**20:,.1f} MiB")]

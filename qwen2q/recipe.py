@@ -30,11 +30,11 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qwen2q.config import MIXED
 from qwen2q.errors import Qwen2qError
 from qwen2q.quantizers import registry
 from qwen2q.quantizers.format import Format
 
-MIXED = "qwen2q-mixed"
 DEFAULT_SKIP = ("lm_head",)
 
 
