@@ -33,7 +33,7 @@ def pydoc_topics() -> EvalText:
     """CPython's help topics, joined with blank lines in sorted key order: offline evaluation text."""
     from pydoc_data.topics import topics
 
-    return EvalText("\n\n".join(topics[k] for k in sorted(topics)), "pydoc-topics", "pydoc_data.topics (CPython)")
+    return EvalText("\n\n".join(topics[k] for k in sorted(topics)), "pydoc-topics", "CPython's pydoc_data.topics")
 
 
 def _data_folders() -> list[Path]:

@@ -170,8 +170,9 @@ def format_table(result: dict, extra_columns: tuple[str, ...] = ()) -> str:
     row keys of EXTRA_COLUMNS to show too."""
     s = result["settings"]
     cols = COLUMNS + [c for c in EXTRA_COLUMNS if c.key in extra_columns]
-    settings = (f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {s['windows']} windows, "
-                f"{s['scored_tokens']} scored tokens, {s['dtype']} on {s['device']}")
+    windows = f"{s['windows']} window{'s' if s['windows'] != 1 else ''}"
+    settings = (f"{s['dataset']} ({s['source']}): seq len {s['seq_len']}, {windows}, "
+                f"{s['scored_tokens']} scored tokens, {s['dtype'].replace('torch.', '')} on {s['device']}")
     rows = [{**row, "size_mib": row.get("size_bytes", 0) / 2**20} for row in result["rows"]]
     return settings + "\n" + table.format_table(cols, rows)
 

@@ -71,6 +71,7 @@ class Format(abc.ABC):
     rounds_source_dtype: bool = False  # calibrated weights are cast to the checkpoint's dtype before the final
     # quantize (as bitsandbytes quantizes the model it loaded); False: quantized from fp32
     defaults: Mapping[str, Any] = {}  # parameters and their defaults, e.g. {"group_size": 128}
+    loaded_by: str = "qwen2q"  # what reads checkpoints in this format, for the model card
 
     def params(self, **given) -> dict[str, Any]:
         """This format's parameters: the defaults updated with `given` (unknown names refused), checked."""

@@ -280,6 +280,7 @@ class AwqGemm(LayoutFormat):
 
     layout = sys.modules[__name__]
     name, module_name, kernel = "awq-gemm", "Int4Linear", "int4_linear"
+    loaded_by = "qwen2q, transformers (with AWQ support), AutoAWQ and vLLM"
     bias_dtype = torch.float16  # WQLinear_GEMM keeps its bias in fp16
     defaults = {"group_size": 128}
 

@@ -118,6 +118,7 @@ class BnbInt8(LayoutFormat):
 
     layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-int8", "Int8Linear", "int8_linear"
+    loaded_by = "qwen2q and transformers with bitsandbytes"
     rounds_source_dtype = True  # bitsandbytes quantizes the weights the model holds
 
     def stored_tensors(self, name, out_features, in_features, params):

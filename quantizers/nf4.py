@@ -338,6 +338,7 @@ class BnbNF4(LayoutFormat):
 
     layout = sys.modules[__name__]
     name, module_name, kernel = "bnb-nf4", "NF4Linear", "nf4_linear"
+    loaded_by = "qwen2q and transformers with bitsandbytes"
     rounds_source_dtype = True  # bitsandbytes quantizes the weights the model holds
 
     def stored_tensors(self, name, out_features, in_features, params):

@@ -383,9 +383,9 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     from qwen2q.evals import harness
     from qwen2q.evals.data import load_text
 
+    _check_output_files(json=json_out, plot=plot)
     if plot and not reference:
         raise Qwen2qError("--plot needs --reference (it draws drift against the reference)")
-    _check_output_files(json=json_out, plot=plot)
     models = [_named_model(m) for m in models] or [DEFAULT_MODEL]
     reference = _model_path(reference)
     text = load_text(dataset)

@@ -29,6 +29,7 @@ from qwen2q.checkpoint import TensorIndex, check_all_finite, check_model_dir, va
 from qwen2q.config import Qwen2Config
 from qwen2q.destination import check_destination
 from qwen2q.errors import Qwen2qError
+from qwen2q.model_card import quantized_card
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
 from qwen2q.recipe import DEFAULT_SKIP, Recipe
@@ -249,7 +250,8 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
             out.add(tensors)
             index.release()  # unmap what this layer read, so RSS does not grow layer by layer
             q_elems, q_bytes = q_elems + elems, q_bytes + size
-        shards = out.finish(quantized_config(config, plan, shorthand, src, **note))
+        shards = out.finish(quantized_config(config, plan, shorthand, src, **note),
+                            card=_card(out.source_card(), src, plan, shorthand, config, q_bytes, q_elems))
     extra = {}
     if calibrator is not None:
         extra = {"calibration": note["calibration"], "alphas": calibrator.alphas,
@@ -259,6 +261,16 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
                   bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
                   quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(),
                   shards=shards, **extra)
+
+
+def _card(source_card: str | None, src: Path, plan: Recipe, shorthand: QuantConfig | None, config: Qwen2Config,
+          q_bytes: int, q_elems: int) -> str:
+    """The output's model card (`qwen2q.model_card`)."""
+    formats = {plan.format_for(n)[0] for n in decoder_linears(config) if plan.format_for(n) is not None}
+    loads_in = next(iter(formats)).loaded_by if len(formats) == 1 else \
+        "qwen2q (several formats in one checkpoint: no other tool reads that layout yet)"
+    return quantized_card(source_card, src.name, describe(plan, shorthand), 8 * q_bytes / max(q_elems, 1), loads_in,
+                          __version__)
 
 
 def _calibration_note(plan: Recipe, shorthand: QuantConfig | None, settings, described: str) -> dict:

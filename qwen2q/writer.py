@@ -106,12 +106,20 @@ class CheckpointWriter:
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         self.shards.add(tensors)
 
-    def finish(self, config: dict) -> int:
-        """Complete the checkpoint with `config` as config.json; return the number of shards."""
+    def source_card(self) -> str | None:
+        """The source's README.md (its model card), or None."""
+        card = self.src / "README.md"
+        return card.read_text(errors="replace") if card.is_file() else None
+
+    def finish(self, config: dict, card: str | None = None) -> int:
+        """Complete the checkpoint with `config` as config.json and `card` as README.md (None: the source's
+        copied); return the number of shards."""
         n = self.shards.finish()
         with writing(self.tmp):
             for side in SIDE_FILES:
-                if (self.src / side).is_file():
+                if side == "README.md" and card is not None:
+                    (self.tmp / side).write_text(card)
+                elif (self.src / side).is_file():
                     shutil.copy2(self.src / side, self.tmp / side)
             (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: only now it loads
         install(self.tmp, self.dst, self.force)

@@ -214,7 +214,7 @@ def test_cli_eval_with_unreachable_hub_is_fast_and_says_which_text(tmp_path):
         assert r.returncode == 0, r.stderr
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and "evaluating on pydoc-topics" in lines[0], r.stderr
-        assert "pydoc-topics (pydoc_data.topics (CPython)): seq len 64, 1 windows" in r.stdout
+        assert "pydoc-topics (CPython's pydoc_data.topics): seq len 64, 1 window," in r.stdout
     assert CLOSED_PORT in lines[0]
     assert seconds["closed port"] < seconds["offline"] + 10, seconds
 
