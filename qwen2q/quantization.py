@@ -242,7 +242,8 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
         index.release()
         q_elems = q_bytes = 0
         label = describe(plan, shorthand)
-        for i in tqdm(range(config.num_hidden_layers), desc=f"quantize {label}", unit="layer", disable=not progress):
+        for i in tqdm(range(config.num_hidden_layers), desc=f"quantize {label}", unit="layer", disable=not progress,
+                      leave=False):  # cleared when done: the report follows
             if calibrator is not None:
                 tensors, elems, size = calibrator.layer(i)
             else:
