@@ -214,9 +214,10 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
     if (method is None) == (recipe is None):
         raise click.UsageError("give --method (-m) or --recipe, one of them")
     if recipe is not None:
-        flags = sorted(n for n in ("group_size", "rounding", "act_order", "awq_scales") if n in given)
+        flags = sorted(n for n in ("group_size", "rounding", "act_order", "awq_scales", "layout") if n in given)
         if flags:
-            raise Qwen2qError(f"--{flags[0].replace('_', '-')} goes with --method; with --recipe each rule says its "
+            flag = "format" if flags[0] == "layout" else flags[0].replace("_", "-")
+            raise Qwen2qError(f"--{flag} goes with --method; with --recipe each rule says its "
                               "format, parameters and algorithm")
         ignored = sorted(n for n in CALIBRATION_OPTIONS if n in given and not recipe.calibrated)
         if ignored:
@@ -246,6 +247,11 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
               help="A JSON recipe instead of --method: ordered rules giving each linear a format, its parameters "
                    "and an algorithm (rtn, awq, awq-gptq, awq-scales, gptq), so one checkpoint may hold several "
                    "formats; see the README.")
+@click.option("--format", "layout", type=click.Choice(["native", "compressed-tensors"]), default="native",
+              show_default=True,
+              help="Output layout: native (bitsandbytes for nf4/int8, AutoAWQ GEMM for int4/awq) or compressed-tensors "
+                   "pack-quantized (int4/awq: asymmetric W4A16; int8: W8A16 per channel), what llm-compressor writes "
+                   "and vLLM serves.")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               help="Input channels per scale/zero (int4 and awq only).")
 @click.option("--skip", multiple=True, metavar="MODULE",
@@ -280,7 +286,7 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
-def quantize(ctx, src, dst, method, recipe_file, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+def quantize(ctx, src, dst, method, recipe_file, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
              allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
@@ -298,6 +304,7 @@ def quantize(ctx, src, dst, method, recipe_file, group_size, skip, max_shard_siz
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-awq-autoawq -m awq --rounding nearest --calib-samples 48
       qwen2q quantize ./Qwen2-0.5B-Instruct ./q-nf4-awq -m nf4 --awq-scales --calib-samples 48
       qwen2q quantize ./Qwen2-7B-Instruct ./Qwen2-7B-Instruct-int4 --method int4 --group-size 128
+      qwen2q quantize ./Qwen2-7B-Instruct ./q-awq-ct -m awq --format compressed-tensors --calib-samples 48
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
       qwen2q quantize ./Qwen2-0.5B ./q-mixed --recipe int8-down-awq-rest.json --calib-samples 48
     """
@@ -318,7 +325,7 @@ def quantize(ctx, src, dst, method, recipe_file, group_size, skip, max_shard_siz
         recipe = None
     _check_quantize_options(ctx, method, awq_scales, recipe)
     if recipe is None:
-        recipe = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip))
+        recipe = QuantConfig(method, group_size=int(group_size), skip=tuple(DEFAULT_SKIP) + tuple(skip), layout=layout)
     calibration = None
     if method == "awq" or awq_scales or (recipe_file is not None and recipe.calibrated):
         from qwen2q.calibrate.pipeline import CalibrationSettings

@@ -33,6 +33,15 @@ def describe_quantization_config(q: dict) -> str:
             return f"bitsandbytes 4-bit {q.get('bnb_4bit_quant_type', 'fp4')}{dq}"
         if q.get("load_in_8bit"):
             return "bitsandbytes int8 (LLM.int8 storage)"
+    if method == "compressed-tensors" and isinstance(q.get("config_groups"), dict):
+        parts = []
+        for group in q["config_groups"].values():
+            w = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(w, dict):
+                kind = "symmetric" if w.get("symmetric") else "asymmetric"
+                scope = f"group {w.get('group_size')}" if w.get("strategy") == "group" else w.get("strategy")
+                parts.append(f"W{w.get('num_bits')}A16 {w.get('type')} {kind}, {scope}")
+        return f"compressed-tensors {q.get('format')}: " + "; ".join(parts)
     details = ", ".join(f"{k} {q[k]}" for k in ("format", "bits", "group_size") if k in q)
     return f"{method} ({details})" if details else str(method)
 
@@ -51,6 +60,8 @@ def recorded_method(c: Qwen2Config) -> str | None:
     text = str(note["method"])
     if note.get("group_size"):
         text += f" g{note['group_size']}"
+    if note.get("format"):
+        text += f" as {note['format']}"
     if note.get("rounding"):
         text += f", {note['rounding']} rounding" + (", act order" if note.get("act_order") else "")
     if note.get("awq_scales"):

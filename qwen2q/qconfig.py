@@ -23,6 +23,8 @@ from qwen2q.recipe import DEFAULT_SKIP, Recipe, Rule
 METHOD_FORMATS = {"nf4": "bnb-nf4", "int8": "bnb-int8", "int4": "awq-gemm", "awq": "awq-gemm"}
 METHODS = tuple(METHOD_FORMATS)
 GROUP_SIZES = (32, 64, 128)
+LAYOUTS = ("native", "compressed-tensors")
+COMPRESSED_TENSORS = ("int4", "awq", "int8")  # the methods that may be written as compressed-tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,23 +37,36 @@ class QuantConfig:
     group_size: int = 128
     skip: tuple[str, ...] = DEFAULT_SKIP
     compute_dtype: str = "bfloat16"
+    layout: str = "native"  # "compressed-tensors": int4/awq/int8 written as compressed-tensors pack-quantized
 
     def __post_init__(self):
         if self.method not in METHODS and self.method not in registry.names():
             raise Qwen2qError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)} "
                               f"or a format: {', '.join(registry.names())}")
+        if self.layout not in LAYOUTS:
+            raise Qwen2qError(f"unknown output format {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "compressed-tensors" and self.method not in COMPRESSED_TENSORS:
+            raise Qwen2qError(f"--format compressed-tensors goes with --method {', '.join(COMPRESSED_TENSORS)}; "
+                              f"{self.method} is written in its own layout")
         self.params  # checks them
 
     @property
     def format(self) -> Format:
-        """The registered format: the method's (nf4 -> bnb-nf4, ...), or the one the method names directly."""
+        """The registered format: the method's (nf4 -> bnb-nf4, ...; with layout "compressed-tensors",
+        ct-pack), or the one the method names directly."""
+        if self.layout == "compressed-tensors":
+            return registry.get("ct-pack")
         return registry.get(METHOD_FORMATS.get(self.method, self.method))
 
     @property
     def params(self) -> dict[str, Any]:
         """The format's parameters (only those it takes), checked."""
         fmt = self.format
-        given = {"group_size": self.group_size} if "group_size" in fmt.defaults else {}
+        if self.layout == "compressed-tensors":  # int8: W8A16 per channel; int4/awq: asymmetric W4A16 (AWQ's grid)
+            int8 = self.method == "int8"
+            given = {"bits": 8 if int8 else 4, "group_size": 0 if int8 else self.group_size, "symmetric": int8}
+        else:
+            given = {"group_size": self.group_size} if "group_size" in fmt.defaults else {}
         try:
             return fmt.params(**given)
         except ValueError as e:

@@ -166,7 +166,9 @@ def quantized_config(config: Qwen2Config, recipe: Recipe, shorthand: QuantConfig
     cfg = config.to_dict()
     cfg["quantization_config"] = recipe.to_hf(decoder_linears(config))
     if shorthand is not None:
-        made = {"method": shorthand.method, "source": src.name, "group_size": shorthand.params.get("group_size")}
+        made = {"method": shorthand.method, "source": src.name, "group_size": shorthand.params.get("group_size") or None}
+        if shorthand.layout != "native":
+            made["format"] = shorthand.layout
     else:
         made = {"method": "recipe", "source": src.name,
                 "rules": [{"pattern": r.pattern, "format": r.format, "params": dict(r.params), "algorithm": r.algorithm}
@@ -295,8 +297,10 @@ def describe(recipe: Recipe, shorthand: QuantConfig | None = None) -> str:
         return "; ".join(f"{r.pattern}: {r.format} {r.algorithm}" for r in recipe.rules)
     label = shorthand.method
     params = recipe.rules[0].params
-    if "group_size" in params:
+    if params.get("group_size"):
         label += f" g{params['group_size']}"
+    if shorthand.layout != "native":
+        label += f" ({shorthand.layout})"
     algorithm = recipe.rules[0].algorithm
     if algorithm == "awq-scales":
         label += " + AWQ scales"

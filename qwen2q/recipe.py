@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -65,7 +66,10 @@ ALGORITHMS = {
 
 
 def matches(module_name: str, pattern: str) -> bool:
-    """Whether `pattern` names `module_name`: exactly, as a dotted suffix or prefix, or as an fnmatch glob."""
+    """Whether `pattern` names `module_name`: exactly, as a dotted suffix or prefix, as an fnmatch glob, or
+    (compressed-tensors' form) "re:REGEX" matching from the name's start."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module_name) is not None
     return (module_name == pattern or module_name.endswith("." + pattern) or module_name.startswith(pattern + ".")
             or (any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(module_name, pattern)))
 
