@@ -9,9 +9,10 @@ import torch
 from qwen2q.config import Qwen2Config
 from qwen2q.devices import parse_device
 from qwen2q.errors import Qwen2qError
-from qwen2q.generation import ContextError, SamplingParams, TextStream, generate_ids
+from qwen2q.generation import ContextError, TextStream, generate_ids
 from qwen2q.loader import load_model
 from qwen2q.model import Qwen2ForCausalLM
+from qwen2q.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from qwen2q.tokenizer import Tokenizer, check_messages
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "qwen2-tiny"
@@ -35,7 +36,7 @@ class QwenModel:
     def generate(
         self,
         prompt: str | list[int],
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -52,8 +53,8 @@ class QwenModel:
         ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate_ids(self, prompt, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                     stream=False) -> list[int]:
+    def generate_ids(self, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
+                     seed=None, stream=False) -> list[int]:
         """Like `generate`, but returns the new token ids (a final stop token included)."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt  # ids checked by generate_ids

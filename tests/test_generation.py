@@ -76,3 +76,16 @@ def test_load_api_generate_and_chat(hf_tiny, capsys):
 def test_invalid_sampling_parameters(bad):
     with pytest.raises(Qwen2qError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_api_and_the_command_share_sampling_defaults(command):
+    import inspect
+
+    from qwen2q.api import QwenModel
+    from qwen2q.cli import main
+
+    api = inspect.signature(QwenModel.generate).parameters
+    cli = {p.name: p.default for p in main.commands[command].params}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        assert api[name].default == cli[name] == getattr(SamplingParams(), name), name
