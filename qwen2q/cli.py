@@ -18,6 +18,7 @@ from qwen2q.cli_options import (
     seq_len_option,
 )
 from qwen2q.errors import Qwen2qError
+from qwen2q.interrupts import raise_terminated
 
 MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
 EMBEDDED = "qwen2q:tiny"  # how a user names the embedded model where a path is required (quantize's SRC)
@@ -37,15 +38,11 @@ def _model_argument(f):
                           callback=lambda ctx, param, value: _model_path(value))(f)
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt
-
-
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (2 for bad usage), Ctrl-C into 130."""
 
     def main(self, *args, **kwargs):
-        signal.signal(signal.SIGTERM, _terminated)  # `kill` cleans up like Ctrl-C: no partial output left
+        signal.signal(signal.SIGTERM, raise_terminated)  # `kill` cleans up like Ctrl-C: no partial output left
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:  # `qwen2q cmd` with nothing: show the help
@@ -127,6 +124,8 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
     """
     import warnings
 
+    from qwen2q.console import dim, speed
+
     m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -139,11 +138,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
     click.echo("")
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    click.echo(
-        f"[{n_prompt} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
-        f"{m.dtype}, {m.device}]",
-        err=True,
-    )
+    dim(f"[{n_prompt} prompt tokens, {speed(len(new), elapsed)}, {m.dtype}, {m.device}]")
 
 
 @main.command()
