@@ -147,8 +147,15 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @sampling_options
 @load_options
 def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
-    """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
+    """Talk to MODEL in the terminal through its ChatML template.
 
+    \b
+    Commands: /help, /reset (clear the conversation; --system stays), /exit or /quit (or Ctrl-D).
+    Ctrl-C stops a reply (what it said so far stays in the conversation); at the prompt Ctrl-C clears
+    the line and a second one leaves.  Lines are edited with readline; their history lasts for the
+    session and is not saved.  Each reply is followed by its speed on stderr.
+
+    Replies alone go to stdout, so piped input (`qwen2q chat < questions.txt`) gets no banner or prompt.
     When the conversation outgrows the model's context, the oldest turns are dropped (the system
     message stays) with a note on stderr; a message that does not fit even alone is not sent (an
     `error:` line, and exit status 1 at the end).
@@ -157,45 +164,19 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
     Example:
       qwen2q chat ./Qwen2.5-Coder-0.5B-Instruct --temperature 0.7 --top-p 0.8
     """
-    from qwen2q.generation import ContextError
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.chat_repl import ChatLoop
+    from qwen2q.sampling import SamplingParams
 
     m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if m.tokenizer.chat_template is None:
         raise Qwen2qError(f"{m.path} has no chat template (chat_template.jinja or tokenizer_config.json); "
                           "use `qwen2q generate`")
-    history = [{"role": "system", "content": system}] if system else []
-    interactive = sys.stdin.isatty()
-    refused = 0
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            history, dropped = m.fit_chat(history, max_new_tokens)
-        except ContextError as e:
-            click.echo(f"error: {e}", err=True)
-            history.pop()
-            refused += 1
-            continue
-        if dropped:
-            click.echo(f"note: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} (message and reply) "
-                       f"to fit the model's context of {m.config.max_position_embeddings} tokens", err=True)
-        reply = m.chat(history, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, stream=True)
-        click.echo("")
-        history.append({"role": "assistant", "content": reply})
-    if refused:
-        sys.exit(1)
+    loop = ChatLoop(m, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed), system,
+                    interactive=sys.stdin.isatty())
+    status = loop.run(EMBEDDED if m.path == DEFAULT_MODEL else str(m.path))
+    if status:
+        sys.exit(status)
 
 
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_template", "search_tokens", "rounding",
