@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,9 +11,10 @@ from qwen2q.config import Qwen2Config
 from qwen2q.devices import parse_device
 from qwen2q.errors import Qwen2qError
 from qwen2q.files import DEFAULT_MODEL  # re-exported: qwen2q.api.DEFAULT_MODEL
-from qwen2q.generation import ContextError, SamplingParams, TextStream, generate_ids
+from qwen2q.generation import ContextError, TextStream, generate_ids
 from qwen2q.loader import load_model
 from qwen2q.model import Qwen2ForCausalLM
+from qwen2q.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from qwen2q.tokenizer import Tokenizer, check_messages
 
 
@@ -34,38 +36,45 @@ class QwenModel:
     def generate(
         self,
         prompt: str | list[int],
-        max_new_tokens: int = 128,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
         stream: bool = False,
+        on_token: Callable[[int], None] | None = None,
     ) -> str:
         """Continue `prompt` (text, or token ids) and return the new text, without stop tokens.
 
-        temperature 0 is greedy.  With `stream=True` the text is also written to stdout as it comes.
+        temperature 0 is greedy.  With `stream=True` the text is also written to stdout as it comes;
+        `on_token` is called with each new token id as soon as it is chosen (a `TextStream` turns ids into text).
         Generation stops at the model's context (config.max_position_embeddings, prompt included), with a
         `qwen2q.generation.ContextLimitWarning` (warnings.warn) if that cut max_new_tokens short; a prompt
         longer than the context raises ContextError.
         """
-        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream)
+        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stream, on_token)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate_ids(self, prompt, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None,
-                     stream=False) -> list[int]:
+    def generate_ids(self, prompt, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
+                     seed=None, stream=False, on_token=None) -> list[int]:
         """Like `generate`, but returns the new token ids (a final stop token included)."""
         params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt  # ids checked by generate_ids
-        on_token = None
         if stream:
-            decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-            on_token = TextStream(decode, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            shown, also = self.text_stream(lambda s: (sys.stdout.write(s), sys.stdout.flush())), on_token
+            on_token = shown if also is None else lambda t: (shown(t), also(t))
         return generate_ids(self.model, ids, params, self.tokenizer.stop_ids, on_token)
+
+    def text_stream(self, write: Callable[[str], None]) -> TextStream:
+        """An `on_token` callback that passes `write` the text of the new ids as it completes (special tokens
+        left out, as `generate` returns them); its `.ids` are the ids seen so far."""
+        return TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), write)
 
     def chat(self, messages: list[dict], **sampling) -> str:
         """Answer a conversation ([{"role": "user", "content": ...}, ...]) through the chat template.
 
-        Past the context it behaves as `generate`; `fit_chat` first trims a history that has grown too long."""
+        `sampling` takes `generate`'s keywords.  Past the context it behaves as `generate`; `fit_chat` first
+        trims a history that has grown too long."""
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate(prompt, **sampling)
 

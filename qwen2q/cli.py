@@ -18,6 +18,7 @@ from qwen2q.cli_options import (
     seq_len_option,
 )
 from qwen2q.errors import Qwen2qError
+from qwen2q.interrupts import raise_terminated
 
 MODEL_HELP = "Checkpoint directory (default: the embedded tiny model)."
 EMBEDDED = "qwen2q:tiny"  # how a user names the embedded model where a path is required (quantize's SRC)
@@ -37,15 +38,11 @@ def _model_argument(f):
                           callback=lambda ctx, param, value: _model_path(value))(f)
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt
-
-
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 1 (2 for bad usage), Ctrl-C into 130."""
 
     def main(self, *args, **kwargs):
-        signal.signal(signal.SIGTERM, _terminated)  # `kill` cleans up like Ctrl-C: no partial output left
+        signal.signal(signal.SIGTERM, raise_terminated)  # `kill` cleans up like Ctrl-C: no partial output left
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as e:  # `qwen2q cmd` with nothing: show the help
@@ -127,6 +124,8 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
     """
     import warnings
 
+    from qwen2q.console import dim, speed
+
     m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -139,11 +138,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
     click.echo("")
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
-    click.echo(
-        f"[{n_prompt} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s: {len(new) / max(elapsed, 1e-9):.1f} tokens/s, "
-        f"{m.dtype}, {m.device}]",
-        err=True,
-    )
+    dim(f"[{n_prompt} prompt tokens, {speed(len(new), elapsed)}, {m.dtype}, {m.device}]")
 
 
 @main.command()
@@ -152,8 +147,15 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @sampling_options
 @load_options
 def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
-    """Talk to MODEL in the terminal through its ChatML template.  Ctrl-D or /exit quits, /reset clears.
+    """Talk to MODEL in the terminal through its ChatML template.
 
+    \b
+    Commands: /help, /reset (clear the conversation; --system stays), /exit or /quit (or Ctrl-D).
+    Ctrl-C stops a reply (what it said so far stays in the conversation); at the prompt Ctrl-C clears
+    the line and a second one leaves.  Lines are edited with readline; their history lasts for the
+    session and is not saved.  Each reply is followed by its speed on stderr.
+
+    Replies alone go to stdout, so piped input (`qwen2q chat < questions.txt`) gets no banner or prompt.
     When the conversation outgrows the model's context, the oldest turns are dropped (the system
     message stays) with a note on stderr; a message that does not fit even alone is not sent (an
     `error:` line, and exit status 1 at the end).
@@ -162,45 +164,19 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
     Example:
       qwen2q chat ./Qwen2.5-Coder-0.5B-Instruct --temperature 0.7 --top-p 0.8
     """
-    from qwen2q.generation import ContextError
+    from qwen2q.api import DEFAULT_MODEL
+    from qwen2q.chat_repl import ChatLoop
+    from qwen2q.sampling import SamplingParams
 
     m = _load(model, device, dtype, allow_pickle, allow_non_finite)
     if m.tokenizer.chat_template is None:
         raise Qwen2qError(f"{m.path} has no chat template (chat_template.jinja or tokenizer_config.json); "
                           "use `qwen2q generate`")
-    history = [{"role": "system", "content": system}] if system else []
-    interactive = sys.stdin.isatty()
-    refused = 0
-    while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        history.append({"role": "user", "content": line})
-        try:
-            history, dropped = m.fit_chat(history, max_new_tokens)
-        except ContextError as e:
-            click.echo(f"error: {e}", err=True)
-            history.pop()
-            refused += 1
-            continue
-        if dropped:
-            click.echo(f"note: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} (message and reply) "
-                       f"to fit the model's context of {m.config.max_position_embeddings} tokens", err=True)
-        reply = m.chat(history, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, stream=True)
-        click.echo("")
-        history.append({"role": "assistant", "content": reply})
-    if refused:
-        sys.exit(1)
+    loop = ChatLoop(m, SamplingParams(max_new_tokens, temperature, top_k, top_p, seed), system,
+                    interactive=sys.stdin.isatty())
+    status = loop.run(EMBEDDED if m.path == DEFAULT_MODEL else str(m.path))
+    if status:
+        sys.exit(status)
 
 
 CALIBRATION_OPTIONS = ("calib_data", "calib_samples", "calib_seq_len", "chat_template", "search_tokens", "rounding",

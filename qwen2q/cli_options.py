@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import click
 
+from qwen2q.sampling import SamplingParams
+
+SAMPLING = SamplingParams()  # the API's defaults, so `qwen2q generate` and `m.generate()` draw alike
+
+
 def check_device(ctx, param, value):
     """Refuse a bad --device while parsing, before anything is read (qwen2q.devices says why)."""
     from qwen2q.devices import parse_device
@@ -33,12 +38,16 @@ def load_options(f):
 
 
 def sampling_options(f):
-    """--max-new-tokens, --temperature, --top-k, --top-p, --seed: how tokens are drawn."""
-    f = click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=0))(f)
-    f = click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")(f)
-    f = click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 = off.")(f)
-    f = click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))(f)
-    f = click.option("--seed", default=None, type=int, help="Seed for sampling.")(f)
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed: how tokens are drawn (`SamplingParams`)."""
+    f = click.option("--max-new-tokens", default=SAMPLING.max_new_tokens, show_default=True,
+                     type=click.IntRange(min=0))(f)
+    f = click.option("--temperature", default=SAMPLING.temperature, show_default=True, type=click.FloatRange(min=0),
+                     help="0 = greedy.")(f)
+    f = click.option("--top-k", default=SAMPLING.top_k, show_default=True, type=click.IntRange(min=0),
+                     help="0 = off.")(f)
+    f = click.option("--top-p", default=SAMPLING.top_p, show_default=True,
+                     type=click.FloatRange(0, 1, min_open=True))(f)
+    f = click.option("--seed", default=SAMPLING.seed, type=int, help="Seed for sampling.")(f)
     return f
 
 

@@ -11,7 +11,6 @@ model was never trained on, and its output degenerates.
 """
 from __future__ import annotations
 
-import dataclasses
 import operator
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import torch
 
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
+from qwen2q.sampling import SamplingParams
 
 
 class ContextError(Qwen2qError):
@@ -32,27 +32,6 @@ class TokenIdError(Qwen2qError):
 
 class ContextLimitWarning(UserWarning):
     """Generation stopped at the model's context before max_new_tokens were generated."""
-
-
-@dataclasses.dataclass
-class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise Qwen2qError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise Qwen2qError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise Qwen2qError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise Qwen2qError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -76,3 +76,28 @@ def test_load_api_generate_and_chat(hf_tiny, capsys):
 def test_invalid_sampling_parameters(bad):
     with pytest.raises(Qwen2qError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_the_api_and_the_command_share_sampling_defaults(command):
+    import inspect
+
+    from qwen2q.api import QwenModel
+    from qwen2q.cli import main
+
+    api = inspect.signature(QwenModel.generate).parameters
+    cli = {p.name: p.default for p in main.commands[command].params}
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        assert api[name].default == cli[name] == getattr(SamplingParams(), name), name
+
+
+def test_on_token_sees_each_new_id_and_text_stream_writes_the_text(hf_tiny, capsys):
+    m = qwen2q.load(hf_tiny[0], dtype="float32")
+    ids = m.generate_ids("The quick", max_new_tokens=8)
+    seen = []
+    text = m.generate("The quick", max_new_tokens=8, stream=True, on_token=seen.append)
+    assert seen == ids and capsys.readouterr().out == text
+    pieces = []
+    stream = m.text_stream(pieces.append)
+    assert m.generate("The quick", max_new_tokens=8, on_token=stream) == "".join(pieces) == text
+    assert stream.ids == ids and capsys.readouterr().out == ""
