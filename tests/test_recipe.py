@@ -193,3 +193,14 @@ def test_cli_recipe_writes_what_the_library_writes(tmp_path, converted):
     r = run_cli("quantize", converted / "src", tmp_path / "q", "--recipe", tmp_path / "r.json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "model.safetensors").read_bytes() == (converted / "mixed" / "model.safetensors").read_bytes()
+
+
+def test_compressed_tensors_ignore_entries_match_as_regular_expressions():
+    from qwen2q.recipe import matches
+    from qwen2q.quantizers.ct_pack import _skip_as_ignore
+
+    assert matches("model.layers.0.mlp.down_proj", "re:.*down_proj$")
+    assert not matches("model.layers.0.mlp.up_proj", "re:.*down_proj$")
+    ignore = _skip_as_ignore("mlp.down_proj")
+    names = ["model.layers.3.mlp.down_proj", "model.layers.3.mlp.up_proj", "model.layers.3.self_attn.o_proj"]
+    assert [n for n in names if matches(n, ignore)] == [n for n in names if matches(n, "mlp.down_proj")]
