@@ -192,13 +192,23 @@ def predict(M: int, N: int, K: int, launch: Launch, weight_bytes: int, binary: d
             "predicted_fraction_of_bandwidth": round(times["memory"] / times[bound], 3), "bound": bound}
 
 
+def ptxas_version(arch: int) -> str | None:
+    """The release of the ptxas Triton runs for sm_`arch` (3.9: its CUDA 13 one from sm_90 up), if it says."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).version
+    except (ImportError, AttributeError, TypeError):  # a private helper: other Triton versions may lack it
+        return None
+
+
 def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str]) -> list[dict]:
     """One row per (format, distinct projection shape, M): shape, config, binary fields and prediction."""
     import triton
 
     from qwen2q.kernels.offline_compile import compile_launch
 
-    all_formats, rows = _formats(), []
+    all_formats, rows, ptxas = _formats(), [], ptxas_version(arch)
     for fmt_name in formats:
         fmt = all_formats[fmt_name]
         for model in models:
@@ -210,7 +220,7 @@ def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str])
                     c = launch.config
                     rows.append({"format": fmt_name, "model": model, "projection": names,
                                  "kernel": launch.kernel.fn.__name__, "M": M, "K": K, "N": N, "bias": has_bias,
-                                 "triton": triton.__version__, "arch": arch,
+                                 "triton": triton.__version__, "ptxas": ptxas, "arch": arch,
                                  "config": {**dataclasses.asdict(c), "num_warps": launch.kwargs["num_warps"],
                                             "num_stages": launch.kwargs["num_stages"]},
                                  **binary, **predict(M, N, K, launch, weight_bytes, binary)})
@@ -268,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import triton
 
-        meta = {"triton": triton.__version__, "arch": args.arch, "model": model_constants(),
+        meta = {"triton": triton.__version__, "ptxas": ptxas_version(args.arch), "arch": args.arch,
+                "model": model_constants(),
                 "command": " ".join(["python -m qwen2q.kernels.report", *(argv if argv is not None else sys.argv[1:])])}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     return 0
