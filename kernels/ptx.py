@@ -45,11 +45,12 @@ def statements(ptx: str) -> list[str]:
     labels and directives (.loc, .reg, ...) dropped."""
     out = []
     for line in ptx.splitlines():
-        line = line.split("//", 1)[0].strip()
+        line = line.split("//", 1)[0].strip().lstrip("{}").strip()  # scope braces may share a line with code
         if _LABEL.match(line):
             out.append(line)
-        elif line and not line.startswith((".", "{", "}", ")", "(")) and not line.endswith(":"):
-            out.extend(part.strip() + ";" for part in line.split(";") if part.strip())
+        elif line and not line.startswith((".", ")", "(")) and not line.endswith(":"):
+            parts = (part.strip().lstrip("{").strip() for part in line.split(";"))  # no statement starts with {
+            out.extend(part + ";" for part in parts if part and part != "}")
     return out
 
 

@@ -3,6 +3,7 @@ from qwen2q.kernels import ptx
 
 # packed bytes are loaded 64 bits at a time and by async copy; each loaded code indexes a table in global
 # memory.  The table load's address is computed from loaded data, so it reads through levels_ptr only.
+# The packed address is formed in a brace scope, as Triton's inline assembly writes some statements.
 PTX = """
 .visible .entry k(
 	.param .u64 .ptr .global .align 1 k_param_0,
@@ -14,7 +15,9 @@ PTX = """
 	ld.param.b64 	%rd2, [k_param_1];
 	ld.param.b32 	%r1, [k_param_2];
 	mul.wide.s32 	%rd3, %r1, 4;
-	add.s64 	%rd4, %rd1, %rd3;
+	{ .reg .b32 t;
+	{ add.s64 	%rd4, %rd1, %rd3; }
+	}
 	ld.global.b16 	{ %rs1 }, [ %rd4 + 0 ];
 $L__BB0_1:                              // =>This Inner Loop Header: Depth=1
 	.loc	1 10 17
