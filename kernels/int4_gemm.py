@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from qwen2q.kernels import splitk
+from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
     Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
     store_output,
@@ -165,10 +166,9 @@ def _weight_args(w: int4.Int4Weight) -> tuple:
             w.scales.stride(0), w.scales.stride(1))
 
 
-def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-                config: Config | None = None) -> torch.Tensor:
-    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
-    `triton_ops`; here only the tiling constraints are."""
+def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, config: Config | None = None) -> Launch:
+    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
+    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or decode_config(M, N, K, G, interpreting())
     if config.BLOCK_K % G or M > config.BLOCK_M or config.BLOCK_N % 8:
@@ -176,33 +176,43 @@ def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, 
     k_per_split = decode_k_per_split(K, config)
     partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    int4_decode_kernel[grid](
-        x, w.qweight, w.qzeros, w.scales, partials,
-        M, N, K, k_per_split,
-        x.stride(0), x.stride(1), *_weight_args(w),
-        partials.stride(0), partials.stride(1), partials.stride(2),
-        GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return splitk.reduce(partials, bias, out)
+    args = (x, w.qweight, w.qzeros, w.scales, partials,
+            M, N, K, k_per_split,
+            x.stride(0), x.stride(1), *_weight_args(w),
+            partials.stride(0), partials.stride(1), partials.stride(2))
+    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int4_decode_kernel, grid, args, kwargs, config, partials)
 
 
-def int4_gemm(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-              config: Config | None = None) -> torch.Tensor:
-    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                config: Config | None = None) -> torch.Tensor:
+    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
+    `triton_ops`; here only the tiling constraints are."""
+    return splitk.reduce(int4_decode_launch(x, w, config)(), bias, out)
+
+
+def int4_gemm_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                     config: Config | None = None) -> Launch:
+    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
+    of M tiles x N tiles."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or gemm_config(M, N, K, G, interpreting())
     if config.BLOCK_K % G or config.BLOCK_M < 16 or config.BLOCK_N % 8:
         raise ValueError(f"{config} cannot tile group_size={G} with tl.dot")
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    int4_gemm_kernel[grid](
-        x, w.qweight, w.qzeros, w.scales, bias, out,
-        M, N, K,
-        x.stride(0), x.stride(1), *_weight_args(w),
-        out.stride(0), out.stride(1),
-        GROUP_SIZE=G, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
+    args = (x, w.qweight, w.qzeros, w.scales, bias, out,
+            M, N, K,
+            x.stride(0), x.stride(1), *_weight_args(w),
+            out.stride(0), out.stride(1))
+    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int4_gemm_kernel, grid, args, kwargs, config, out)
+
+
+def int4_gemm(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+              config: Config | None = None) -> torch.Tensor:
+    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+    return int4_gemm_launch(x, w, bias, out, config)()

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from qwen2q.kernels import splitk
+from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
     Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
     store_output,
@@ -111,45 +112,54 @@ def int8_gemm_kernel(
     store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 
-def int8_decode(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
-                config: Config | None = None) -> torch.Tensor:
-    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
-    `triton_ops`; here only the tiling constraints are."""
+def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, config: Config | None = None) -> Launch:
+    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
+    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or decode_config(M, N, K, 16, interpreting())
     if M > config.BLOCK_M:
         raise ValueError(f"{config} cannot tile M={M}")
     partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    int8_decode_kernel[grid](
-        x, w.qweight, w.absmax, partials,
-        M, N, K, decode_k_per_split(K, config),
-        x.stride(0), x.stride(1),
-        w.qweight.stride(0), w.qweight.stride(1),
-        partials.stride(0), partials.stride(1), partials.stride(2),
-        DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return splitk.reduce(partials, bias, out)
+    args = (x, w.qweight, w.absmax, partials,
+            M, N, K, decode_k_per_split(K, config),
+            x.stride(0), x.stride(1),
+            w.qweight.stride(0), w.qweight.stride(1),
+            partials.stride(0), partials.stride(1), partials.stride(2))
+    kwargs = dict(DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int8_decode_kernel, grid, args, kwargs, config, partials)
 
 
-def int8_gemm(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
-              config: Config | None = None) -> torch.Tensor:
-    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+def int8_decode(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                config: Config | None = None) -> torch.Tensor:
+    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
+    `triton_ops`; here only the tiling constraints are."""
+    return splitk.reduce(int8_decode_launch(x, w, config)(), bias, out)
+
+
+def int8_gemm_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                     config: Config | None = None) -> Launch:
+    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
+    of M tiles x N tiles."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or gemm_config(M, N, K, 16, interpreting())
     if config.BLOCK_M < 16:
         raise ValueError(f"{config}: tl.dot needs BLOCK_M >= 16")
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    int8_gemm_kernel[grid](
-        x, w.qweight, w.absmax, bias, out,
-        M, N, K,
-        x.stride(0), x.stride(1),
-        w.qweight.stride(0), w.qweight.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
+    args = (x, w.qweight, w.absmax, bias, out,
+            M, N, K,
+            x.stride(0), x.stride(1),
+            w.qweight.stride(0), w.qweight.stride(1),
+            out.stride(0), out.stride(1))
+    kwargs = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int8_gemm_kernel, grid, args, kwargs, config, out)
+
+
+def int8_gemm(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+              config: Config | None = None) -> torch.Tensor:
+    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+    return int8_gemm_launch(x, w, bias, out, config)()

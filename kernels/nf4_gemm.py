@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from qwen2q.kernels import splitk
+from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
     Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
     store_output,
@@ -161,43 +162,52 @@ def _weight_args(w: nf4.NF4Weight, device: torch.device) -> tuple:
     return (w.packed, w.absmax, w.nested_absmax, levels, code_map)
 
 
-def nf4_decode(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-               config: Config | None = None) -> torch.Tensor:
-    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
-    `triton_ops`; here only the tiling constraints are."""
+def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, config: Config | None = None) -> Launch:
+    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
+    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
     (M, K), N = x.shape, w.shape[0]
     config = config or decode_config(M, N, K, BLOCK, interpreting())
     if config.BLOCK_K % BLOCK or M > config.BLOCK_M or K % BLOCK:
         raise ValueError(f"{config} cannot tile M={M}, K={K} in whole {BLOCK}-weight blocks")
     partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    nf4_decode_kernel[grid](
-        x, *_weight_args(w, x.device), partials,
-        w.offset, M, N, K, decode_k_per_split(K, config),
-        x.stride(0), x.stride(1),
-        partials.stride(0), partials.stride(1), partials.stride(2),
-        DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return splitk.reduce(partials, bias, out)
+    args = (x, *_weight_args(w, x.device), partials,
+            w.offset, M, N, K, decode_k_per_split(K, config),
+            x.stride(0), x.stride(1),
+            partials.stride(0), partials.stride(1), partials.stride(2))
+    kwargs = dict(DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(nf4_decode_kernel, grid, args, kwargs, config, partials)
 
 
-def nf4_gemm(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
-             config: Config | None = None) -> torch.Tensor:
-    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+def nf4_decode(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+               config: Config | None = None) -> torch.Tensor:
+    """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
+    `triton_ops`; here only the tiling constraints are."""
+    return splitk.reduce(nf4_decode_launch(x, w, config)(), bias, out)
+
+
+def nf4_gemm_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                    config: Config | None = None) -> Launch:
+    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
+    of M tiles x N tiles."""
     (M, K), N = x.shape, w.shape[0]
     config = config or gemm_config(M, N, K, BLOCK, interpreting())
     if config.BLOCK_K % BLOCK or config.BLOCK_M < 16 or K % BLOCK:
         raise ValueError(f"{config} cannot tile K={K} in whole {BLOCK}-weight blocks with tl.dot")
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    nf4_gemm_kernel[grid](
-        x, *_weight_args(w, x.device), bias, out,
-        w.offset, M, N, K,
-        x.stride(0), x.stride(1),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-        BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
+    args = (x, *_weight_args(w, x.device), bias, out,
+            w.offset, M, N, K,
+            x.stride(0), x.stride(1),
+            out.stride(0), out.stride(1))
+    kwargs = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(nf4_gemm_kernel, grid, args, kwargs, config, out)
+
+
+def nf4_gemm(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+             config: Config | None = None) -> torch.Tensor:
+    """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
+    return nf4_gemm_launch(x, w, bias, out, config)()

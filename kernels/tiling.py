@@ -67,6 +67,11 @@ def _interpreter_block(size: int, cap: int, multiple: int) -> int:
     return max(multiple, min(cap, triton.next_power_of_2(size)))
 
 
+def is_decode(M: int) -> bool:
+    """True when M rows of x take the split-K decode kernels, False for the GEMM kernels."""
+    return M <= DECODE_MAX_M
+
+
 def decode_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Config:
     """Decode path (M <= DECODE_MAX_M). BLOCK_K is a multiple of `k_multiple` (the format's scale group)."""
     block_m = 1 if M == 1 else DOT_MIN_M

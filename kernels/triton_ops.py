@@ -63,7 +63,7 @@ def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.T
     if M == 0:
         return out
     bias = bias.contiguous() if bias is not None else None
-    (decode if M <= tiling.DECODE_MAX_M else gemm)(x2, w, bias, out.view(M, N))
+    (decode if tiling.is_decode(M) else gemm)(x2, w, bias, out.view(M, N))
     return out
 
 
