@@ -1,6 +1,8 @@
 """Quantized models loaded on CPU run the CPU backend (qwen2q.kernels.cpu), prepared at load time, and give the
 reference path's logits (QWEN2Q_KERNELS=reference) within the backend's tolerance; `cpu_cache="bf16"` gives
 them exactly."""
+import json
+
 import pytest
 import torch
 
@@ -105,3 +107,25 @@ def test_cpu_cache_values_that_would_be_ignored_are_refused(checkpoints):
         qwen2q.load(checkpoints["nf4"], dtype="float32", cpu_cache="bf16")
     with pytest.raises(Qwen2qError, match="cpu_cache='bf16' applies to models loaded on CPU, not on cuda"):
         check_cpu_cache("bf16", torch.device("cuda"), torch.bfloat16)
+
+
+def test_cli_takes_cpu_cache_where_models_are_loaded(checkpoints, tmp_path):
+    from cli_support import run_cli
+
+    r = run_cli("generate", checkpoints["nf4"], "-p", "The quick", "--max-new-tokens", "4", "--cpu-cache", "bf16")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "e.json"
+    r = run_cli("eval", checkpoints["nf4"], "--seq-len", "16", "--max-windows", "2", "--cpu-cache", "bf16",
+                "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["settings"]["cpu_cache"] == "bf16"
+    assert "--cpu-cache [none|bf16]" in run_cli("bench", "--help").stdout
+
+
+def test_cli_refuses_a_cpu_cache_it_would_ignore(checkpoints):
+    from cli_support import one_line_error, run_cli
+
+    one_line_error(run_cli("generate", checkpoints["nf4"], "-p", "x", "--dtype", "float32", "--cpu-cache", "bf16"),
+                   "cpu_cache='bf16' needs the model in bfloat16, not float32")
+    r = run_cli("chat", checkpoints["nf4"], "--cpu-cache", "fp8", stdin="")
+    assert r.returncode == 2 and "error: Invalid value for '--cpu-cache'" in r.stderr
