@@ -96,12 +96,14 @@ def row_names(paths: list[Path], given: dict[Path, str] | None = None) -> list[s
 
 def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: Path | None = None,
              seq_len: int | None = None, max_windows: int | None = None, device: str = "cpu",
-             dtype: str | None = None, progress: bool = True, allow_non_finite: bool = False) -> dict:
+             dtype: str | None = None, progress: bool = True, allow_non_finite: bool = False,
+             cpu_cache: str | None = None) -> dict:
     """Rows of figures for each model in `models` (a path, or (name, path) to name its row) and the
     reference, plus the settings used.
 
     All models must share one vocab_size (checked before loading).  Non-finite logits stop the run
-    with the model and window named; `allow_non_finite` lets NaN/Inf weights load (see `qwen2q.load`)."""
+    with the model and window named; `allow_non_finite` lets NaN/Inf weights load and `cpu_cache` is passed
+    on (see `qwen2q.load`)."""
     import qwen2q
 
     given = {Path(m[1]): m[0] for m in models if isinstance(m, tuple)}
@@ -110,7 +112,7 @@ def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: P
     names.update(zip(models, row_names(models, given)))
     tok_source = reference or models[0]
     vocab_size = check_same_vocabulary([Path(tok_source)] + [Path(m) for m in models])
-    first = qwen2q.load(tok_source, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
+    first = qwen2q.load(tok_source, device=device, dtype=dtype, allow_non_finite=allow_non_finite, cpu_cache=cpu_cache)
     seq_len = choose_seq_len(seq_len, first.config)
     ids = torch.tensor(first.tokenizer.encode(text.text), dtype=torch.long)
     if ids.numel() and int(ids.max()) >= vocab_size:
@@ -120,7 +122,7 @@ def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: P
     n_windows = ids.numel() // seq_len if max_windows is None else min(max_windows, ids.numel() // seq_len)
     settings = {"dataset": text.name, "source": text.source, "seq_len": seq_len, "windows": n_windows,
                 "scored_tokens": n_windows * (seq_len - 1), "device": device, "dtype": str(first.dtype),
-                "reference": str(reference) if reference else None, "qwen2q": __version__,
+                "cpu_cache": cpu_cache, "reference": str(reference) if reference else None, "qwen2q": __version__,
                 "torch": torch.__version__, "python": platform.python_version()}
     rows = []
     # The reference runs once per window: its logits are kept (bounded) and replayed in every comparison.
@@ -135,7 +137,7 @@ def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: P
         for path in models:
             path = Path(path)
             m = first if (reference is None and path == Path(tok_source)) else qwen2q.load(
-                path, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
+                path, device=device, dtype=dtype, allow_non_finite=allow_non_finite, cpu_cache=cpu_cache)
             t0 = time.perf_counter()
             with _bar(n_windows, f"eval {path.name}", progress) as bar:
                 if reference:

@@ -2,9 +2,13 @@
 
 Each op takes activations x [..., K] (bf16, fp16 or fp32), a quantized weight object from
 `qwen2q.quantizers` describing W [N, K], and an optional bias [N]; it returns y [..., N] in x's dtype.
-On CUDA the Triton kernels (`triton_ops`) run for bf16 and fp16 activations; everywhere else, or with
-QWEN2Q_KERNELS=reference, the plain-PyTorch reference runs: dequantize W to x's dtype, then
-`torch.nn.functional.linear`.
+Three backends, chosen per call by `backend`:
+
+- "triton": bf16 and fp16 activations on CUDA run the Triton kernels (`triton_ops`);
+- "cpu": bf16 activations on CPU run the CPU backend (`cpu`), from the weight's *prepared* form, made once
+  when the model is loaded (`prepare`) and passed to `linear` beside the weight;
+- "reference" everywhere else, or with QWEN2Q_KERNELS=reference: dequantize W to x's dtype, then
+  `torch.nn.functional.linear`.  It is the oracle the other two are tested against.
 """
 from __future__ import annotations
 
@@ -14,19 +18,41 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from qwen2q.kernels import cpu
+from qwen2q.kernels.cpu import Workspace, aligned
 from qwen2q.quantizers import int4, int8, nf4
 
 ENV = "QWEN2Q_KERNELS"  # "auto" (default) or "reference"
+CPU_CACHES = cpu.CACHES  # what `prepare(cache=...)` may keep besides None
 
 
-def backend(x: torch.Tensor) -> str:
-    """'triton' or 'reference' for activations `x`; the kernels take bf16 and fp16 CUDA activations."""
+def backend(x: torch.Tensor, prepared=None) -> str:
+    """'triton', 'cpu' or 'reference' for activations `x` and the weight's prepared form (None: none):
+    the Triton kernels take bf16 and fp16 CUDA activations, the CPU backend bf16 CPU activations."""
     choice = os.environ.get(ENV, "auto").lower()
     if choice not in ("auto", "reference"):
         raise ValueError(f"{ENV}={choice!r}; use 'auto' or 'reference'")
-    if choice == "reference" or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    if choice == "reference":
         return "reference"
-    return "triton" if _triton_ops() is not None else "reference"
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return "triton" if _triton_ops() is not None else "reference"
+    if prepared is not None and x.device.type == "cpu" and x.dtype == cpu.DTYPE:
+        return "cpu"
+    return "reference"
+
+
+def prepare(fmt, w, dtype: torch.dtype, cache: str | None = None, workspace: Workspace | None = None):
+    """The CPU backend's load-time form of weight object `w` in format `fmt`, for a model running in `dtype`,
+    or None where it has none (`w` not on CPU, `dtype` not bf16, a format or shape it does not take).
+
+    cache "bf16" keeps a bf16 copy of W (2 bytes per weight, for any format); None prepares the format's own
+    CPU op.  `workspace` holds the scratch buffers, shared by one model's linears (default: a new one)."""
+    if cache is not None and cache not in CPU_CACHES:
+        raise ValueError(f"cache={cache!r}; use None or one of {CPU_CACHES}")
+    tensors = [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
+    if dtype != cpu.DTYPE or any(t.device.type != "cpu" for t in tensors):
+        return None
+    return cpu.prepare(fmt.kernel, w, fmt.dequantize, cache, workspace if workspace is not None else Workspace())
 
 
 def _triton_ops():
@@ -57,9 +83,12 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
     return F.linear(x, int4.dequantize(w, x.dtype), bias)
 
 
-def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`: the format's own op above
-    (named by `fmt.kernel`) when it has one, else the reference (dequantize to x's dtype, then linear)."""
+def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None, prepared=None) -> torch.Tensor:
+    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`: the CPU backend when `prepared`
+    (from `prepare`) serves x, else the format's own op above (named by `fmt.kernel`) when it has one, else the
+    reference (dequantize to x's dtype, then linear)."""
+    if prepared is not None and backend(x, prepared) == "cpu":
+        return prepared.linear(x, bias)
     op = getattr(sys.modules[__name__], fmt.kernel, None) if fmt.kernel else None
     if op is not None:
         return op(x, w, bias)

@@ -105,6 +105,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     allow_non_finite: bool = False,
+    cpu_cache: str | None = None,
 ) -> QwenModel:
     """Load a Qwen2 checkpoint directory (default: the embedded tiny model).
 
@@ -112,11 +113,16 @@ def load(
     it.  Quantized checkpoints (bitsandbytes NF4/int8, AWQ) load into quantized modules.  Tensors whose
     names, shapes or dtypes do not match config.json, and NaN/Inf weights, are refused (a Qwen2qError);
     `allow_non_finite=True` accepts NaN/Inf.
+
+    On CPU in bf16 the quantized linears run the CPU backend (`qwen2q.kernels.cpu`), from weights repacked once
+    here: int4 adds torch's repacked copy (about 0.6 bytes per weight), int8 a scale per row, NF4 its decoded
+    absmax (1/16 byte per weight).  `cpu_cache="bf16"` instead keeps a dequantized bf16 copy of each quantized
+    linear (2 bytes per weight more; the speed of a bf16 model, NF4's only way to it).
     """
     device = parse_device(device)  # one line naming a bad device, before any file is read
     if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
         raise Qwen2qError(f"dtype must be a string like 'bfloat16' or a torch.dtype, got {type(dtype).__name__}")
     path = Path(path) if path is not None else DEFAULT_MODEL
     model = load_model(path, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                       allow_non_finite=allow_non_finite)
+                       allow_non_finite=allow_non_finite, cpu_cache=cpu_cache)
     return QwenModel(model, Tokenizer(path), path)

@@ -101,10 +101,11 @@ def info(model):
     click.echo(format_fields(describe(model or DEFAULT_MODEL)))
 
 
-def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
+def _load(model, device, dtype, allow_pickle, allow_non_finite=False, cpu_cache=None):
     import qwen2q
 
-    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite)
+    return qwen2q.load(model, device=device, dtype=dtype, allow_pickle=allow_pickle, allow_non_finite=allow_non_finite,
+                       cpu_cache=cpu_cache)
 
 
 @main.command()
@@ -114,7 +115,7 @@ def _load(model, device, dtype, allow_pickle, allow_non_finite=False):
 @sampling_options
 @load_options
 def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle,
-             allow_non_finite):
+             allow_non_finite, cpu_cache):
     """Continue a prompt, streaming the text to stdout; tokens/s go to stderr.
 
     \b
@@ -126,7 +127,7 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 
     from qwen2q.console import dim, speed
 
-    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite, cpu_cache)
     if as_chat:
         prompt = m.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     n_prompt = len(m.tokenizer.encode(prompt))
@@ -146,7 +147,8 @@ def generate(model, prompt, as_chat, max_new_tokens, temperature, top_k, top_p, 
 @click.option("--system", default=None, help="System message (default: the template's own).")
 @sampling_options
 @load_options
-def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite):
+def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, allow_pickle, allow_non_finite,
+         cpu_cache):
     """Talk to MODEL in the terminal through its ChatML template.
 
     \b
@@ -168,7 +170,7 @@ def chat(model, system, max_new_tokens, temperature, top_k, top_p, seed, device,
     from qwen2q.chat_repl import ChatLoop
     from qwen2q.sampling import SamplingParams
 
-    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite, cpu_cache)
     if m.tokenizer.chat_template is None:
         raise Qwen2qError(f"{m.path} has no chat template (chat_template.jinja or tokenizer_config.json); "
                           "use `qwen2q generate`")
@@ -344,7 +346,7 @@ def _print_report(report) -> None:
 @click.option("--plot", type=click.Path(), default=None, help="Draw drift by method into this PNG (needs matplotlib).")
 @load_options
 def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, device, dtype, allow_pickle,
-          allow_non_finite):
+          allow_non_finite, cpu_cache):
     """Perplexity of each MODEL, and with --reference its drift from that bf16 model.
 
     Each row is named by its folder (two folders of one name: by path), or as given: NAME=MODEL.
@@ -373,7 +375,8 @@ def eval_(models, reference, dataset, seq_len, max_windows, json_out, plot, devi
     reference = _model_path(reference)
     text = load_text(dataset)
     result = harness.evaluate(models, text, reference=Path(reference) if reference else None, seq_len=seq_len,
-                              max_windows=max_windows, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
+                              max_windows=max_windows, device=device, dtype=dtype, allow_non_finite=allow_non_finite,
+                              cpu_cache=cpu_cache)
     _report(result, json_out, plot)
 
 
@@ -462,7 +465,7 @@ def demo(dataset, max_windows, json_out, plot, calib_data):
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @load_options
 def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_out, device, dtype, allow_pickle,
-          allow_non_finite):
+          allow_non_finite, cpu_cache):
     """Prefill and decode tokens/s at batch 1, and peak memory.
 
     \b
@@ -475,7 +478,7 @@ def bench(model, prompt_len, new_tokens, use_graph, compare_transformers, json_o
     from qwen2q import bench as bench_mod
 
     _check_output_files(json=json_out)
-    m = _load(model, device, dtype, allow_pickle, allow_non_finite)
+    m = _load(model, device, dtype, allow_pickle, allow_non_finite, cpu_cache)
     result = bench_mod.run(m.model, prompt_len, new_tokens, use_graph)
     if compare_transformers:
         result.update(bench_mod.run_transformers(m.path, device, m.dtype, prompt_len, new_tokens))

@@ -25,7 +25,8 @@ from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.recipe import Recipe
-from qwen2q.qlinear import swap_linears
+from qwen2q.kernels import CPU_CACHES
+from qwen2q.qlinear import prepare_kernels, swap_linears
 from qwen2q.rope import RotaryEmbedding
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,17 +50,21 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     allow_non_finite: bool = False,
+    cpu_cache: str | None = None,
 ) -> Qwen2ForCausalLM:
     """Load the checkpoint directory `path` onto `device`, casting floating tensors to `dtype`
     (default: the checkpoint's own dtype).
 
     Before anything is read, every tensor's name, shape and dtype is checked against config.json from
     the file headers; while reading, a NaN/Inf value (stored, or made by the cast) is refused unless
-    `allow_non_finite`."""
+    `allow_non_finite`.  On CPU the quantized linears are then prepared for the CPU backend
+    (`qwen2q.qlinear.prepare_kernels`); `cpu_cache="bf16"` keeps a bf16 copy of each instead (bf16 models on
+    CPU only)."""
     path = check_model_dir(path)
     config = Qwen2Config.from_file(path / "config.json")
     dtype = parse_dtype(dtype, config.dtype)
     device = torch.device(device)
+    check_cpu_cache(cpu_cache, device, dtype)
     files = weight_files(path, allow_pickle=allow_pickle)
     validate_checkpoint(path, config, files)
     with torch.device("meta"):
@@ -76,10 +81,24 @@ def load_model(
         raise CheckpointError(f"{path}: {e}") from None
     for module in quantized:
         module.finish_loading()
+    prepare_kernels(quantized, cpu_cache)
     if config.tie_word_embeddings:
         model.tie_weights()
     check_filled(model)
     return model.eval()
+
+
+def check_cpu_cache(cpu_cache: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a `cpu_cache` that is unknown or would be ignored (off CPU, or a model not in bf16)."""
+    if cpu_cache is None:
+        return
+    if cpu_cache not in CPU_CACHES:
+        raise Qwen2qError(f"cpu_cache={cpu_cache!r} is not known; use None or one of {', '.join(CPU_CACHES)}")
+    if device.type != "cpu":
+        raise Qwen2qError(f"cpu_cache={cpu_cache!r} applies to models loaded on CPU, not on {device}")
+    if dtype != torch.bfloat16:
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise Qwen2qError(f"cpu_cache={cpu_cache!r} needs the model in bfloat16, not {dtype_name}")
 
 
 def save_model(model: Qwen2ForCausalLM, path: str | Path, dtype: torch.dtype | None = None) -> None:

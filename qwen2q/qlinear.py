@@ -4,9 +4,11 @@ One module class serves every format (`qwen2q.quantizers.registry`): it holds th
 weight object as buffers (so `.to(device)` moves them) and its plain fields as attributes, plus an
 unquantized bias, and its forward calls the format's `qwen2q.kernels` op.  Modules are filled from
 checkpoints through `load_checkpoint_tensor(suffix, tensor)` with the checkpoint's own key suffixes
-(`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.  The
-Qwen2 model itself is never edited: `swap_linears` replaces its nn.Linear children from outside, each
-with the format its checkpoint names for that module.
+(`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.  On CPU,
+`prepare_kernels` then gives each module the form of its weight the CPU backend runs (`qwen2q.kernels.prepare`),
+held beside the buffers and dropped when the buffers move to another device.  The Qwen2 model itself is
+never edited: `swap_linears` replaces its nn.Linear children from outside, each with the format its
+checkpoint names for that module.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ class QuantLinear(nn.Module):
 
     Buffers: the tensor fields of the format's weight object, under their field names (e.g. NF4's
     `packed`, `absmax`, `nested_absmax`; AWQ's `qweight`, `qzeros`, `scales`); `bias` [out_features] in
-    the model's dtype."""
+    the model's dtype.  `prepared`: the CPU backend's form of the weight (`prepare`), or None."""
 
     FORMAT: Format  # set on each format's subclass (`module_class`)
+    prepared = None
 
     def __init__(self, name: str, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype,
                  params: dict[str, Any]):
@@ -46,6 +49,7 @@ class QuantLinear(nn.Module):
         self.bias = None
         self._incoming: dict[str, torch.Tensor] = {}
         self._fields: tuple[str, ...] = ()
+        self._plain: dict[str, Any] = {}  # the weight object's fields that are not tensors
         self._weight_type = None
 
     def load_checkpoint_tensor(self, suffix: str, tensor: torch.Tensor) -> None:
@@ -74,17 +78,31 @@ class QuantLinear(nn.Module):
         for field in self._fields:
             value = getattr(q, field)
             if isinstance(value, torch.Tensor):
-                self.register_buffer(field, value)
-            else:
-                setattr(self, field, value)
+                # torch's CPU kernels read weights with aligned vector loads; safetensors hands tensors over
+                # 8 bytes off a 64-byte boundary, so those are copied once (the copy replaces them)
+                self.register_buffer(field, kernels.aligned(value) if value.device.type == "cpu" else value)
+            else:  # kept apart from the module's attributes: NF4's `dtype` is not the model's
+                self._plain[field] = value
         self._incoming = {}
 
     def weight_q(self):
         """The format's weight object, built from this module's buffers (on their current device)."""
-        return self._weight_type(**{f: getattr(self, f) for f in self._fields})
+        return self._weight_type(**{f: self._plain[f] if f in self._plain else getattr(self, f) for f in self._fields})
+
+    def prepare(self, cpu_cache: str | None = None, workspace: kernels.Workspace | None = None) -> None:
+        """Make `prepared` for the module's current device and dtype (none off CPU or outside bf16); see
+        `qwen2q.kernels.prepare` for `cpu_cache` and `workspace`."""
+        self.prepared = kernels.prepare(self.FORMAT, self.weight_q(), self.dtype, cpu_cache, workspace)
+
+    def _apply(self, fn, recurse=True):
+        before = [self._buffers.get(f) for f in self._fields]
+        result = super()._apply(fn, recurse)
+        if any(self._buffers.get(f) is not t for f, t in zip(self._fields, before)):
+            self.prepared = None  # made from the tensors just replaced (e.g. moved to another device)
+        return result
 
     def forward(self, x):
-        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias)
+        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias, self.prepared)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
@@ -114,6 +132,14 @@ def swap_linears(model: nn.Module, scheme, dtype: torch.dtype) -> list[QuantLine
             setattr(module, child_name, q)
             swapped.append(q)
     return swapped
+
+
+def prepare_kernels(modules: list[QuantLinear], cpu_cache: str | None = None) -> None:
+    """`prepare` every module, sharing one scratch workspace (a module moved back to CPU after loading runs the
+    reference until this is called again).  `cpu_cache` None or "bf16" (keep a bf16 copy of every weight)."""
+    workspace = kernels.Workspace()
+    for module in modules:
+        module.prepare(cpu_cache, workspace)
 
 
 def quantize_linear(scheme, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -24,14 +24,15 @@ def dev():
       python dev random-checkpoint /tmp/r7b --layers 2 --tokenizer-from ./Qwen2-7B
       python dev train-tiny --corpus wiki.utf8 --out /tmp/tiny
       TRITON_INTERPRET=1 python dev bench-kernels --smoke
+      python dev bench-cpu ./Qwen2.5-Coder-0.5B ./q-int4 ./q-int8 ./q-nf4 --rounds 3
     """
 
 
 def _register() -> None:
     from qwen2q_dev.research import compare_peers, paired
-    from qwen2q_dev.tools import bench_kernels, random_checkpoint, train_tiny
+    from qwen2q_dev.tools import bench_cpu, bench_kernels, random_checkpoint, train_tiny
 
-    for module in (compare_peers, paired, random_checkpoint, train_tiny, bench_kernels):
+    for module in (compare_peers, paired, random_checkpoint, train_tiny, bench_kernels, bench_cpu):
         dev.add_command(module.command)
 
 

@@ -1,0 +1,270 @@
+"""The CPU backend: quantized linears y = x @ W^T + b on CPU, from weights prepared once at load time.
+
+`prepare(kernel, w, dtype, cache, workspace)` turns a format's weight object (W [N, K], on CPU) into the
+form this backend runs, a *prepared weight*; `prepared.linear(x, bias)` then takes x bf16 [..., K] on CPU
+and bias None or bf16 [N], and returns y bf16 [..., N].  Only bf16 activations are served (other dtypes
+take the reference path).  M = the number of rows of x picks the path:
+
+- int4 (AWQ GEMM, W = (q - z) * s, s fp16): repacked into torch's CPU int4 layout.  M <= INT4_KERNEL_ROWS:
+  torch's `_weight_int4pack_mm_for_cpu`, which computes with W' = (q - 8) * S + Z and takes S and Z in
+  x's dtype: S = bf16(s) = s (1 + e1) and Z = bf16((8 - z) * S) = (8 - z) S (1 + e2), |e1|, |e2| <= u = 2**-8,
+  so W' = (q - z) s (1 + e1) + (8 - z) S e2 and |W' - W| <= u s (|q - z| + |8 - z| (1 + u)): a scale error
+  of the weight itself plus an offset (Z from S rather than s: 2.6x less weight error on Qwen2.5-0.5B).
+  Larger M: W dequantized exactly as the reference does (bf16 of the exact fp32 (q - z) * s) into a reused
+  buffer, then the bf16 GEMM.
+- int8 (bitsandbytes, W = q * (absmax / 127)): M <= INT8_KERNEL_ROWS: `torch._weight_int8pack_mm` with the
+  row scale absmax / 127 rounded to bf16 (relative error <= 2**-8 per output row), applied after the
+  K sum; larger M: W dequantized exactly as the reference, then the bf16 GEMM.
+- NF4 (double-quantized absmax, blocks of 64): W dequantized exactly as the reference (a byte -> pair of
+  levels table, the absmax decoded once at load) into a reused buffer, then the bf16 GEMM, for every M.
+- cache="bf16" (any format): a bf16 copy of the reference dequantize, kept; F.linear on it.
+
+The exact dequantize paths give the reference's W bit for bit, so with the same GEMM they give its y.
+Scratch memory comes from a `Workspace` shared by one model's linears, so a forward allocates no weight-
+sized tensors; a workspace serves one forward at a time (not several threads at once).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from qwen2q.quantizers import int4, int8, nf4
+
+DTYPE = torch.bfloat16  # the activation dtype this backend serves
+INT4_KERNEL_ROWS = 32  # at most this many rows run torch's int4 kernel, more dequantize + GEMM
+INT8_KERNEL_ROWS = 16  # likewise for the int8 kernel (its time grows faster with M)
+CHUNK = 1 << 20  # weights dequantized per pass: 4 MiB of fp32 scratch, in L3 (fewer, larger ops beat L2-sized ones)
+CACHES = ("bf16",)  # what `prepare(cache=...)` keeps besides None
+
+ALIGNMENT = 64  # bytes: torch._weight_int8pack_mm crashes on an x or weight that starts off such a boundary
+_INT4_BLOCK = 64  # torch's CPU int4 layout stores 64 output rows together (N must be a multiple)
+_NIBBLES = 0x0F0F0F0F0F0F0F0F  # the low nibble of each byte of an int64
+
+
+class Workspace:
+    """Scratch tensors shared by the CPU linears of one model, by role, grown to the largest request.
+
+    Every buffer is made outside inference mode, so that the same buffers serve inference-mode and
+    ordinary forwards alike."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of `numel` elements of `dtype`, reused by the next call with this role."""
+        buf = self._buffers.get(role)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype)
+            self._buffers[role] = buf
+        return buf[:numel]
+
+    def weight(self, x: torch.Tensor, numel: int) -> torch.Tensor:
+        """The buffer a dequantized weight goes into; a fresh one when autograd could keep it for backward."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.empty(numel, dtype=DTYPE)
+        return self.get("weight", numel, DTYPE)
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` if it starts on an ALIGNMENT-byte boundary, else a copy in torch's own (aligned) memory."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
+
+
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """x [..., K] -> contiguous [M, K]."""
+    return x.reshape(-1, K).contiguous()
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y.add_(bias)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Int4Prepared:
+    """An AWQ int4 weight W [N, K] (G = group_size) for the CPU backend.
+
+    packed:     uint8 [N, K / 2], torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): per block
+                of 64 rows, byte k * 32 + r holds row r (low nibble) and row r + 32 (high) of column k
+    scale_zero: bf16 [K / G, N, 2], (S, Z) of the kernel's W' = (q - 8) * S + Z
+    scale:      fp32 [N / 64, K / G, 1, 64], s (exact)            } the exact dequantize:
+    offset:     fp32 [N / 64, K / G, 1, 64], -z * s (exact)       } W = q * scale + offset
+    """
+
+    packed: torch.Tensor
+    scale_zero: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    group_size: int
+    workspace: Workspace
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2
+
+    @classmethod
+    def from_weight(cls, w: int4.Int4Weight, workspace: Workspace) -> Int4Prepared | None:
+        """None when N is not a multiple of 64 (every Qwen2 projection is)."""
+        if w.out_features % _INT4_BLOCK:
+            return None
+        G, N, K = w.group_size, w.out_features, w.in_features
+        codes = int4.unpack(w.qweight).t().to(torch.int32)  # [N, K], 0..15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        s, z = w.scales.float(), int4.unpack(w.qzeros).float()  # [K / G, N]
+        S = s.to(DTYPE).float()
+        scale_zero = torch.stack([S, (8 - z) * S], dim=-1).to(DTYPE)  # (8 - z) * S exact in fp32, then rounded
+
+        def blocked(t):  # [K / G, N] -> [N / 64, K / G, 1, 64]
+            return t.view(K // G, N // _INT4_BLOCK, 1, _INT4_BLOCK).permute(1, 0, 2, 3).contiguous()
+
+        return cls(packed, scale_zero, blocked(s), blocked(-z * s), G, workspace)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """W^T bf16 [K, N] into `out` (bf16, N * K elements): bf16(q * s - z * s) = bf16((q - z) * s), the
+        reference's value (both products and their difference are exact in fp32)."""
+        N, K = self.shape
+        G, blocks = self.group_size, N // _INT4_BLOCK
+        per_pass = max(1, CHUNK // (K * _INT4_BLOCK))
+        words = self.packed.view(blocks, K, 32).view(torch.int64)  # [blocks, K, 4]: 8 bytes per word
+        wt = out.view(K, blocks, _INT4_BLOCK).permute(1, 0, 2)  # [blocks, K, 64] view of W^T
+        codes = self.workspace.get("codes", per_pass * K * _INT4_BLOCK, torch.uint8)
+        values = self.workspace.get("values", per_pass * K * _INT4_BLOCK, torch.float32)
+        for b in range(0, blocks, per_pass):
+            e = min(b + per_pass, blocks)
+            c = codes[: (e - b) * K * _INT4_BLOCK].view(e - b, K, _INT4_BLOCK)
+            cw = c.view(torch.int64)  # [e - b, K, 8]: words 0-3 rows 0-31, words 4-7 rows 32-63
+            torch.bitwise_and(words[b:e], _NIBBLES, out=cw[..., :4])
+            torch.bitwise_right_shift(words[b:e], 4, out=cw[..., 4:]).bitwise_and_(_NIBBLES)
+            v = values[: c.numel()].view(e - b, K // G, G, _INT4_BLOCK)
+            v.copy_(c.view(v.shape))
+            torch.addcmul(self.offset[b:e], v, self.scale[b:e], out=v)
+            wt[b:e].copy_(v.view(e - b, K, _INT4_BLOCK))
+        return out.view(K, N)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        N, K = self.shape
+        x2 = _rows(x, K)
+        if 0 < x2.shape[0] <= INT4_KERNEL_ROWS:
+            y = _add_bias(torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
+                                                                      self.scale_zero), bias)
+        else:
+            y = F.linear(x2, self.dequantize(self.workspace.weight(x, N * K)).t(), bias)
+        return y.view(*x.shape[:-1], N)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Int8Prepared:
+    """A bitsandbytes int8 weight W [N, K] for the CPU backend.
+
+    qweight:     int8 [N, K], the checkpoint's own tensor (copied only if it is not 64-byte aligned)
+    scale:       fp32 [N], absmax / 127 as the reference computes it
+    kernel_scale: bf16 [N], `scale` rounded for `torch._weight_int8pack_mm`
+    """
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    kernel_scale: torch.Tensor
+    workspace: Workspace
+
+    @classmethod
+    def from_weight(cls, w: int8.Int8Weight, workspace: Workspace) -> Int8Prepared:
+        scale = w.absmax / 127.0
+        return cls(aligned(w.qweight.contiguous()), scale, scale.to(DTYPE), workspace)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """W bf16 [N, K] into `out`: bf16(fp32(q) * scale), the reference's arithmetic."""
+        N, K = self.qweight.shape
+        rows = max(1, CHUNK // K)
+        values = self.workspace.get("values", min(rows, N) * K, torch.float32)
+        w = out.view(N, K)
+        for r in range(0, N, rows):
+            e = min(r + rows, N)
+            v = values[: (e - r) * K].view(e - r, K)
+            v.copy_(self.qweight[r:e]).mul_(self.scale[r:e, None])
+            w[r:e].copy_(v)
+        return w
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        N, K = self.qweight.shape
+        x2 = _rows(x, K)
+        if 0 < x2.shape[0] <= INT8_KERNEL_ROWS:
+            y = _add_bias(torch._weight_int8pack_mm(aligned(x2), self.qweight, self.kernel_scale), bias)
+        else:
+            y = F.linear(x2, self.dequantize(self.workspace.weight(x, N * K)), bias)
+        return y.view(*x.shape[:-1], N)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NF4Prepared:
+    """A bitsandbytes NF4 weight W [N, K] (N * K a multiple of 64) for the CPU backend.
+
+    packed: uint8 [N * K / 2], the checkpoint's codes (not copied): element 2j in the high nibble of byte j
+    absmax: fp32 [N * K / 64], each block's absmax decoded once (`nf4.decode_absmax`, the reference's)
+    pairs:  int64 [256], entry b holds the fp32 pair (level[b >> 4], level[b & 15]) as one word
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    pairs: torch.Tensor
+    shape: tuple[int, int]
+    workspace: Workspace
+
+    @classmethod
+    def from_weight(cls, w: nf4.NF4Weight, workspace: Workspace) -> NF4Prepared | None:
+        """None when N * K is not a multiple of 64 (a partial last block; no Qwen2 projection has one)."""
+        if (w.shape[0] * w.shape[1]) % nf4.BLOCK_SIZE:
+            return None
+        levels = nf4.NF4_LEVELS
+        pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=-1).contiguous()
+        return cls(w.packed.view(-1), nf4.decode_absmax(w), pairs.view(torch.int64).view(256), tuple(w.shape),
+                   workspace)
+
+    def dequantize(self, out: torch.Tensor) -> torch.Tensor:
+        """W bf16 [N, K] into `out`: bf16(level[code] * absmax) in fp32, the reference's arithmetic."""
+        n = self.shape[0] * self.shape[1]
+        step = min(CHUNK, n)
+        index = self.workspace.get("index", step // 2, torch.int32)
+        values = self.workspace.get("values", step, torch.float32)
+        flat = out.view(-1)
+        for s in range(0, n, step):
+            e = min(s + step, n)
+            i, v = index[: (e - s) // 2], values[: e - s]
+            i.copy_(self.packed[s // 2 : e // 2])
+            torch.index_select(self.pairs, 0, i, out=v.view(torch.int64))
+            v.view(-1, nf4.BLOCK_SIZE).mul_(self.absmax[s // nf4.BLOCK_SIZE : e // nf4.BLOCK_SIZE, None])
+            flat[s:e].copy_(v)
+        return out.view(self.shape)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        N, K = self.shape
+        y = F.linear(_rows(x, K), self.dequantize(self.workspace.weight(x, N * K)), bias)
+        return y.view(*x.shape[:-1], N)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DensePrepared:
+    """cache="bf16": weight bf16 [N, K], the reference dequantize of any format, kept."""
+
+    weight: torch.Tensor
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+_FROM_WEIGHT = {"int4_linear": Int4Prepared.from_weight, "int8_linear": Int8Prepared.from_weight,
+                "nf4_linear": NF4Prepared.from_weight}
+
+
+def prepare(kernel: str, w, dequantize, cache: str | None, workspace: Workspace):
+    """The prepared form of weight object `w` (its tensors on CPU) whose format names `kernel` (its
+    `qwen2q.kernels` op, e.g. "int4_linear"; "" for none) and dequantizes with `dequantize(w, dtype)`.
+
+    cache "bf16": a `DensePrepared` for any format; None: the format's prepared weight, or None where this
+    backend has none (a format without a CPU op, or a shape it does not take)."""
+    with torch.inference_mode(False), torch.no_grad():
+        if cache == "bf16":
+            return DensePrepared(dequantize(w, DTYPE).contiguous())
+        from_weight = _FROM_WEIGHT.get(kernel)
+        return from_weight(w, workspace) if from_weight is not None else None
