@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import os
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,18 +148,57 @@ def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
     return out
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from each file in turn; safetensors are memory-mapped, one tensor at a time."""
+OWN_MAP_BYTES = 2**20  # iter_tensors(own_memory=True) maps a tensor this big or bigger alone, copies a smaller one
+
+
+def iter_tensors(files: list[Path], own_memory: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from each file in turn; safetensors are memory-mapped, one tensor at a time.
+
+    By default every tensor of a safetensors file is a view of one map of the whole file, which stays
+    mapped, with every page read through it counted in RSS, while any tensor read from it lives.
+    own_memory=True makes tensors share no memory, for a reader that keeps some of them and drops the
+    rest (a converter): a tensor of OWN_MAP_BYTES or more is a copy-on-write map of just its own bytes
+    (an open file while it lives), so keeping it keeps only its own pages and dropping one releases its
+    pages at once; a smaller tensor, and every tensor of a pickle file, is a copy."""
     for f in files:
         if f.suffix == ".bin":
-            yield from load_pickle(f).items()
+            for name, t in load_pickle(f).items():
+                yield name, t.clone() if own_memory else t
             continue
         try:
             with safe_open(str(f), framework="pt") as sf:
+                if own_memory:
+                    yield from _own_memory_tensors(f, sf)
+                    continue
                 for name in sf.keys():
                     yield name, sf.get_tensor(name)
         except SafetensorError as e:
             raise Qwen2qError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
+
+
+def _own_memory_tensors(f: Path, sf) -> Iterator[tuple[str, torch.Tensor]]:
+    """iter_tensors(own_memory=True) for safetensors file `f`, open as `sf` (which has checked its header:
+    offsets in bounds, sizes matching dtypes and shapes), in `sf`'s order."""
+    with open(f, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+        for name in sf.keys():
+            info = header[name]
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            begin, end = (8 + header_len + offset for offset in info["data_offsets"])
+            if dtype is None or end - begin < OWN_MAP_BYTES or sys.byteorder != "little":
+                yield name, sf.get_tensor(name).clone()
+            else:  # no local keeps the tensor: the reader's dropping it unmaps it
+                yield name, _map_tensor(fh, begin, end, dtype, info["shape"])
+
+
+def _map_tensor(fh, begin: int, end: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """The tensor `dtype` `shape` stored at bytes [begin, end) of open file `fh`, as a copy-on-write map of
+    those bytes that lives as long as the tensor (torch.frombuffer keeps a reference to the map)."""
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
+    view = mmap.mmap(fh.fileno(), end - start, access=mmap.ACCESS_COPY, offset=start)
+    return torch.frombuffer(view, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                            offset=begin - start).view(shape)
 
 
 def tensor_names(files: list[Path]) -> list[str]:
@@ -192,7 +233,7 @@ def check_all_finite(files: list[Path]) -> None:
     file and tensor: a converter calls this before it writes anything.  One fast reduction per tensor
     (`all_finite`); the exact elementwise check only names what a failing one holds."""
     for f in files:
-        for name, t in iter_tensors([f]):
+        for name, t in iter_tensors([f], own_memory=True):  # each tensor unmapped once checked: RSS stays low
             if all_finite(t):
                 continue
             try:

@@ -202,10 +202,11 @@ def passthrough(name: str, tensor: torch.Tensor, qcfg: QuantConfig, config: Qwen
     """How a tensor that is not quantized is stored: as it is, a tied lm_head not at all, and the bias of a
     quantized linear in its format's bias dtype (AWQ's WQLinear_GEMM keeps it fp16).  `read_source` has
     proved every stored value finite (unless `allow_non_finite`), so only that cast can add NaN/Inf: a cast
-    tensor is checked again, unless `allow_non_finite`."""
+    tensor is checked again, unless `allow_non_finite`.  A tensor kept as it is is `tensor` itself, not a
+    copy, so it should own its memory (iter_tensors(own_memory=True)) rather than pin a map of its file."""
     if name == "lm_head.weight" and config.tie_word_embeddings:
         return {}
-    out = tensor.clone()
+    out = tensor
     owner = qcfg.format_for(name[: -len(".bias")]) if name.endswith(".bias") and \
         is_quantized_linear(name[: -len(".bias")] + ".weight", qcfg) else None
     if owner is not None and owner[0].bias_dtype is not None:
@@ -247,7 +248,8 @@ def convert(src, dst, qcfg: QuantConfig, force: bool = False, max_shard_bytes: i
     start = time.perf_counter()
     q_elems = q_bytes = 0
     with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
-        for name, tensor in tqdm(iter_tensors(files), total=len(names), desc=f"quantize {qcfg.method}",
+        tensors_in = iter_tensors(files, own_memory=True)  # a kept tensor (passthrough) pins only its own pages
+        for name, tensor in tqdm(tensors_in, total=len(names), desc=f"quantize {qcfg.method}",
                                  unit="tensor", disable=not progress):
             if is_quantized_linear(name, qcfg):
                 tensors = quantize_linear(qcfg, name[: -len(".weight")], tensor)

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_hf_checkpoint
 from qwen2q.errors import Qwen2qError
-from qwen2q.checkpoint import TensorIndex, save_safetensors, weight_files
+from qwen2q.checkpoint import OWN_MAP_BYTES, TensorIndex, iter_tensors, save_safetensors, weight_files
 from qwen2q.loader import load_model, save_model
 
 
@@ -115,6 +115,42 @@ def test_tensor_index_release_unmaps_the_files(hf_tiny):
     index.release()
     assert not _mapped(files[0])  # a layer-by-layer reader's RSS no longer holds the pages it read
     assert torch.equal(index.get(name), first)  # and reading again reopens the file
+
+
+def _mapped_bytes(path) -> int:
+    """Bytes of `path` this process has memory-mapped (Linux /proc)."""
+    with open("/proc/self/maps") as maps:
+        spans = [line.split()[0].split("-") for line in maps if line.rstrip().endswith(str(path))]
+    return sum(int(end, 16) - int(start, 16) for start, end in spans)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_own_memory_tensors_map_only_their_own_bytes(tmp_path):
+    path = tmp_path / "model.safetensors"
+    rows = OWN_MAP_BYTES // 2 // 64 + 1  # bf16 [rows, 64]: just over OWN_MAP_BYTES, so mapped on its own
+    stored = {"a.bias": torch.arange(5, dtype=torch.float32),  # 20 bytes first: bf16 data not page-aligned
+              "b.weight": torch.randn(rows, 64).to(torch.bfloat16),
+              "c.weight": torch.randn(rows, 64).to(torch.bfloat16)}
+    save_safetensors(stored, path)
+    own = dict(iter_tensors([path], own_memory=True))
+    assert list(own) == [name for name, _ in iter_tensors([path])]  # the same order as the shared map's
+    for name, t in stored.items():
+        assert own[name].dtype == t.dtype and torch.equal(own[name], t)
+    kept = own.pop("c.weight")
+    del own  # the reader drops the rest: their pages are unmapped at once, the kept tensor maps only its own
+    assert 0 < _mapped_bytes(path) < kept.nbytes + 2 * 65536
+    kept[0, 0] = 7.0  # copy-on-write: the checkpoint file is not changed
+    assert torch.equal(next(t for name, t in iter_tensors([path]) if name == "c.weight"), stored["c.weight"])
+    del kept
+    assert not _mapped(path)
+
+
+def test_own_memory_copies_pickle_tensors(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.ones(2, 3)}, path)
+    (name, shared), = iter_tensors([path])
+    (_, own), = iter_tensors([path], own_memory=True)
+    assert torch.equal(own, shared) and own.untyped_storage().data_ptr() != shared.untyped_storage().data_ptr()
 
 
 def test_written_shards_get_the_usual_file_mode(tmp_path):
