@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_hf_checkpoint
 from qwen2q.errors import Qwen2qError
-from qwen2q.checkpoint import OWN_MAP_BYTES, TensorIndex, iter_tensors, save_safetensors, weight_files
+from qwen2q.checkpoint import (OWN_MAP_BYTES, WRITE_CHUNK_BYTES, TensorIndex, iter_tensors, save_safetensors,
+                               weight_files)
 from qwen2q.loader import load_model, save_model
 
 
@@ -151,6 +152,31 @@ def test_own_memory_copies_pickle_tensors(tmp_path):
     (name, shared), = iter_tensors([path])
     (_, own), = iter_tensors([path], own_memory=True)
     assert torch.equal(own, shared) and own.untyped_storage().data_ptr() != shared.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_save_safetensors_writes_the_bytes_safetensors_writes(tmp_path, seed):
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.int64, torch.float64, torch.float32, torch.int32, torch.bfloat16, torch.float16, torch.int16,
+              torch.int8, torch.uint8, torch.bool]
+    shapes = [(), (0,), (3,), (2, 5), (1, 1, 7)]
+    names = ["a", "b.weight", "model.layers.10.x", "model.layers.9.x", "Z", "\u00fcn\u00efcode", 'q"uote\\ \n\x01',
+             "lm_head.weight", "model.layers.0.mlp.up_proj.SCB", "w"]
+    state = {name: (torch.randn(shapes[(i + seed) % len(shapes)], generator=g) * 100).to(dtypes[(3 * i + seed) % 10])
+             for i, name in enumerate(names)}
+    state["big"] = torch.randn(WRITE_CHUNK_BYTES // 4 + 3, generator=g)  # written in more than one piece
+    state["transposed"] = torch.randn(3, 4, generator=g).t()  # made contiguous first
+    path = tmp_path / "x.safetensors"
+    save_safetensors(state, path)
+    assert path.read_bytes() == save({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
+
+
+def test_save_safetensors_still_refuses_tensors_sharing_memory(tmp_path):
+    x = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_safetensors({"a": x, "b": x}, tmp_path / "x.safetensors")
 
 
 def test_written_shards_get_the_usual_file_mode(tmp_path):
