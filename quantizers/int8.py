@@ -16,10 +16,17 @@ from dataclasses import dataclass
 import torch
 
 from .bnb_config import bnb_config, is_bnb, skipped
-from .checks import SERIAL_VALUES, check_weight, round_small_, serial
+from .checks import NON_FINITE_WEIGHT, all_finite, check_weight, round_small_, serial
 from .format import Grid, LayoutFormat, TensorSpec
 
 _ROW_MAJOR = 0  # bitsandbytes' `weight_format` code for row-major; the only layout it still writes
+
+# Values per block of rows on CPU (a 2 MiB fp32 scratch buffer).  The loop runs under serial(), so no op forks
+# onto other threads whatever its size; what the size trades is torch's fixed cost per call (a few
+# microseconds, ~10 calls a block) against cache.  Quantizing the real 0.5B's 168 linears (358M values,
+# output allocation included, best of 3) took 0.74 s in blocks of 32000 values, 0.28 s in blocks of 2**18,
+# 0.22 s in blocks of 2**19 and 0.20 s in blocks of 2**20.
+_BLOCK_VALUES = 2**19
 
 
 @dataclass(frozen=True, eq=False)
@@ -33,28 +40,35 @@ class Int8Weight:
 def quantize(weight: torch.Tensor) -> Int8Weight:
     """Quantize weight [out_features, in_features] (fp32, fp16 or bf16) per output row.
 
-    Raises ValueError for a non-2-D or non-float weight, or one containing NaN/Inf.
+    Returns qweight int8 [out_features, in_features] and absmax fp32 [out_features].  Raises ValueError
+    for a non-2-D or non-float weight, or one containing NaN/Inf.
     """
-    check_weight(weight)
     weight = weight.detach()
     if weight.device.type != "cpu":
+        check_weight(weight)
         absmax = weight.abs().amax(dim=1).float()
         factor = torch.where(absmax > 0, 127.0 / absmax, 0.0)
         return Int8Weight(torch.round(weight.float() * factor[:, None]).to(torch.int8), absmax)
-    # The same arithmetic a block of rows at a time, in two small fp32 buffers (convert, |.|, row max,
-    # scale, round, narrow) instead of four whole-weight temporaries.
+    # The same arithmetic a block of rows at a time in one fp32 buffer: convert, row max |x| as
+    # max(max x, -min x), scale, round, narrow.  A NaN or Inf makes its row's max NaN or Inf, so the finite
+    # row maxima prove the weight finite and the check needs no pass of its own over the weight.
+    check_weight(weight, values=False)
     out_features, in_features = weight.shape
     qweight = torch.empty(out_features, in_features, dtype=torch.int8)
     absmax = torch.empty(out_features, dtype=torch.float32)
-    rows = min(out_features, max(1, SERIAL_VALUES // in_features))
-    x, ax = torch.empty(rows, in_features), torch.empty(rows, in_features)
-    for s in range(0, out_features, rows):
-        e = min(s + rows, out_features)
-        xs = x[: e - s]
-        xs.copy_(weight[s:e])
-        torch.amax(torch.abs(xs, out=ax[: e - s]), dim=1, out=absmax[s:e])
-        factor = torch.where(absmax[s:e] > 0, 127.0 / absmax[s:e], 0.0)
-        qweight[s:e].copy_(round_small_(xs.mul_(factor[:, None])))  # |x| <= 127 or inf: exact
+    rows = min(out_features, max(1, _BLOCK_VALUES // in_features))
+    x = torch.empty(rows, in_features)
+    with serial():
+        for s in range(0, out_features, rows):
+            e = min(s + rows, out_features)
+            xs = x[: e - s]
+            xs.copy_(weight[s:e])
+            # abs_: an all-zero row's max is +0.0 whichever zeros it holds, as |x|'s max is
+            rowmax = torch.maximum(xs.amax(dim=1), xs.amin(dim=1).neg_(), out=absmax[s:e]).abs_()
+            factor = torch.where(rowmax > 0, 127.0 / rowmax, 0.0)
+            qweight[s:e].copy_(round_small_(xs.mul_(factor[:, None])))  # |x| <= 127 or inf: exact
+    if not all_finite(absmax):
+        raise ValueError(NON_FINITE_WEIGHT)
     return Int8Weight(qweight, absmax)
 
 

@@ -4,7 +4,8 @@ import torch
 
 from qwen2q.quantizers import int8
 
-SHAPES = [(64, 200), (1, 1), (3, 4096)]
+SHAPES = [(64, 200), (1, 1), (3, 4096),
+          (300, 4096)]  # three blocks of int8._BLOCK_VALUES on CPU, the last one partial
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -93,6 +94,15 @@ def test_from_state_dict_rejects_bad_tensors(key, value, message):
 def test_rejects_nan_and_inf(bad):
     weight = random_weight((4, 64), torch.float16)
     weight[1, 7] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        int8.quantize(weight)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_rejects_nan_and_inf_in_a_later_block(bad):
+    weight = random_weight((300, 4096), torch.bfloat16)
+    assert 299 * 4096 > int8._BLOCK_VALUES  # the last row is in another block than the first
+    weight[299, 4095] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         int8.quantize(weight)
 
