@@ -275,3 +275,14 @@ def test_calibration_from_jsonl_messages_through_the_chat_template(tmp_path):
     ids, described = calibration_tokens(tok, tmp_path, n_samples=4, seq_len=32, chat_template=True)
     assert ids.flatten().tolist() == expected[:128]
     assert described == f"{tmp_path} (1 files): 4 x 32 tokens, chat template"
+
+
+def test_demo_with_unreachable_hub_falls_back_and_says_so(tmp_path):
+    """`qwen2q demo` without the offline variable and with the hub unreachable: no retries, one line
+    naming the fallback text, and the table.  (No data folder: AWQ is skipped and says why.)"""
+    r = subprocess.run([sys.executable, "-m", "qwen2q.cli", "demo", "--max-windows", "1"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=300, env=_unreachable_hub_env(QWEN2Q_DATA=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        line for line in r.stderr.splitlines() if "evaluating on pydoc-topics" in line] and CLOSED_PORT in r.stderr
+    assert "awq skipped: no calibration text" in r.stdout and "pydoc-topics" in r.stdout
