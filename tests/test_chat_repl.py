@@ -24,7 +24,7 @@ def chat():
     def start(*args):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
         child = pexpect.spawn(sys.executable, ["-m", "qwen2q.cli", "chat", *args], env=env, cwd="/",
-                              encoding="utf-8", timeout=20, dimensions=(24, 200))
+                              encoding="utf-8", timeout=60, dimensions=(24, 200))  # a loaded machine is slow
         children.append(child)
         child.expect_exact(PROMPT)
         return child
