@@ -3,6 +3,7 @@ Ctrl-C handling in process, where the conversation it keeps can be read."""
 import os
 import re
 import sys
+import time
 
 import pexpect
 import pytest
@@ -32,6 +33,27 @@ def chat():
     yield start
     for child in children:
         child.close(force=True)
+
+
+def waiting_for_a_key(child) -> None:
+    """Return once the child sleeps in readline's wait for the next key.
+
+    CPython notices Ctrl-C at a prompt only when it interrupts that wait: a SIGINT landing in the few
+    instructions between printing the prompt (or an echo) and starting to wait is taken only at the next
+    Enter.  No person is that fast, but pexpect is (1 run in 5 here), so the terminal tests press Ctrl-C at
+    a prompt only once the main thread has slept for three polls in a row (a short pause where /proc is
+    missing)."""
+    stat = f"/proc/{child.pid}/stat"
+    if not os.path.exists(stat):
+        time.sleep(0.5)
+        return
+    deadline, asleep = time.monotonic() + child.timeout, 0
+    while asleep < 3:
+        assert time.monotonic() < deadline, "the chat never waited for a key"
+        with open(stat) as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        asleep = asleep + 1 if state == "S" else 0
+        time.sleep(0.02)
 
 
 def ends(child) -> int:
@@ -107,14 +129,18 @@ def test_ctrl_c_stops_the_reply_and_the_session_goes_on(chat):
 def test_ctrl_c_at_the_prompt_clears_the_line_and_a_second_one_leaves(chat):
     child = chat("--max-new-tokens", "4")
     child.send("half a thought")
+    child.expect_exact("half a thought")  # readline has the line (a Ctrl-C before would drop it unread)
+    waiting_for_a_key(child)
     child.sendintr()
     child.expect_exact(PROMPT)
     assert "Ctrl-C again or Ctrl-D to leave" in child.before
     child.sendline("")  # the cleared line was not sent: Enter on it does nothing
     child.expect_exact(PROMPT)
     assert "tokens/s" not in child.before
+    waiting_for_a_key(child)
     child.sendintr()
     child.expect_exact(PROMPT)
+    waiting_for_a_key(child)
     child.sendintr()
     child.expect(pexpect.EOF)
     assert child.before.endswith("\r\n") and "interrupted" not in child.before, child.before
