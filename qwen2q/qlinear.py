@@ -1,7 +1,7 @@
 """Quantized linear modules, and the quantize-time conversion of one linear into checkpoint tensors.
 
 One module class serves every format (`qwen2q.quantizers.registry`): it holds the tensors of its format's
-weight object as buffers (so `.to(device)` moves them) and its plain fields as attributes, plus an
+weight object as buffers (so `.to(device)` moves them) and its plain fields beside them, plus an
 unquantized bias, and its forward calls the format's `qwen2q.kernels` op.  Modules are filled from
 checkpoints through `load_checkpoint_tensor(suffix, tensor)` with the checkpoint's own key suffixes
 (`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.  On CPU,
@@ -87,7 +87,8 @@ class QuantLinear(nn.Module):
 
     def weight_q(self):
         """The format's weight object, built from this module's buffers (on their current device)."""
-        return self._weight_type(**{f: self._plain[f] if f in self._plain else getattr(self, f) for f in self._fields})
+        fields = {f: self._plain[f] if f in self._plain else getattr(self, f) for f in self._fields}
+        return self._weight_type(**fields)
 
     def prepare(self, cpu_cache: str | None = None, workspace: kernels.Workspace | None = None) -> None:
         """Make `prepared` for the module's current device and dtype (none off CPU or outside bf16); see

@@ -257,3 +257,10 @@ def test_autograd_and_inference_mode_both_work_with_the_workspace():
     W = nf4.dequantize(w, torch.bfloat16)
     assert torch.allclose(x.grad.float(), W.float().sum(0).expand(40, -1), rtol=2 * U, atol=1e-3)
     assert torch.equal(first, p.linear(inputs(40, 256, 64, False)[0], None))
+
+
+@pytest.mark.parametrize("name, w", [("awq-gemm", random_int4(256, 64, 64)), ("bnb-int8", random_int8(256, 64)),
+                                     ("bnb-nf4", random_nf4(256, 64))])
+def test_no_rows_give_an_empty_output(name, w):
+    _, p = prepared(name, w)
+    assert p.linear(torch.empty(2, 0, 256, dtype=torch.bfloat16), None).shape == (2, 0, 64)
