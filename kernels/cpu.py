@@ -15,8 +15,13 @@ take the reference path).  M = the number of rows of x picks the path:
 - int8 (bitsandbytes, W = q * (absmax / 127)): M <= INT8_KERNEL_ROWS: `torch._weight_int8pack_mm` with the
   row scale absmax / 127 rounded to bf16 (relative error <= 2**-8 per output row), applied after the
   K sum; larger M: W dequantized exactly as the reference, then the bf16 GEMM.
-- NF4 (double-quantized absmax, blocks of 64): W dequantized exactly as the reference (a byte -> pair of
-  levels table, the absmax decoded once at load) into a reused buffer, then the bf16 GEMM, for every M.
+- NF4 (double-quantized absmax, blocks of 64): M <= NF4_KERNEL_ROWS, where bitsandbytes' CPU library has
+  its AVX512-BF16 NF4 kernel and the CPU runs it (`nf4_kernel()`): that kernel, on its own repack of the
+  codes (`bnb_cpu_layout`).  It multiplies x by each level rounded to bf16 (bf16 dot products, fp32 sums)
+  and scales each block's sum by the absmax rounded to bf16 (stored so at load): W' = bf16(level) *
+  bf16(absmax) = W (1 + e1)(1 + e2), |e1|, |e2| <= u / 2, so |W' - W| <= u |W| (1 + u / 4) per weight.
+  Larger M, or without that kernel: W dequantized exactly as the reference (a byte -> pair of levels table,
+  the absmax decoded once at load) into a reused buffer, then the bf16 GEMM.
 - cache="bf16" (any format): a bf16 copy of the reference dequantize, kept; F.linear on it.
 
 The exact dequantize paths give the reference's W bit for bit, so with the same GEMM they give its y.
@@ -25,7 +30,10 @@ sized tensors; a workspace serves one forward at a time (not several threads at 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +43,7 @@ from qwen2q.quantizers import int4, int8, nf4
 DTYPE = torch.bfloat16  # the activation dtype this backend serves
 INT4_KERNEL_ROWS = 32  # at most this many rows run torch's int4 kernel, more dequantize + GEMM
 INT8_KERNEL_ROWS = 16  # likewise for the int8 kernel (its time grows faster with M)
+NF4_KERNEL_ROWS = 128  # likewise for bitsandbytes' NF4 kernel (its time grows with M; it ties the exact path at 256)
 CHUNK = 1 << 20  # weights dequantized per pass: 4 MiB of fp32 scratch, in L3 (fewer, larger ops beat L2-sized ones)
 CACHES = ("bf16",)  # what `prepare(cache=...)` keeps besides None
 
@@ -196,6 +205,43 @@ class Int8Prepared:
         return y.view(*x.shape[:-1], N)
 
 
+_BNB_ROWS = 32  # bitsandbytes' CPU 4-bit layout stores 32 output rows together
+_BNB_NF4 = "gemv_4bit_inference_cpu_nf4_bf16"  # its NF4 kernel in bitsandbytes' C library (bitsandbytes >= 0.48)
+
+
+@functools.cache
+def nf4_kernel():
+    """bitsandbytes' CPU NF4 kernel (a ctypes function), or None where it cannot run here: bitsandbytes
+    missing, its C library without the kernel, or a CPU without AVX512-BF16 (the kernel's instructions).
+
+    Importing bitsandbytes logs a warning when the optional `kernels` package is absent; it is held back, as
+    that package plays no part here."""
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from bitsandbytes.cextension import lib
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception:  # noqa: BLE001 (any failure to import it means: no kernel)
+        return None
+    finally:
+        quiet.setLevel(level)
+    try:
+        return getattr(lib, _BNB_NF4) if has_avx512bf16() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def bnb_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
+    """NF4 codes uint8 [N, K] (0..15; N a multiple of 32, K even) -> uint8 [N, K / 2], the layout of
+    bitsandbytes' CPU kernel: per block of 32 rows and pair of columns (2j, 2j + 1), 32 bytes; byte 2r + c
+    holds row r, column 2j + c in its low nibble and row r + 16, column 2j + c in its high nibble."""
+    N, K = codes.shape
+    tile = codes.view(N // _BNB_ROWS, _BNB_ROWS, K // 2, 2).transpose(1, 2)  # [N / 32, K / 2, 32 rows, 2]
+    tile = tile.reshape(N // _BNB_ROWS, K // 2, 2, 32)  # [.., half (rows 0-15 | 16-31), 16 rows x 2 columns]
+    return (tile[:, :, 1] << 4 | tile[:, :, 0]).reshape(N, K // 2).contiguous()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class NF4Prepared:
     """A bitsandbytes NF4 weight W [N, K] (N * K a multiple of 64) for the CPU backend.
@@ -203,6 +249,8 @@ class NF4Prepared:
     packed: uint8 [N * K / 2], the checkpoint's codes (not copied): element 2j in the high nibble of byte j
     absmax: fp32 [N * K / 64], each block's absmax decoded once (`nf4.decode_absmax`, the reference's)
     pairs:  int64 [256], entry b holds the fp32 pair (level[b >> 4], level[b & 15]) as one word
+    kernel_codes:  uint8 [N, K / 2], `bnb_cpu_layout` of the codes, or None (no kernel: the exact path only)
+    kernel_absmax: bf16 [K / 64, N], bf16(absmax) by column block, or None
     """
 
     packed: torch.Tensor
@@ -210,16 +258,38 @@ class NF4Prepared:
     pairs: torch.Tensor
     shape: tuple[int, int]
     workspace: Workspace
+    kernel_codes: torch.Tensor | None = None
+    kernel_absmax: torch.Tensor | None = None
 
     @classmethod
     def from_weight(cls, w: nf4.NF4Weight, workspace: Workspace) -> NF4Prepared | None:
-        """None when N * K is not a multiple of 64 (a partial last block; no Qwen2 projection has one)."""
-        if (w.shape[0] * w.shape[1]) % nf4.BLOCK_SIZE:
+        """None when N * K is not a multiple of 64 (a partial last block; no Qwen2 projection has one).  The
+        kernel's tensors are made when it can run here and N % 32 == 0 == K % 64 (each block in one row)."""
+        N, K = w.shape
+        if (N * K) % nf4.BLOCK_SIZE:
             return None
         levels = nf4.NF4_LEVELS
         pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=-1).contiguous()
-        return cls(w.packed.view(-1), nf4.decode_absmax(w), pairs.view(torch.int64).view(256), tuple(w.shape),
-                   workspace)
+        absmax = nf4.decode_absmax(w)
+        kernel_codes = kernel_absmax = None
+        if nf4_kernel() is not None and N % _BNB_ROWS == 0 and K % nf4.BLOCK_SIZE == 0:
+            packed = w.packed.view(-1)
+            codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(N, K)
+            kernel_codes = bnb_cpu_layout(codes)
+            kernel_absmax = absmax.view(N, K // nf4.BLOCK_SIZE).t().to(DTYPE).contiguous()
+        return cls(w.packed.view(-1), absmax, pairs.view(torch.int64).view(256), (N, K), workspace,
+                   kernel_codes, kernel_absmax)
+
+    def kernel_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' kernel: x2 bf16 [M, K] contiguous -> y bf16 [M, N]."""
+        N, K = self.shape
+        M = x2.shape[0]
+        y = torch.empty(M, N, dtype=DTYPE)
+        p = ctypes.c_void_p
+        nf4_kernel()(ctypes.c_int64(M), ctypes.c_int64(N), ctypes.c_int64(K), p(x2.data_ptr()),
+                     p(self.kernel_codes.data_ptr()), p(self.kernel_absmax.data_ptr()), p(y.data_ptr()),
+                     ctypes.c_int64(nf4.BLOCK_SIZE), ctypes.c_int64(K), ctypes.c_int64(N))
+        return y
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """W bf16 [N, K] into `out`: bf16(level[code] * absmax) in fp32, the reference's arithmetic."""
@@ -239,7 +309,11 @@ class NF4Prepared:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         N, K = self.shape
-        y = F.linear(_rows(x, K), self.dequantize(self.workspace.weight(x, N * K)), bias)
+        x2 = _rows(x, K)
+        if self.kernel_codes is not None and 0 < x2.shape[0] <= NF4_KERNEL_ROWS and not x.requires_grad:
+            y = _add_bias(self.kernel_linear(x2), bias)
+        else:
+            y = F.linear(x2, self.dequantize(self.workspace.weight(x, N * K)), bias)
         return y.view(*x.shape[:-1], N)
 
 

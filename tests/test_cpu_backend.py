@@ -61,14 +61,16 @@ def test_loading_on_cpu_prepares_every_linear(checkpoints, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("tokens", [1, 40])  # one decode row (the int4/int8 kernels) and a prefill (dequantize + GEMM)
+# one decode row (every format's kernel), a short prefill (int4 and int8 dequantize + GEMM, NF4's kernel), a long one
+@pytest.mark.parametrize("tokens", [1, 40, cpu.NF4_KERNEL_ROWS + 1])
 def test_logits_track_the_reference_path(checkpoints, method, tokens, monkeypatch):
     m = qwen2q.load(checkpoints[method], dtype="bfloat16")
     ids = prompt(tokens)
     with torch.inference_mode():
         ref = reference_logits(m, ids, monkeypatch).float()
         got = m.model(ids).float()
-    if method == "nf4" or tokens > cpu.INT8_KERNEL_ROWS and method == "int8":
+    kernel_rows = {"nf4": cpu.NF4_KERNEL_ROWS, "int8": cpu.INT8_KERNEL_ROWS}
+    if method in kernel_rows and tokens > kernel_rows[method]:
         assert torch.equal(got, ref)  # the same bf16 W and the same GEMM
     else:
         assert (got - ref).norm() / ref.norm() < 0.02

