@@ -207,12 +207,12 @@ class Int8Prepared:
 
 _BNB_ROWS = 32  # bitsandbytes' CPU 4-bit layout stores 32 output rows together
 _BNB_NF4 = "gemv_4bit_inference_cpu_nf4_bf16"  # its NF4 kernel in bitsandbytes' C library (bitsandbytes >= 0.48)
+_BNB_NF4_DEQUANTIZE = "cdequantize_blockwise_cpu_nf4_bf16"  # and its NF4 dequantize to bf16
 
 
 @functools.cache
-def nf4_kernel():
-    """bitsandbytes' CPU NF4 kernel (a ctypes function), or None where it cannot run here: bitsandbytes
-    missing, its C library without the kernel, or a CPU without AVX512-BF16 (the kernel's instructions).
+def _bitsandbytes_library():
+    """bitsandbytes' C library (ctypes) and whether the CPU has AVX512-BF16, or (None, False) without it.
 
     Importing bitsandbytes logs a warning when the optional `kernels` package is absent; it is held back, as
     that package plays no part here."""
@@ -222,14 +222,34 @@ def nf4_kernel():
     try:
         from bitsandbytes.cextension import lib
         from bitsandbytes.functional import has_avx512bf16
-    except Exception:  # noqa: BLE001 (any failure to import it means: no kernel)
-        return None
+
+        return lib, bool(has_avx512bf16())
+    except Exception:  # noqa: BLE001 (any failure to import or probe it means: no library)
+        return None, False
     finally:
         quiet.setLevel(level)
-    try:
-        return getattr(lib, _BNB_NF4) if has_avx512bf16() else None
-    except (AttributeError, RuntimeError):
+
+
+def _library_function(name: str, needs_avx512_bf16: bool):
+    lib, avx512_bf16 = _bitsandbytes_library()
+    if lib is None or (needs_avx512_bf16 and not avx512_bf16):
         return None
+    try:
+        return getattr(lib, name)
+    except (AttributeError, RuntimeError):  # a library built without it
+        return None
+
+
+def nf4_kernel():
+    """bitsandbytes' CPU NF4 kernel (a ctypes function), or None where it cannot run here: bitsandbytes
+    missing, its C library without the kernel, or a CPU without AVX512-BF16 (the kernel's instructions)."""
+    return _library_function(_BNB_NF4, needs_avx512_bf16=True)
+
+
+def nf4_dequantizer():
+    """bitsandbytes' CPU NF4 dequantize to bf16 (a ctypes function; the library picks its code for the CPU), or
+    None.  It computes bf16(level * absmax) from the fp32 absmax, the reference's value (tested bit for bit)."""
+    return _library_function(_BNB_NF4_DEQUANTIZE, needs_avx512_bf16=False)
 
 
 def bnb_cpu_layout(codes: torch.Tensor) -> torch.Tensor:
@@ -292,8 +312,16 @@ class NF4Prepared:
         return y
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
-        """W bf16 [N, K] into `out`: bf16(level[code] * absmax) in fp32, the reference's arithmetic."""
-        n = self.shape[0] * self.shape[1]
+        """W bf16 [N, K] into `out`: bf16(level[code] * absmax) in fp32, the reference's arithmetic (by
+        bitsandbytes' C dequantize where it has one, 7x faster on the 0.5B's gate_proj; else in torch)."""
+        N, K = self.shape
+        dequantizer = nf4_dequantizer()
+        if dequantizer is not None and K % nf4.BLOCK_SIZE == 0:  # it restarts the blocks at each row
+            p = ctypes.c_void_p
+            dequantizer(p(self.packed.data_ptr()), p(self.absmax.data_ptr()), p(out.data_ptr()),
+                        ctypes.c_longlong(nf4.BLOCK_SIZE), ctypes.c_longlong(N), ctypes.c_longlong(K))
+            return out.view(self.shape)
+        n = N * K
         step = min(CHUNK, n)
         index = self.workspace.get("index", step // 2, torch.int32)
         values = self.workspace.get("values", step, torch.float32)

@@ -186,6 +186,15 @@ def test_nf4_dequantize_is_the_reference_bit_for_bit(K, N):
     assert ((W.double() - oracle).abs() <= U * oracle.abs() + 1e-6 * oracle.abs().max()).all()
 
 
+@pytest.mark.parametrize("K, N", SHAPES)
+def test_nf4_dequantize_without_bitsandbytes_library_is_the_reference_too(K, N, monkeypatch):
+    w = random_nf4(K, N)
+    _, p = prepared("bnb-nf4", w)
+    monkeypatch.setattr(cpu, "nf4_dequantizer", lambda: None)  # as where bitsandbytes has no C dequantize
+    W = p.dequantize(torch.full((N * K,), float("nan"), dtype=torch.bfloat16))
+    assert torch.equal(W, nf4.dequantize(w, torch.bfloat16))
+
+
 def nf4_codes(w: nf4.NF4Weight) -> torch.Tensor:
     packed = w.packed.view(-1)
     return torch.stack([packed >> 4, packed & 0xF], dim=-1).view(w.shape)
