@@ -12,6 +12,9 @@ take the reference path).  M = the number of rows of x picks the path:
   of the weight itself plus an offset (Z from S rather than s: 2.6x less weight error on Qwen2.5-0.5B).
   Larger M: W dequantized exactly as the reference does (bf16 of the exact fp32 (q - z) * s) into a reused
   buffer, then the bf16 GEMM.
+- compressed-tensors pack-quantized (`ct_pack`): W4A16, W = (c - z) * s with signed codes, is the int4 case
+  with q = c + 8 and zero z + 8; W8A16 with one scale per row and no zero point is the int8 case with
+  scale s.  Other variants (fp32 scales, other group sizes, asymmetric int8) take the reference path.
 - int8 (bitsandbytes, W = q * (absmax / 127)): M <= INT8_KERNEL_ROWS: `torch._weight_int8pack_mm` with the
   row scale absmax / 127 rounded to bf16 (relative error <= 2**-8 per output row), applied after the
   K sum; larger M: W dequantized exactly as the reference, then the bf16 GEMM.
@@ -38,7 +41,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from qwen2q.quantizers import int4, int8, nf4
+from qwen2q.quantizers import ct_pack, int4, int8, nf4
 
 DTYPE = torch.bfloat16  # the activation dtype this backend serves
 INT4_KERNEL_ROWS = 32  # at most this many rows run torch's int4 kernel, more dequantize + GEMM
@@ -49,6 +52,7 @@ CACHES = ("bf16",)  # what `prepare(cache=...)` keeps besides None
 
 ALIGNMENT = 64  # bytes: torch._weight_int8pack_mm crashes on an x or weight that starts off such a boundary
 _INT4_BLOCK = 64  # torch's CPU int4 layout stores 64 output rows together (N must be a multiple)
+_INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
 _NIBBLES = 0x0F0F0F0F0F0F0F0F  # the low nibble of each byte of an int64
 
 
@@ -93,7 +97,7 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Int4Prepared:
-    """An AWQ int4 weight W [N, K] (G = group_size) for the CPU backend.
+    """An int4 weight W = (q - z) * s [N, K] (G = group_size; AWQ, or compressed-tensors W4A16) for the CPU backend.
 
     packed:     uint8 [N, K / 2], torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): per block
                 of 64 rows, byte k * 32 + r holds row r (low nibble) and row r + 32 (high) of column k
@@ -115,13 +119,36 @@ class Int4Prepared:
 
     @classmethod
     def from_weight(cls, w: int4.Int4Weight, workspace: Workspace) -> Int4Prepared | None:
-        """None when N is not a multiple of 64 (every Qwen2 projection is)."""
+        """An AWQ weight; None when N is not a multiple of 64 (every Qwen2 projection is)."""
         if w.out_features % _INT4_BLOCK:
             return None
-        G, N, K = w.group_size, w.out_features, w.in_features
-        codes = int4.unpack(w.qweight).t().to(torch.int32)  # [N, K], 0..15
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
-        s, z = w.scales.float(), int4.unpack(w.qzeros).float()  # [K / G, N]
+        codes = int4.unpack(w.qweight).t()  # [N, K], 0..15
+        return cls.from_parts(codes, int4.unpack(w.qzeros).float(), w.scales, w.group_size, workspace)
+
+    @classmethod
+    def from_compressed_tensors(cls, w: ct_pack.PackedWeight, workspace: Workspace) -> Int4Prepared | None:
+        """A compressed-tensors W4A16 weight, W = (c - z) * s with signed c, z in [-8, 7]: the AWQ form with
+        q = c + 8 and zero z + 8 (z = 0 when symmetric).  None where torch's kernel or the exact arithmetic
+        does not apply: N % 64, a group size other than 32/64/128/256, fp32 scales (q * s would round)."""
+        N, K = w.shape
+        G = K // w.scale.shape[1]
+        if N % _INT4_BLOCK or G not in _INT4_GROUPS or w.scale.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        codes = (ct_pack.unpack(w.packed, 4).to(torch.int16) + 8).to(torch.uint8)  # [N, K], 0..15
+        if w.zero is None:
+            zero = torch.full((K // G, N), 8.0)
+        else:
+            zero = ct_pack.unpack(w.zero.t().contiguous(), 4).float() + 8  # [K / G, N]
+        return cls.from_parts(codes, zero.contiguous(), w.scale.t(), G, workspace)
+
+    @classmethod
+    def from_parts(cls, codes: torch.Tensor, z: torch.Tensor, s: torch.Tensor, G: int,
+                   workspace: Workspace) -> Int4Prepared:
+        """W = (q - z) * s: codes q uint8 [N, K] (0..15), z fp32 [K / G, N] (whole numbers 0..15), s [K / G, N]
+        fp16 or bf16 (so that q * s and z * s are exact in fp32)."""
+        N, K = codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        s, z = s.float().contiguous(), z.contiguous()
         S = s.to(DTYPE).float()
         scale_zero = torch.stack([S, (8 - z) * S], dim=-1).to(DTYPE)  # (8 - z) * S exact in fp32, then rounded
 
@@ -181,6 +208,15 @@ class Int8Prepared:
     def from_weight(cls, w: int8.Int8Weight, workspace: Workspace) -> Int8Prepared:
         scale = w.absmax / 127.0
         return cls(aligned(w.qweight.contiguous()), scale, scale.to(DTYPE), workspace)
+
+    @classmethod
+    def from_compressed_tensors(cls, w: ct_pack.PackedWeight, workspace: Workspace) -> Int8Prepared | None:
+        """A compressed-tensors W8A16 weight with one scale per row and no zero point: W = c * s.  None
+        otherwise (groups, or an asymmetric grid: the kernel has no zero point)."""
+        if w.zero is not None or w.scale.shape[1] != 1:
+            return None
+        scale = w.scale.float().view(-1)
+        return cls(aligned(ct_pack.unpack(w.packed, 8).contiguous()), scale, scale.to(DTYPE), workspace)
 
     def dequantize(self, out: torch.Tensor) -> torch.Tensor:
         """W bf16 [N, K] into `out`: bf16(fp32(q) * scale), the reference's arithmetic."""
@@ -355,8 +391,14 @@ class DensePrepared:
         return F.linear(x, self.weight, bias)
 
 
+def _from_compressed_tensors(w: ct_pack.PackedWeight, workspace: Workspace):
+    if w.bits == 4:
+        return Int4Prepared.from_compressed_tensors(w, workspace)
+    return Int8Prepared.from_compressed_tensors(w, workspace)
+
+
 _FROM_WEIGHT = {"int4_linear": Int4Prepared.from_weight, "int8_linear": Int8Prepared.from_weight,
-                "nf4_linear": NF4Prepared.from_weight}
+                "nf4_linear": NF4Prepared.from_weight, "ct_pack_linear": _from_compressed_tensors}
 
 
 def prepare(kernel: str, w, dequantize, cache: str | None, workspace: Workspace):

@@ -127,7 +127,7 @@ def _skip_as_ignore(entry: str) -> str:
 class CompressedTensorsPack(Format):
     """compressed-tensors pack-quantized integer weights (W4A16 group-wise, W8A16 per channel)."""
 
-    name, module_name = "ct-pack", "PackedIntLinear"
+    name, module_name, kernel = "ct-pack", "PackedIntLinear", "ct_pack_linear"  # CPU backend only (no Triton op)
     loaded_by = "qwen2q, vLLM and transformers with compressed-tensors"
     defaults = {"bits": 4, "group_size": 128, "symmetric": True}  # group_size 0: one scale per row
 

@@ -66,7 +66,7 @@ class Format(abc.ABC):
 
     name: str = ""  # registry name, e.g. "bnb-nf4"
     module_name: str = ""  # class name of the loaded module, e.g. "NF4Linear"
-    kernel: str = ""  # qwen2q.kernels op: kernel(x, weight, bias) -> y; "" runs the reference (dequantize, linear)
+    kernel: str = ""  # its qwen2q.kernels op, kernel(x, weight, bias) -> y, and CPU backend; "" or no op: the reference
     bias_dtype: torch.dtype | None = None  # how a quantized linear's bias is stored; None: as the model's
     rounds_source_dtype: bool = False  # calibrated weights are cast to the checkpoint's dtype before the final
     # quantize (as bitsandbytes quantizes the model it loaded); False: quantized from fp32

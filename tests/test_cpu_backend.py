@@ -15,7 +15,11 @@ from qwen2q.loader import check_cpu_cache
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import QuantLinear, prepare_kernels
 
-METHODS = {"int4": cpu.Int4Prepared, "int8": cpu.Int8Prepared, "nf4": cpu.NF4Prepared}
+METHODS = {"int4": cpu.Int4Prepared, "int8": cpu.Int8Prepared, "nf4": cpu.NF4Prepared,
+           "ct-int4": cpu.Int4Prepared, "ct-int8": cpu.Int8Prepared}  # ct-: compressed-tensors layout
+CONFIGS = {"int4": QuantConfig("int4", group_size=64), "int8": QuantConfig("int8"), "nf4": QuantConfig("nf4"),
+           "ct-int4": QuantConfig("int4", group_size=64, layout="compressed-tensors"),  # asymmetric W4A16
+           "ct-int8": QuantConfig("int8", layout="compressed-tensors")}  # W8A16, one scale per row
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +30,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for method in METHODS:
         dst = tmp_path_factory.mktemp(method) / "q"
-        qwen2q.quantize(src, dst, QuantConfig(method, group_size=64) if method == "int4" else QuantConfig(method),
-                        progress=False)
+        qwen2q.quantize(src, dst, CONFIGS[method], progress=False)
         out[method] = dst
     return out
 
@@ -69,7 +72,7 @@ def test_logits_track_the_reference_path(checkpoints, method, tokens, monkeypatc
     with torch.inference_mode():
         ref = reference_logits(m, ids, monkeypatch).float()
         got = m.model(ids).float()
-    kernel_rows = {"nf4": cpu.NF4_KERNEL_ROWS, "int8": cpu.INT8_KERNEL_ROWS}
+    kernel_rows = {"nf4": cpu.NF4_KERNEL_ROWS, "int8": cpu.INT8_KERNEL_ROWS, "ct-int8": cpu.INT8_KERNEL_ROWS}
     if method in kernel_rows and tokens > kernel_rows[method]:
         assert torch.equal(got, ref)  # the same bf16 W and the same GEMM
     else:

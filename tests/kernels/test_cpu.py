@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from qwen2q import kernels
 from qwen2q.kernels import cpu
-from qwen2q.quantizers import int4, int8, nf4, registry
+from qwen2q.quantizers import ct_pack, int4, int8, nf4, registry
 
 U = 2.0**-8
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column 8c + AWQ_ORDER[i] (AutoAWQ's pack order)
@@ -342,3 +342,70 @@ def test_autograd_and_inference_mode_both_work_with_the_workspace():
 def test_no_rows_give_an_empty_output(name, w):
     _, p = prepared(name, w)
     assert p.linear(torch.empty(2, 0, 256, dtype=torch.bfloat16), None).shape == (2, 0, 64)
+
+
+# --- compressed-tensors pack-quantized: the int4 and int8 paths on its own tensors ---------------------------
+
+def random_ct(K, N, bits, group_size, symmetric):
+    fmt = registry.get("ct-pack")
+    W = torch.randn(N, K, generator=generator("ct", K, N, bits, group_size, symmetric)) * 0.05
+    return fmt.quantize(W.to(torch.bfloat16), {"bits": bits, "group_size": group_size, "symmetric": symmetric})
+
+
+def ct_oracle(w: ct_pack.PackedWeight):
+    """W float64 [N, K] = (c - z) * s, from the stored integers (unpack is checked against compressed-tensors
+    itself in tests/quantizers/test_ct_pack.py)."""
+    N, K = w.shape
+    G = K // w.scale.shape[1]
+    c = ct_pack.unpack(w.packed, w.bits).double()
+    z = ct_pack.unpack(w.zero.t().contiguous(), w.bits).t().double() if w.zero is not None else torch.zeros(1, 1)
+    return (c - z.repeat_interleave(G, 1) if w.zero is not None else c) * w.scale.double().repeat_interleave(G, 1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("M", [1, cpu.INT4_KERNEL_ROWS, cpu.INT4_KERNEL_ROWS + 1])
+def test_compressed_tensors_w4a16_runs_the_int4_paths(M, symmetric):
+    K, N, G = 896, 128, 128
+    w = random_ct(K, N, 4, G, symmetric)
+    _, p = prepared("ct-pack", w)
+    assert isinstance(p, cpu.Int4Prepared)
+    W = ct_oracle(w)
+    WT = p.dequantize(torch.full((N * K,), float("nan"), dtype=torch.bfloat16))
+    assert torch.equal(WT.t(), registry.get("ct-pack").dequantize(w, torch.bfloat16))  # the reference, bit for bit
+    assert torch.equal(WT.t(), W.to(torch.bfloat16))
+    x, bias = inputs(M, K, N, has_bias=True)
+    ref = exact(x, W, bias)
+    y = p.linear(x, bias)
+    if M <= cpu.INT4_KERNEL_ROWS:  # the int4 bound with the AWQ-form zero z + 8 (8 when symmetric)
+        s = w.scale.double().t().repeat_interleave(G, 0)  # [K, N]
+        c = ct_pack.unpack(w.packed, 4).double().t()
+        z = (ct_pack.unpack(w.zero.t().contiguous(), 4).double() if w.zero is not None
+             else torch.zeros(K // G, N, dtype=torch.float64)).repeat_interleave(G, 0)
+        weight_error = (U * s * ((c - z).abs() + z.abs() * (1 + U))).t()
+        bound = exact(x.abs(), weight_error, None) + U * exact(x.abs(), W.abs(), None) + accumulation_bound(x, W, bias, ref)
+        assert_within(y, ref, bound)
+    else:  # the reference's W and the same GEMM: the reference path's y exactly
+        assert torch.equal(y, F.linear(x, registry.get("ct-pack").dequantize(w, torch.bfloat16), bias))
+
+
+@pytest.mark.parametrize("M", [1, cpu.INT8_KERNEL_ROWS + 1])
+def test_compressed_tensors_w8a16_per_channel_runs_the_int8_paths(M):
+    K, N = 896, 128
+    w = random_ct(K, N, 8, 0, True)
+    _, p = prepared("ct-pack", w)
+    assert isinstance(p, cpu.Int8Prepared)
+    W = ct_oracle(w)
+    x, bias = inputs(M, K, N, has_bias=True)
+    ref = exact(x, W, bias)
+    bound = U * exact(x.abs(), W.abs(), None) + accumulation_bound(x, W, bias, ref)
+    assert_within(p.linear(x, bias), ref, bound)
+
+
+def test_compressed_tensors_variants_the_kernels_do_not_take_run_the_reference():
+    fmt = registry.get("ct-pack")
+    asymmetric_int8 = random_ct(256, 64, 8, 0, False)
+    int4_per_row = random_ct(512, 64, 4, 0, True)  # one group of 512: not a group size torch's kernel takes
+    fp32_scales = dataclasses.replace(random_ct(256, 64, 4, 128, True))
+    fp32_scales = dataclasses.replace(fp32_scales, scale=fp32_scales.scale.float())
+    for w in (asymmetric_int8, int4_per_row, fp32_scales):
+        assert kernels.prepare(fmt, w, torch.bfloat16) is None
