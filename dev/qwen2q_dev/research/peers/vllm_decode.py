@@ -23,7 +23,6 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", default="def fibonacci(n):")
     a = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM, SamplingParams
 
