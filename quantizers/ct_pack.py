@@ -212,38 +212,55 @@ class CompressedTensorsPack(Format):
         return PackedGrid(self._group(params, in_features) if in_features else 1, params["bits"], params["symmetric"])
 
     def to_config(self, params, skip, compute_dtype):
-        g = params["group_size"]
-        weights = {"num_bits": params["bits"], "type": "int", "symmetric": params["symmetric"],
-                   "group_size": g or None, "strategy": "group" if g else "channel", "block_structure": None,
-                   "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+        return self.groups_to_config([(params, ["Linear"])], skip)
+
+    def groups_to_config(self, groups, skip):
+        """One compressed-tensors `quantization_config` with a config group per (params, targets): targets are
+        module names, "re:" patterns or "Linear" (every linear not named by another group)."""
+        config_groups = {}
+        for i, (params, targets) in enumerate(groups):
+            g = params["group_size"]
+            weights = {"num_bits": params["bits"], "type": "int", "symmetric": params["symmetric"],
+                       "group_size": g or None, "strategy": "group" if g else "channel", "block_structure": None,
+                       "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+            config_groups[f"group_{i}"] = {"targets": list(targets), "weights": weights, "input_activations": None,
+                                           "output_activations": None, "format": "pack-quantized"}
         return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": "pack-quantized"}},
-                "ignore": [_skip_as_ignore(s) for s in skip], "kv_cache_scheme": None,
+                "config_groups": config_groups, "ignore": [_skip_as_ignore(s) for s in skip], "kv_cache_scheme": None,
                 "global_compression_ratio": None, "sparsity_config": {}}
 
     def reads_config(self, config):
         return config.get("quant_method") == "compressed-tensors"
 
     def from_config(self, config):
+        groups, skip = self.groups_from_config(config)
+        if len(groups) != 1 or groups[0][1] not in (["Linear"], ["re:.*"]):
+            raise ValueError("this compressed-tensors checkpoint has several config groups; read it as a recipe")
+        return groups[0][0], skip, "bfloat16"
+
+    def groups_from_config(self, config):
+        """([(params, targets)] per config group, skip) of a compressed-tensors `quantization_config`."""
         groups = config.get("config_groups")
-        if not isinstance(groups, dict) or len(groups) != 1:
-            raise ValueError("compressed-tensors checkpoints with several config groups are not supported yet")
-        (group,) = groups.values()
-        fmt = group.get("format") or config.get("format")
-        w = group.get("weights") or {}
-        if fmt != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
-            raise ValueError(f"compressed-tensors {fmt} with weights {w.get('type')} and activations "
-                             f"{group.get('input_activations')} is not supported; qwen2q reads pack-quantized "
-                             "integer weights with unquantized activations (W4A16, W8A16)")
-        if group.get("targets") not in (["Linear"], ["re:.*"]) or w.get("strategy") not in ("group", "channel") \
-                or w.get("actorder") not in (None, "static", "weight"):
-            raise ValueError(f"compressed-tensors targets {group.get('targets')}, strategy {w.get('strategy')} "
-                             f"and actorder {w.get('actorder')} are not supported")
-        params = {"bits": w.get("num_bits"), "group_size": w.get("group_size") or 0 if w.get("strategy") == "group"
-                  else 0, "symmetric": bool(w.get("symmetric"))}
-        self.check_params(params)
-        return params, tuple(config.get("ignore") or ()) + ("lm_head",), "bfloat16"
+        if not isinstance(groups, dict) or not groups:
+            raise ValueError("compressed-tensors quantization_config has no config_groups")
+        out = []
+        for group in groups.values():
+            fmt = group.get("format") or config.get("format")
+            w = group.get("weights") or {}
+            if fmt != "pack-quantized" or w.get("type") != "int" or group.get("input_activations"):
+                raise ValueError(f"compressed-tensors {fmt} with weights {w.get('type')} and activations "
+                                 f"{group.get('input_activations')} is not supported; qwen2q reads pack-quantized "
+                                 "integer weights with unquantized activations (W4A16, W8A16)")
+            targets = group.get("targets")
+            if not isinstance(targets, list) or not targets or w.get("strategy") not in ("group", "channel") \
+                    or w.get("actorder") not in (None, "static", "weight"):
+                raise ValueError(f"compressed-tensors targets {targets}, strategy {w.get('strategy')} "
+                                 f"and actorder {w.get('actorder')} are not supported")
+            params = {"bits": w.get("num_bits"), "group_size": w.get("group_size") or 0 if w.get("strategy") == "group"
+                      else 0, "symmetric": bool(w.get("symmetric"))}
+            self.check_params(params)
+            out.append((params, targets))
+        return out, tuple(config.get("ignore") or ()) + ("lm_head",)
 
 
 FORMAT = CompressedTensorsPack()

@@ -18,8 +18,10 @@ Algorithms (`ALGORITHMS`), each parameterised by the format's grid (`qwen2q.quan
 `--method` is shorthand for a one-rule recipe (`QuantConfig.recipe`).
 
 config.json: a recipe that gives every quantized linear one format (with one set of parameters) writes
-exactly that format's own `quantization_config` (transformers, AutoAWQ and vLLM read it).  A recipe with
-several writes {"quant_method": "qwen2q-mixed", "groups": [{"format", "config", "modules"}, ...],
+exactly that format's own `quantization_config` (transformers, AutoAWQ and vLLM read it).  One whose
+linears are all compressed-tensors, with several parameter sets (int4 g32 here, int8 there), writes one
+compressed-tensors config with a config group per set, listing its modules by name (vLLM reads it).  Any
+other recipe with several formats writes {"quant_method": "qwen2q-mixed", "groups": [{"format", "config", "modules"}, ...],
 "modules_to_not_convert": [...]}, listing every quantized module by name; only qwen2q reads it, and the
 loader builds each module from the group that lists it.
 """
@@ -37,6 +39,7 @@ from qwen2q.quantizers import registry
 from qwen2q.quantizers.format import Format
 
 DEFAULT_SKIP = ("lm_head",)
+COMPRESSED_TENSORS = "ct-pack"  # the format whose config holds several groups itself (vLLM reads it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +175,9 @@ class Recipe:
             if rule is not None:
                 groups.setdefault((rule.format, tuple(sorted(rule.params.items()))), []).append(name)
         skip = sorted(set(self.skip))
+        if len(groups) > 1 and {fmt for fmt, _ in groups} == {COMPRESSED_TENSORS}:  # one config, a group each
+            return registry.get(COMPRESSED_TENSORS).groups_to_config(
+                [(dict(params), names) for (_, params), names in groups.items()], skip)
         if len(groups) <= 1:
             rule = next((r for r in self.rules if (r.format, tuple(sorted(r.params.items()))) in groups),
                         self.rules[0])
@@ -191,10 +197,21 @@ class Recipe:
             raise Qwen2qError(f"quantization method {d.get('quant_method')!r} is not supported; qwen2q reads "
                               f"{', '.join(registry.names())}")
         try:
+            if fmt.name == COMPRESSED_TENSORS and len(d.get("config_groups") or {}) > 1:
+                return _compressed_tensors_groups(fmt, d)
             params, skip, compute_dtype = fmt.from_config(d)
         except ValueError as e:
             raise Qwen2qError(str(e)) from None
         return cls((Rule("*", fmt.name, params),), skip=tuple(skip), compute_dtype=compute_dtype)
+
+
+def _compressed_tensors_groups(fmt: Format, d: Mapping[str, Any]) -> Recipe:
+    """A rule per target of each config group; class targets ("Linear") last, as compressed-tensors lets a
+    module's name take precedence over its class."""
+    groups, skip = fmt.groups_from_config(d)
+    named = [Rule(t, fmt.name, params) for params, targets in groups for t in targets if t != "Linear"]
+    by_class = [Rule("*", fmt.name, params) for params, targets in groups for t in targets if t == "Linear"]
+    return Recipe(tuple(named + by_class), skip=tuple(skip))
 
 
 RECIPE_KEYS = {"rules", "skip"}

@@ -204,3 +204,50 @@ def test_compressed_tensors_ignore_entries_match_as_regular_expressions():
     ignore = _skip_as_ignore("mlp.down_proj")
     names = ["model.layers.3.mlp.down_proj", "model.layers.3.mlp.up_proj", "model.layers.3.self_attn.o_proj"]
     assert [n for n in names if matches(n, ignore)] == [n for n in names if matches(n, "mlp.down_proj")]
+
+
+# --- several compressed-tensors parameter sets: one compressed-tensors config with a group each ---------------
+
+CT_MIXED = Recipe((Rule("*.mlp.down_proj", "ct-pack", {"bits": 8, "group_size": 0, "symmetric": True}),
+                   Rule("*", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False})))
+
+
+def test_compressed_tensors_parameter_sets_are_config_groups_and_each_module_stores_its_own(tmp_path):
+    make_hf_checkpoint(tmp_path / "src", seed=5, dtype=torch.bfloat16)
+    quantize(tmp_path / "src", tmp_path / "mixed", CT_MIXED, progress=False)
+    q = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and len(q["config_groups"]) == 2
+    by_bits = {g["weights"]["num_bits"]: g for g in q["config_groups"].values()}
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
+    assert sorted(by_bits[8]["targets"]) == sorted(n for n in names if n.endswith("down_proj"))
+    assert sorted(by_bits[4]["targets"]) == sorted(n for n in names if not n.endswith("down_proj"))
+    assert by_bits[4]["weights"]["group_size"] == 32 and not by_bits[4]["weights"]["symmetric"]
+    # the oracle: each one-parameter-set conversion of the same source stores exactly the same tensors
+    for bits, params in ((8, CT_MIXED.rules[0].params), (4, CT_MIXED.rules[1].params)):
+        quantize(tmp_path / "src", tmp_path / f"ct{bits}", Recipe((Rule("*", "ct-pack", params),)), progress=False)
+    mixed = load_file(tmp_path / "mixed" / "model.safetensors")
+    for name in names:
+        single = load_file(tmp_path / ("ct8" if name.endswith("down_proj") else "ct4") / "model.safetensors")
+        keys = sorted(k for k in single if k.startswith(name + "."))
+        assert keys and keys == sorted(k for k in mixed if k.startswith(name + ".")), name
+        assert all(torch.equal(mixed[k], single[k]) for k in keys), name
+    back = Recipe.from_hf(q)
+    for name in names:
+        assert back.rule_for(name).params["bits"] == (8 if name.endswith("down_proj") else 4), name
+    model = load_model(tmp_path / "mixed", dtype="float32")
+    single8 = load_model(tmp_path / "ct8", dtype="float32")
+    for i, layer in enumerate(model.model.layers):
+        assert torch.equal(layer.mlp.down_proj.weight_q().packed, single8.model.layers[i].mlp.down_proj.weight_q().packed)
+        assert layer.self_attn.q_proj.weight_q().bits == 4
+
+
+def test_compressed_tensors_groups_by_name_win_over_a_linear_class_group():
+    linear = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128, "strategy": "group"}
+    down = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel"}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": linear},
+                                "group_1": {"targets": ["re:.*down_proj$"], "weights": down}}}
+    recipe = Recipe.from_hf(config)
+    assert recipe.rule_for("model.layers.3.mlp.down_proj").params["bits"] == 8
+    assert recipe.rule_for("model.layers.3.mlp.up_proj").params["bits"] == 4
+    assert recipe.rule_for("lm_head") is None or "lm_head" in recipe.skip

@@ -6,8 +6,9 @@ Opt-in: `-m vllm` with QWEN2Q_VLLM_PYTHON naming the python of a venv that has v
     QWEN2Q_VLLM_PYTHON=/work/peers/vllm/bin/python pytest -m vllm tests/test_vllm.py -s
 
 For the embedded model, and for the real Qwen2.5-Coder-0.5B when QWEN2Q_REAL_MODEL names it, qwen2q writes
-an int4 g128 checkpoint in AutoAWQ's GEMM layout and in compressed-tensors pack-quantized W4A16 layout (both
-round-to-nearest: the layout, not the calibration, is under test).  vLLM scores the same windows
+an int4 g128 checkpoint in AutoAWQ's GEMM layout and in compressed-tensors pack-quantized W4A16 layout, and a
+mixed compressed-tensors one (down_proj in groups of 32, the rest in groups of 128: two config groups), all
+round-to-nearest (the layout, not the calibration, is under test).  vLLM scores the same windows
 (`prompt_logprobs`, each window on its own) that `qwen2q.evals.perplexity` scores, and decodes greedily.
 
 Tolerance: vLLM's perplexity within 1% of qwen2q's.  The weights are the same integers, but vLLM computes
@@ -34,6 +35,7 @@ from qwen2q.evals.perplexity import perplexity, windows
 from qwen2q.files import DEFAULT_MODEL
 from qwen2q.qconfig import QuantConfig
 from qwen2q.quantization import quantize
+from qwen2q.recipe import Recipe, Rule
 from qwen2q.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.vllm
@@ -43,7 +45,13 @@ PYTHON = os.environ.get("QWEN2Q_VLLM_PYTHON")
 REAL = os.environ.get("QWEN2Q_REAL_MODEL")
 TOLERANCE = 0.01  # relative perplexity difference (module docstring)
 AGREE = 4  # greedy tokens that must match from the start
-LAYOUTS = {"awq": "native", "compressed-tensors": "compressed-tensors"}
+LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4", layout="compressed-tensors"),
+           # two parameter sets in one compressed-tensors config (its config groups): down_proj W4A16 asymmetric
+           # in groups of 32, the rest W4A16 symmetric in groups of 128.  (vLLM 0.32's CPU kernels take 4-bit
+           # weights only: W8A16 fails with "Quant type (uint8b128) not supported by CPUWNA16".)
+           "compressed-tensors-mixed": Recipe((
+               Rule("*.mlp.down_proj", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False}),
+               Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True})))}
 ROWS: list[dict] = []  # the table printed at the end
 
 
@@ -86,7 +94,7 @@ def eval_ids(tokenizer: Tokenizer) -> tuple[str, torch.Tensor]:
 @pytest.mark.parametrize("name, src, seq_len, n_windows", models(), ids=[m[0] for m in models()])
 def test_vllm_scores_and_decodes_our_int4_like_qwen2q(vllm_python, tmp_path, layout, name, src, seq_len, n_windows):
     dst = tmp_path / f"int4-{layout}"
-    quantize(src, dst, QuantConfig("int4", layout=LAYOUTS[layout]), progress=False)
+    quantize(src, dst, LAYOUTS[layout], progress=False)
     m = qwen2q.load(dst, dtype="bfloat16")
     text_name, ids = eval_ids(m.tokenizer)
     cut = windows(ids, seq_len, n_windows)
