@@ -36,7 +36,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import logging
+import importlib.util
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -248,22 +249,26 @@ _BNB_NF4_DEQUANTIZE = "cdequantize_blockwise_cpu_nf4_bf16"  # and its NF4 dequan
 
 @functools.cache
 def _bitsandbytes_library():
-    """bitsandbytes' C library (ctypes) and whether the CPU has AVX512-BF16, or (None, False) without it.
+    """bitsandbytes' CPU C library (ctypes) and whether the CPU has AVX512-BF16, or (None, False) without it.
 
-    Importing bitsandbytes logs a warning when the optional `kernels` package is absent; it is held back, as
-    that package plays no part here."""
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        from bitsandbytes.cextension import lib
-        from bitsandbytes.functional import has_avx512bf16
-
-        return lib, bool(has_avx512bf16())
-    except Exception:  # noqa: BLE001 (any failure to import or probe it means: no library)
+    The library file is opened directly: importing the bitsandbytes package costs 2.5 s more (it imports
+    torch's compiler stack), and it logs a warning when the optional `kernels` package is absent."""
+    spec = importlib.util.find_spec("bitsandbytes")  # finds the package without importing it
+    folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+    files = sorted(f for folder in folders for f in Path(folder).glob("libbitsandbytes_cpu.*")
+                   if f.suffix in (".so", ".dylib", ".dll"))
+    if not files:
         return None, False
-    finally:
-        quiet.setLevel(level)
+    try:
+        lib = ctypes.CDLL(str(files[0]))
+    except OSError:
+        return None, False
+    try:
+        probe = lib.has_avx512bf16_cpu
+    except AttributeError:  # a library built without AVX512-BF16 code
+        return lib, False
+    probe.restype = ctypes.c_bool
+    return lib, bool(probe())
 
 
 def _library_function(name: str, needs_avx512_bf16: bool):
