@@ -251,7 +251,7 @@ _BNB_NF4_DEQUANTIZE = "cdequantize_blockwise_cpu_nf4_bf16"  # and its NF4 dequan
 def _bitsandbytes_library():
     """bitsandbytes' CPU C library (ctypes) and whether the CPU has AVX512-BF16, or (None, False) without it.
 
-    The library file is opened directly: importing the bitsandbytes package costs 2.5 s more (it imports
+    The library file is opened directly: importing the bitsandbytes package costs 3 s more (it imports
     torch's compiler stack), and it logs a warning when the optional `kernels` package is absent."""
     spec = importlib.util.find_spec("bitsandbytes")  # finds the package without importing it
     folders = list(spec.submodule_search_locations or ()) if spec is not None else []
@@ -281,12 +281,14 @@ def _library_function(name: str, needs_avx512_bf16: bool):
         return None
 
 
+@functools.cache  # called on every decode step: the lookup once
 def nf4_kernel():
     """bitsandbytes' CPU NF4 kernel (a ctypes function), or None where it cannot run here: bitsandbytes
     missing, its C library without the kernel, or a CPU without AVX512-BF16 (the kernel's instructions)."""
     return _library_function(_BNB_NF4, needs_avx512_bf16=True)
 
 
+@functools.cache
 def nf4_dequantizer():
     """bitsandbytes' CPU NF4 dequantize to bf16 (a ctypes function; the library picks its code for the CPU), or
     None.  It computes bf16(level * absmax) from the fp32 absmax, the reference's value (tested bit for bit)."""
