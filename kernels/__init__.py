@@ -6,7 +6,8 @@ Three backends, chosen per call by `backend`:
 
 - "triton": bf16 and fp16 activations on CUDA run the Triton kernels (`triton_ops`);
 - "cpu": bf16 activations on CPU run the CPU backend (`cpu`), from the weight's *prepared* form, made once
-  when the model is loaded (`prepare`) and passed to `linear` beside the weight;
+  when the model is loaded (`prepare`) and passed to `linear` beside the weight; on CUDA the prepared form of
+  an int4 weight is its GEMV layout (`int4_native`), which one-row calls run on;
 - "reference" everywhere else, or with QWEN2Q_KERNELS=reference: dequantize W to x's dtype, then
   `torch.nn.functional.linear`.  It is the oracle the other two are tested against.
 """
@@ -18,7 +19,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from qwen2q.kernels import cpu
+from qwen2q.kernels import cpu, int4_native
 from qwen2q.kernels.cpu import Workspace, aligned
 from qwen2q.quantizers import int4, int8, nf4
 
@@ -36,20 +37,28 @@ def backend(x: torch.Tensor, prepared=None) -> str:
         return "reference"
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         return "triton" if _triton_ops() is not None else "reference"
-    if prepared is not None and x.device.type == "cpu" and x.dtype == cpu.DTYPE:
+    if prepared is not None and not isinstance(prepared, int4_native.Int4Native) and x.device.type == "cpu" \
+            and x.dtype == cpu.DTYPE:
         return "cpu"
     return "reference"
 
 
 def prepare(fmt, w, dtype: torch.dtype, cache: str | None = None, workspace: Workspace | None = None):
-    """The CPU backend's load-time form of weight object `w` in format `fmt`, for a model running in `dtype`,
-    or None where it has none (`w` not on CPU, `dtype` not bf16, a format or shape it does not take).
+    """The load-time form of weight object `w` in format `fmt`, for a model running in `dtype`, or None where it
+    has none.  On CUDA: an int4 weight's GEMV layout (`int4_native.Int4Native`) when the Triton kernels are
+    installed and the shape has it.  On CPU: the CPU backend's form (None when `dtype` is not bf16 or the
+    backend does not take the format or shape).
 
     cache "bf16" keeps a bf16 copy of W (2 bytes per weight, for any format); None prepares the format's own
     CPU op.  `workspace` holds the scratch buffers, shared by one model's linears (default: a new one)."""
     if cache is not None and cache not in CPU_CACHES:
         raise ValueError(f"cache={cache!r}; use None or one of {CPU_CACHES}")
     tensors = [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
+    if tensors and all(t.is_cuda for t in tensors):
+        ops = _triton_ops()
+        if fmt.kernel == "int4_linear" and ops is not None and ops.gemv_applies(w):
+            return int4_native.from_awq(w)
+        return None
     if dtype != cpu.DTYPE or any(t.device.type != "cpu" for t in tensors):
         return None
     return cpu.prepare(fmt.kernel, w, fmt.dequantize, cache, workspace if workspace is not None else Workspace())
@@ -77,9 +86,10 @@ def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None =
     return F.linear(x, int8.dequantize(w, x.dtype), bias)
 
 
-def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None,
+                native: int4_native.Int4Native | None = None) -> torch.Tensor:
     if backend(x) == "triton":
-        return _triton_ops().int4_linear(x, w, bias)
+        return _triton_ops().int4_linear(x, w, bias, native=native)
     return F.linear(x, int4.dequantize(w, x.dtype), bias)
 
 
@@ -87,6 +97,8 @@ def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None, prepared=N
     """y = x @ W^T + b for a weight object `w` of any registered format `fmt`: the CPU backend when `prepared`
     (from `prepare`) serves x, else the format's own op above (named by `fmt.kernel`) when it has one, else the
     reference (dequantize to x's dtype, then linear)."""
+    if isinstance(prepared, int4_native.Int4Native):
+        return int4_linear(x, w, bias, native=prepared if prepared.words.device == x.device else None)
     if prepared is not None and backend(x, prepared) == "cpu":
         return prepared.linear(x, bias)
     op = getattr(sys.modules[__name__], fmt.kernel, None) if fmt.kernel else None

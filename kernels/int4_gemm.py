@@ -7,9 +7,10 @@ The kernels read the checkpoint's own tensors (`qwen2q.quantizers.int4` owns the
     scales  fp16  [K / G, N]
     W^T[k, n] = (q[k, n] - zero[k // G, n]) * scale[k // G, n]     exact in fp32
 
-Nothing is repacked, so nothing is cached and no second copy of the weight is resident: a tile of
-BLOCK_K x BLOCK_N / 8 words is expanded in registers by shifting each word by the nibble of each of its
-8 columns, which puts the columns back in natural order.
+The split-K decode (M = 2..16) and GEMM kernels read these tensors as they are: a tile of BLOCK_K x BLOCK_N / 8
+words is expanded in registers by shifting each word by the nibble of each of its 8 columns, which puts the
+columns back in natural order.  The M = 1 GEMV reads the layout `int4_native` makes once at load time
+(3 SASS instructions per weight on sm_90 where this expansion takes 8; see kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -17,13 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import splitk
+from qwen2q.kernels import int4_native, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
-    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
-    store_output,
+    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
+    multiply_accumulate, store_output,
 )
 from qwen2q.quantizers import int4
+
+# Code fields of a native word view (int4_native): bits 11-14, 15-18, 19-22. Passed to the kernel as run-time
+# values: as immediates, ptxas re-materialises one of the two LOP3 constants before every use (+1 SASS/weight).
+_FIELDS = (0xF << 11, 0xF << 15, 0xF << 19)
 
 
 @triton.jit
@@ -49,6 +54,101 @@ def _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE: tl.constexpr
     # Float subtraction: integer arithmetic on whole tiles is what the interpreter is slowest at.
     w = (codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)[:, None, :]
     return tl.reshape(w, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _code_value(w, v1, v2, J: tl.constexpr, FIELD_11, FIELD_15, FIELD_19):
+    """fp32 [BLOCK_N, 16]: MAGICS[J] + code J of every native word (int4_native), one LOP3 each.
+    w: the words (uint32); v1, v2: w rotated right by 12, w shifted left by 8."""
+    view = w if J < 3 else (v1 if J < 6 else v2)
+    if J % 3 == 0:
+        bits = (view & FIELD_11) | 0x45800000  # 4096 + q
+    elif J % 3 == 1:
+        bits = (view & FIELD_15) | 0x43800000  # 256 + q
+    else:
+        bits = (view & FIELD_19) | 0x41800000  # 16 + q
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_block(w, x_ptrs, zeros_ptrs, scales_ptrs, stride_zg, stride_sg, acc, corr,
+                FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE: tl.constexpr):
+    """Add one 128-index block to the GEMV's accumulators.
+
+    w uint32 [BLOCK_N, 16]: the block's native words; x_ptrs [16]: x at k = block start + c (c = 0..15; code j
+    of word c multiplies x[16j + c]); zeros_ptrs, scales_ptrs [BLOCK_N]: the block's first group.
+    acc fp32 [BLOCK_N, 16] += scale * sum_j x * (MAGIC_j + q); corr fp32 [BLOCK_N] += scale * (sum_j MAGIC_j
+    x + zero * sum_j x), per group, so sum(acc, 1) - corr is sum_k x (q - zero) scale."""
+    v1 = (w >> 12) | (w << 20)
+    v2 = w << 8
+    CODES_PER_GROUP: tl.constexpr = GROUP_SIZE // 16
+    for g in tl.static_range(8 // CODES_PER_GROUP):
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        x_4096 = tl.zeros(x_ptrs.shape, dtype=tl.float32)  # sums of x by the magic its codes carry
+        x_256 = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+        x_16 = tl.zeros(x_ptrs.shape, dtype=tl.float32)
+        for i in tl.static_range(CODES_PER_GROUP):
+            # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
+            x = tl.load(x_ptrs + 16 * (g * CODES_PER_GROUP + i)).to(tl.float32)
+            part += x[None, :] * _code_value(w, v1, v2, g * CODES_PER_GROUP + i, FIELD_11, FIELD_15, FIELD_19)
+            if (g * CODES_PER_GROUP + i) % 3 == 0:
+                x_4096 += x
+            elif (g * CODES_PER_GROUP + i) % 3 == 1:
+                x_256 += x
+            else:
+                x_16 += x
+        x_sum = tl.sum(x_4096 + x_256 + x_16, axis=0)
+        magic_sum = tl.sum(x_4096 * 4096.0 + x_256 * 256.0 + x_16 * 16.0, axis=0)
+        scale = tl.load(scales_ptrs + g * stride_sg).to(tl.float32)
+        zero = tl.load(zeros_ptrs + g * stride_zg).to(tl.float32)
+        acc += scale[:, None] * part
+        corr += scale * (magic_sum + zero * x_sum)
+    return acc, corr
+
+
+@triton.jit
+def int4_gemv_kernel(
+    # Pointers: x [1, K] (contiguous); words, zeros, scales: int4_native's layout; bias [N] or None;
+    # out: y [1, N] in x's dtype when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N]
+    x_ptr, words_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    # Sizes; each program reduces BLOCKS_PER_SPLIT 128-index blocks
+    N, K, BLOCKS_PER_SPLIT,
+    # Strides (out: of its first dim, the split)
+    stride_wn, stride_zg, stride_sg, stride_os,
+    # Code field masks (_FIELDS)
+    FIELD_11, FIELD_15, FIELD_19,
+    # Meta-parameters
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; the next block's
+    words are loaded before the current one is computed."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first = pid_k * BLOCKS_PER_SPLIT
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, K // 128)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, 16)
+    w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
+    GROUPS_PER_BLOCK: tl.constexpr = 128 // GROUP_SIZE
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w_next = tl.load(w_ptrs + first * 16)
+    for b in range(first, last):
+        w = w_next.to(tl.uint32, bitcast=True)
+        after = b + 1
+        after = tl.where(after < last, after, first)  # the last iteration reloads the first block: no mask
+        w_next = tl.load(w_ptrs + after * 16)
+        group = b * GROUPS_PER_BLOCK
+        acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, zeros_ptr + group * stride_zg + offs_n,
+                                scales_ptr + group * stride_sg + offs_n, stride_zg, stride_sg, acc, corr,
+                                FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
+    y = tl.sum(acc, axis=1) - corr
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + pid_k * stride_os + offs_n, y)
 
 
 @triton.jit
@@ -184,6 +284,36 @@ def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, config: Config | Non
                   BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(int4_decode_kernel, grid, args, kwargs, config, partials)
+
+
+def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
+                     config: Config | None = None) -> Launch:
+    """The GEMV's launch for x [1, K] (contiguous): grid (N / BLOCK_N, SPLIT_K); it writes out [1, N] itself
+    when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
+    K, N, G = w.in_features, w.out_features, w.group_size
+    config = config or gemv_config(N, K, interpreting())
+    blocks = K // int4_native.BLOCK_K
+    if N % config.BLOCK_N or x.shape[0] != 1 or x.stride(1) != 1 or not int4_native.supports(K, G):
+        raise ValueError(f"{config} cannot run the int4 GEMV on x {list(x.shape)} and W [{N}, {K}], group {G}")
+    per_split = triton.cdiv(blocks, config.SPLIT_K)
+    split_k = triton.cdiv(blocks, per_split)  # no empty split
+    target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device)
+    grid = (N // config.BLOCK_N, split_k)
+    args = (x, w.words, w.zeros, w.scales, bias, target,
+            N, K, per_split,
+            w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), target.stride(0),
+            *_FIELDS)
+    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_N=config.BLOCK_N,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int4_gemv_kernel, grid, args, kwargs, config, target)
+
+
+def int4_gemv(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
+              config: Config | None = None) -> torch.Tensor:
+    """M = 1 path: out [1, N] = x [1, K] @ W^T + bias from the native layout; one launch when SPLIT_K == 1."""
+    launch = int4_gemv_launch(x, w, bias, out, config)
+    result = launch()
+    return out if result is out else splitk.reduce(result, bias, out)
 
 
 def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,

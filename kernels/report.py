@@ -80,6 +80,9 @@ class Format:
     gemm: Callable[..., Launch]
     weight_argument: str
     meta_weight: Callable[[int, int], object]
+    gemv: Callable[..., Launch] | None = None  # the M = 1 kernel on the load-time layout, where there is one
+    gemv_weight: Callable[[int, int], object] | None = None
+    gemv_weight_argument: str = ""
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +90,7 @@ def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _formats() -> dict[str, Format]:
-    from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm
+    from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm
 
     g = INT4_GROUP_SIZE
     nf4_blocks = lambda N, K: N * K // nf4.BLOCK_SIZE  # noqa: E731
@@ -95,7 +98,12 @@ def _formats() -> dict[str, Format]:
         "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "qweight_ptr",
                        lambda N, K: int4.Int4Weight(_empty(K, N // 8, dtype=torch.int32),
                                                     _empty(K // g, N // 8, dtype=torch.int32),
-                                                    _empty(K // g, N, dtype=torch.float16))),
+                                                    _empty(K // g, N, dtype=torch.float16)),
+                       int4_gemm.int4_gemv_launch,
+                       lambda N, K: int4_native.Int4Native(_empty(N, K // 8, dtype=torch.int32),
+                                                           _empty(K // g, N, dtype=torch.uint8),
+                                                           _empty(K // g, N, dtype=torch.float16)),
+                       "words_ptr"),
         "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "packed_ptr",
                       lambda N, K: nf4.NF4Weight(_empty(N * K // 2, 1, dtype=torch.uint8),
                                                  _empty(nf4_blocks(N, K), dtype=torch.uint8),
@@ -118,14 +126,18 @@ def projections(model: str) -> dict[tuple[int, int, bool], str]:
     return {shape: "/".join(names) for shape, names in groups.items()}
 
 
-def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple[Launch, object]:
-    """(the launch `triton_ops` makes for x bf16 [M, K] and W [N, K], the weight object), on meta tensors."""
+def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple[Launch, object, str]:
+    """(the launch `triton_ops` makes for x bf16 [M, K] and W [N, K] in a model loaded on the GPU, the weight object
+    it reads, the kernel argument holding packed weights), on meta tensors."""
     from qwen2q.kernels import tiling
 
-    w = fmt.meta_weight(N, K)
     x, out = _empty(M, K, dtype=ACTIVATION), _empty(M, N, dtype=ACTIVATION)
     bias = _empty(N, dtype=ACTIVATION) if has_bias else None
-    return (fmt.decode(x, w) if tiling.is_decode(M) else fmt.gemm(x, w, bias, out)), w
+    if M == 1 and fmt.gemv is not None:
+        w = fmt.gemv_weight(N, K)
+        return fmt.gemv(x, w, bias, out), w, fmt.gemv_weight_argument
+    w = fmt.meta_weight(N, K)
+    return (fmt.decode(x, w) if tiling.is_decode(M) else fmt.gemm(x, w, bias, out)), w, fmt.weight_argument
 
 
 def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
@@ -214,8 +226,8 @@ def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str])
         for model in models:
             for (N, K, has_bias), names in projections(model).items():
                 for M in ms:
-                    launch, w = runtime_launch(fmt, M, N, K, has_bias)
-                    binary = analyse(launch, compile_launch(launch, arch), fmt.weight_argument)
+                    launch, w, weight_argument = runtime_launch(fmt, M, N, K, has_bias)
+                    binary = analyse(launch, compile_launch(launch, arch), weight_argument)
                     weight_bytes = sum(t.nbytes for t in vars(w).values() if isinstance(t, torch.Tensor))
                     c = launch.config
                     rows.append({"format": fmt_name, "model": model, "projection": names,

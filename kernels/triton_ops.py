@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, tiling
+from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm, tiling
 from qwen2q.quantizers import int4, int8, nf4
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -67,10 +67,17 @@ def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.T
     return out
 
 
+def gemv_applies(w: int4.Int4Weight) -> bool:
+    """True when the int4 M = 1 GEMV takes W (K in whole 128-index blocks, groups of 32, 64 or 128, N in whole
+    64-row tiles); other shapes run the split-K decode kernel at M = 1 too."""
+    return int4_native.supports(w.in_features, w.group_size) and w.out_features % 64 == 0
+
+
 def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None, *,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, native: int4_native.Int4Native | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for an AWQ-GEMM int4 weight (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
-    scales fp16 [K/G, N])."""
+    scales fp16 [K/G, N]).  With `native` (W in `int4_native`'s layout, made once at load time by
+    `qwen2q.kernels.prepare`), one row of x runs the GEMV; without it, the split-K decode kernel."""
     op = "int4_linear"
     if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
         raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
@@ -87,7 +94,18 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
     _check_tensor(op, "qzeros", w.qzeros, torch.int32, (groups, N // int4.PACK_FACTOR))
     _check_tensor(op, "scales", w.scales, torch.float16, (groups, N))
     weights = {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales}
-    return _run(op, x, w, N, K, weights, bias, out, int4_gemm.int4_decode, int4_gemm.int4_gemm)
+    if native is not None and (native.words.device != w.qweight.device or native.out_features != N
+                               or native.in_features != K or native.group_size != w.group_size):
+        raise ValueError(f"{op}: native is W [{native.out_features}, {native.in_features}] group"
+                         f" {native.group_size} on {native.words.device}; the weight is W [{N}, {K}] group"
+                         f" {w.group_size} on {w.qweight.device}")
+
+    def decode(x2, w, bias, out):
+        if x2.shape[0] == 1 and native is not None:
+            return int4_gemm.int4_gemv(x2.contiguous(), native, bias, out)
+        return int4_gemm.int4_decode(x2, w, bias, out)
+
+    return _run(op, x, w, N, K, weights, bias, out, decode, int4_gemm.int4_gemm)
 
 
 def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, *,

@@ -31,7 +31,8 @@ class QuantLinear(nn.Module):
 
     Buffers: the tensor fields of the format's weight object, under their field names (e.g. NF4's
     `packed`, `absmax`, `nested_absmax`; AWQ's `qweight`, `qzeros`, `scales`); `bias` [out_features] in
-    the model's dtype.  `prepared`: the CPU backend's form of the weight (`prepare`), or None."""
+    the model's dtype.  `prepared`: the weight's load-time form for the kernels (`prepare`: the CPU backend's
+    form on CPU, the int4 GEMV layout on CUDA), or None."""
 
     FORMAT: Format  # set on each format's subclass (`module_class`)
     prepared = None

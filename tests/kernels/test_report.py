@@ -58,7 +58,8 @@ def test_report_compiles_every_format_for_hopper(tmp_path):
     assert len(result.stdout.splitlines()) == 1 + len(rows)  # the table: a header and a line per row
     for row in rows:
         assert all(field in row for field in FIELDS), sorted(set(FIELDS) - set(row))
-        assert row["arch"] == 90 and row["M"] == 1 and row["kernel"].endswith("_decode_kernel")
+        expected = "int4_gemv_kernel" if row["format"] == "int4" else f"{row['format']}_decode_kernel"
+        assert row["arch"] == 90 and row["M"] == 1 and row["kernel"] == expected
         assert row["regs"] > 0 and row["spill_bytes"] >= 0 and row["smem_bytes"] >= 0
         assert row["weight_load_bits"] in {8, 16, 32, 64, 128}
         assert row["inner_loop_sass"] > 0 and row["sass_per_weight"] > 0
@@ -66,3 +67,5 @@ def test_report_compiles_every_format_for_hopper(tmp_path):
     # int8 weights are 128-bit loads only when Triton sees stride_qk == 1 as the runtime passes it: a report
     # that compiled without the runtime's argument specialisation would find byte loads here.
     assert {r["weight_load_bits"] for r in rows if r["format"] == "int8"} == {128}
+    # The int4 GEMV reads the native layout 128 bits at a time (4 words of one row).
+    assert {r["weight_load_bits"] for r in rows if r["format"] == "int4"} == {128}

@@ -50,3 +50,15 @@ def test_gpu_configs_in_the_interpreter(fmt, M):
         config = tiling.gemm_config(M, N, K, k_multiple, interpret=False)
         gemm(x, w, bias, out, config)
     kt.assert_close(out, kt.reference(x, W, bias), torch.bfloat16)
+
+
+@pytest.mark.parametrize("N, K", [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944), (128, 896), (29568, 8192)])
+def test_gemv_config_fills_the_gpu_from_the_shape(N, K):
+    """8 rows per thread, whole tiles, no split longer than K, and at least ~4 CTAs per SM of an H200 wherever
+    K has enough 128-index blocks for that."""
+    c = tiling.gemv_config(N, K, interpret=False)
+    assert c.BLOCK_N // (8 * c.num_warps) == 8 and N % c.BLOCK_N == 0
+    blocks = K // 128
+    assert 1 <= c.SPLIT_K <= blocks
+    ctas = N // c.BLOCK_N * c.SPLIT_K
+    assert ctas >= min(4 * 132, N // c.BLOCK_N * min(blocks, 32))
