@@ -67,10 +67,23 @@ def reference(fmt: str, x: torch.Tensor, q) -> torch.Tensor:
     return x.float() @ mod.dequantize(q, torch.float32).t()
 
 
+_NATIVE: dict[int, object] = {}  # id(qweight) -> the int4 GEMV layout, made once as a loaded model makes it
+
+
+def _int4_as_loaded(x, q, bias=None, out=None):
+    """triton_ops.int4_linear as a model loaded on the GPU calls it: with the GEMV layout `prepare` makes."""
+    from qwen2q.kernels import int4_native, triton_ops
+
+    key = id(q.qweight)
+    if key not in _NATIVE:
+        _NATIVE[key] = int4_native.from_awq(q) if triton_ops.gemv_applies(q) else None
+    return triton_ops.int4_linear(x, q, bias, out=out, native=_NATIVE[key])
+
+
 def kernel(fmt: str):
     from qwen2q.kernels import triton_ops
 
-    return {"int4": triton_ops.int4_linear, "nf4": triton_ops.nf4_linear, "int8": triton_ops.int8_linear}[fmt]
+    return {"int4": _int4_as_loaded, "nf4": triton_ops.nf4_linear, "int8": triton_ops.int8_linear}[fmt]
 
 
 def timer(device):
