@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import int4_native, splitk
+from qwen2q.kernels import gemv, int4_native, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
     Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
@@ -124,8 +124,7 @@ def int4_gemv_kernel(
     words are loaded before the current one is computed."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    first = pid_k * BLOCKS_PER_SPLIT
-    last = tl.minimum(first + BLOCKS_PER_SPLIT, K // 128)
+    first, last = gemv.block_range(pid_k, BLOCKS_PER_SPLIT, K // 128)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, 16)
     w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
@@ -135,20 +134,12 @@ def int4_gemv_kernel(
     w_next = tl.load(w_ptrs + first * 16)
     for b in range(first, last):
         w = w_next.to(tl.uint32, bitcast=True)
-        after = b + 1
-        after = tl.where(after < last, after, first)  # the last iteration reloads the first block: no mask
-        w_next = tl.load(w_ptrs + after * 16)
+        w_next = tl.load(w_ptrs + gemv.next_block(b, first, last) * 16)
         group = b * GROUPS_PER_BLOCK
         acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, zeros_ptr + group * stride_zg + offs_n,
                                 scales_ptr + group * stride_sg + offs_n, stride_zg, stride_sg, acc, corr,
                                 FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
-    y = tl.sum(acc, axis=1) - corr
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(out_ptr + pid_k * stride_os + offs_n, y)
+    gemv.store(tl.sum(acc, axis=1) - corr, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -292,28 +283,22 @@ def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Ten
     when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
     K, N, G = w.in_features, w.out_features, w.group_size
     config = config or gemv_config(N, K, interpreting())
-    blocks = K // int4_native.BLOCK_K
     if N % config.BLOCK_N or x.shape[0] != 1 or x.stride(1) != 1 or not int4_native.supports(K, G):
         raise ValueError(f"{config} cannot run the int4 GEMV on x {list(x.shape)} and W [{N}, {K}], group {G}")
-    per_split = triton.cdiv(blocks, config.SPLIT_K)
-    split_k = triton.cdiv(blocks, per_split)  # no empty split
-    target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=x.device)
-    grid = (N // config.BLOCK_N, split_k)
-    args = (x, w.words, w.zeros, w.scales, bias, target,
-            N, K, per_split,
-            w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), target.stride(0),
+    p = gemv.plan(N, K // int4_native.BLOCK_K, config, out)
+    args = (x, w.words, w.zeros, w.scales, bias, p.target,
+            N, K, p.blocks_per_split,
+            w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), p.target.stride(0),
             *_FIELDS)
-    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_N=config.BLOCK_N,
+    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_gemv_kernel, grid, args, kwargs, config, target)
+    return Launch(int4_gemv_kernel, p.grid, args, kwargs, config, p.target)
 
 
 def int4_gemv(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
               config: Config | None = None) -> torch.Tensor:
     """M = 1 path: out [1, N] = x [1, K] @ W^T + bias from the native layout; one launch when SPLIT_K == 1."""
-    launch = int4_gemv_launch(x, w, bias, out, config)
-    result = launch()
-    return out if result is out else splitk.reduce(result, bias, out)
+    return gemv.finish(int4_gemv_launch(x, w, bias, out, config), bias, out)
 
 
 def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,

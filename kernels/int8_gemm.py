@@ -8,6 +8,12 @@ The kernels read the checkpoint's own tensors (`qwen2q.quantizers.int8` owns the
 The per-row scale is constant along the reduction, so it is applied once per output after the K loop:
 y[m, n] = (sum_k x[m, k] * qweight[n, k]) * absmax[n] / 127. Codes enter tl.dot exactly (|q| <= 127 fits
 the 8-bit significand of bf16 and fp16), so the only roundings are the fp32 sums and the output cast.
+
+The M = 1 GEMV (`int8_gemv_kernel`) reads the same bytes as int32 words [N, K / 4] (a free view), 128 bits of a
+row per load, and turns each byte into a float with one instruction and no conversion: flipping the sign bits
+(one XOR per word: b + 128 in 0..255) and moving byte i to bits 8-15 under the exponent 0x47 (one `prmt`) gives
+exactly 32768 + 128 + b.  The magic 32896 times sum(x) is subtracted once per program (see `_byte_value`);
+2.5 SASS instructions per weight on sm_90, where the split-K kernel's conversions take 5.1 (kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import splitk
+from qwen2q.kernels import gemv, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
-    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, interpreting, multiply_accumulate,
-    store_output,
+    INT8_GEMV_TILES, Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
+    multiply_accumulate, store_output,
 )
 from qwen2q.quantizers import int8
 
@@ -28,6 +34,87 @@ from qwen2q.quantizers import int8
 def _row_scales(absmax_ptr, offs_n, N):
     """fp32 [BLOCK_N]: absmax[n] / 127, the factor that turns code sums into outputs."""
     return tl.load(absmax_ptr + offs_n, mask=offs_n < N, other=0.0) / 127.0
+
+
+GEMV_WORDS = 8  # int32 words of a row per GEMV iteration: 32 weights, two 128-bit loads
+GEMV_BLOCK_K = 4 * GEMV_WORDS
+MAGIC = tl.constexpr(32768.0 + 128.0)  # what a code reads as after the flip and `_byte_value`, minus the code itself
+# Run-time arguments, not literals: values of 2**31 and above would make Triton type the expressions int64.
+_FLIP = -0x7F7F7F80  # 0x80808080 as int32: the sign bit of every byte
+_EXPONENT = 0x47000000  # fp32 2**15; a byte at bits 8-15 under it adds its value
+_HIGH = -0x10000  # 0xFFFF0000 as int32: the upper half of a word of two bf16
+
+
+@triton.jit
+def _byte_value(u, I: tl.constexpr, EXPONENT, INTERPRET: tl.constexpr):
+    """fp32 32768 + byte I of u (uint32), exact: the byte moved to bits 8-15 under the exponent of 2**15.
+    On a GPU one `prmt` (selector bytes: 0x00, byte I, 0x00, 0x47); the interpreter, which runs no assembly,
+    shifts and masks."""
+    if INTERPRET:
+        return (((u >> (8 * I)) & 0xFF) << 8 | EXPONENT).to(tl.float32, bitcast=True)
+    SELECTOR: tl.constexpr = 0x7504 | (I << 4)
+    return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SELECTOR};", "=r,r,r", [u, EXPONENT],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_columns(x_ptr, b, HIGH, WORDS: tl.constexpr, X_BF16: tl.constexpr):
+    """fp32 [WORDS] x 4: x[32b + 4c + i] for c = 0..WORDS-1, i = 0..3 (byte i of word c multiplies it).
+    bf16 pairs are widened by bit moves (one instruction each); fp16 by conversion."""
+    if X_BF16:
+        pairs = tl.load(x_ptr.to(tl.pointer_type(tl.uint32)) + b * (2 * WORDS) + tl.arange(0, 2 * WORDS))
+        even, odd = tl.split(tl.reshape(pairs, (WORDS, 2)))  # x[4c], x[4c + 1] in one word; x[4c + 2], x[4c + 3]
+        x0 = (even << 16).to(tl.float32, bitcast=True)
+        x1 = (even & HIGH).to(tl.float32, bitcast=True)
+        x2 = (odd << 16).to(tl.float32, bitcast=True)
+        x3 = (odd & HIGH).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + b * (4 * WORDS) + tl.arange(0, 4 * WORDS)).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))  # [WORDS, 2]: x[4c + 2a], x[4c + 2a + 1]
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def int8_gemv_kernel(
+    # Pointers: x [1, K] (contiguous); qweight as int32 words [N, K / 4]; absmax fp32 [N]; bias [N] or None;
+    # out: y [1, N] in x's dtype when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N]
+    x_ptr, words_ptr, absmax_ptr, bias_ptr, out_ptr,
+    # Sizes; each program reduces BLOCKS_PER_SPLIT blocks of GEMV_BLOCK_K input channels
+    N, K, BLOCKS_PER_SPLIT,
+    # Strides (words: of a row, in words; out: of its first dim, the split)
+    stride_wn, stride_os,
+    # _FLIP, _EXPONENT, _HIGH
+    FLIP, EXPONENT, HIGH,
+    # Meta-parameters
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+    X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """y = x @ W^T for one row of x: acc[n, c] += sum_i x[4c + i] * (MAGIC + q[n, 4c + i]) over the program's
+    blocks; y[n] = (sum_c acc[n, c] - MAGIC * sum x) * absmax[n] / 127."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    first, last = gemv.block_range(pid_k, BLOCKS_PER_SPLIT, K // (4 * WORDS))
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_ptrs = words_ptr + offs_n[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]
+    # sum(x) over the program's K range, before the loop: the loop keeps only the products.
+    x_sum = tl.zeros((WORDS,), dtype=tl.float32)
+    for b in range(first, last):
+        x0, x1, x2, x3 = _x_columns(x_ptr, b, HIGH, WORDS, X_BF16)
+        x_sum += (x0 + x1) + (x2 + x3)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+    w_next = tl.load(w_ptrs + first * WORDS)
+    for b in range(first, last):
+        u = w_next.to(tl.uint32, bitcast=True) ^ FLIP
+        w_next = tl.load(w_ptrs + gemv.next_block(b, first, last) * WORDS)
+        x0, x1, x2, x3 = _x_columns(x_ptr, b, HIGH, WORDS, X_BF16)
+        acc += x0[None, :] * _byte_value(u, 0, EXPONENT, INTERPRET)
+        acc += x1[None, :] * _byte_value(u, 1, EXPONENT, INTERPRET)
+        acc += x2[None, :] * _byte_value(u, 2, EXPONENT, INTERPRET)
+        acc += x3[None, :] * _byte_value(u, 3, EXPONENT, INTERPRET)
+    y = (tl.sum(acc, axis=1) - MAGIC * tl.sum(x_sum, axis=0)) * _row_scales(absmax_ptr, offs_n, N)
+    gemv.store(y, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -130,6 +217,40 @@ def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, config: Config | Non
                   BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(int8_decode_kernel, grid, args, kwargs, config, partials)
+
+
+def gemv_applies(w: int8.Int8Weight) -> bool:
+    """True when the M = 1 GEMV takes W: K in whole 32-weight blocks, N in whole 128-row tiles, rows contiguous and
+    16-byte aligned (so its loads are 128 bits wide)."""
+    N, K = w.qweight.shape
+    return (K % GEMV_BLOCK_K == 0 and N % INT8_GEMV_TILES[-1][0] == 0 and w.qweight.stride() == (K, 1)
+            and w.qweight.data_ptr() % 16 == 0)
+
+
+def int8_gemv_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                     config: Config | None = None) -> Launch:
+    """The GEMV's launch for x [1, K] (contiguous): grid (N / BLOCK_N, SPLIT_K); it writes out [1, N] itself
+    when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
+    (M, K), N = x.shape, w.qweight.shape[0]
+    config = config or gemv_config(N, K, interpreting(), GEMV_BLOCK_K, INT8_GEMV_TILES)
+    if M != 1 or x.stride(1) != 1 or N % config.BLOCK_N or not gemv_applies(w):
+        raise ValueError(f"{config} cannot run the int8 GEMV on x {list(x.shape)} and W [{N}, {K}]")
+    p = gemv.plan(N, K // GEMV_BLOCK_K, config, out)
+    words = w.qweight.view(torch.int32)
+    args = (x, words, w.absmax, bias, p.target,
+            N, K, p.blocks_per_split,
+            words.stride(0), p.target.stride(0),
+            _FLIP, _EXPONENT, _HIGH)
+    kwargs = dict(HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N, WORDS=GEMV_WORDS,
+                  X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int8_gemv_kernel, p.grid, args, kwargs, config, p.target)
+
+
+def int8_gemv(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+              config: Config | None = None) -> torch.Tensor:
+    """M = 1 path: out [1, N] = x [1, K] @ W^T + bias; one launch when SPLIT_K == 1."""
+    return gemv.finish(int8_gemv_launch(x, w, bias, out, config), bias, out)
 
 
 def int8_decode(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,

@@ -15,7 +15,8 @@ Fields read from the binary (resources from cuobjdump, SASS from nvdisasm, load 
                        argument (`ptx`), checked to exist at that width in the SASS; 128 means every
                        weight load is 128-bit
     inner_loop_sass    SASS instructions, per thread, from the head to the backward branch of the innermost
-                       loop holding a global load: the K loop (a static count, forward branches included)
+                       loop holding the weight loads (as many loads of their width as the PTX K loop has): the
+                       K loop (a static count, forward branches included)
     sass_per_weight    inner_loop_sass / (BLOCK_K * BLOCK_N / threads), the weights a thread dequantizes
                        per iteration
     loop_loads         global loads per thread per iteration of the PTX loop, by pointer argument: {bits: n}
@@ -94,6 +95,7 @@ def _formats() -> dict[str, Format]:
 
     g = INT4_GROUP_SIZE
     nf4_blocks = lambda N, K: N * K // nf4.BLOCK_SIZE  # noqa: E731
+    int8_weight = lambda N, K: int8.Int8Weight(_empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))  # noqa: E731
     return {
         "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "qweight_ptr",
                        lambda N, K: int4.Int4Weight(_empty(K, N // 8, dtype=torch.int32),
@@ -111,7 +113,7 @@ def _formats() -> dict[str, Format]:
                                                         dtype=torch.float32),
                                                  0.0, (N, K), torch.bfloat16)),
         "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "qweight_ptr",
-                       lambda N, K: int8.Int8Weight(_empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))),
+                       int8_weight, int8_gemm.int8_gemv_launch, int8_weight, "words_ptr"),
     }
 
 
@@ -161,12 +163,21 @@ def analyse(launch: Launch, compiled, weight_argument: str) -> dict:
     load_at = [i for i, ins in enumerate(instructions) if sass.load_bits(ins.opcode) is not None]
     if weight_bits not in {sass.load_bits(instructions[i].opcode) for i in load_at}:
         raise RuntimeError(f"{name}: the PTX loads weights {weight_bits} bits wide, but no SASS load is that wide")
-    holding = [loop for loop in sass.loops(instructions, labels) if any(i in loop for i in load_at)]
+    per_iteration = ptx.loads_per_iteration(compiled.asm["ptx"], signature, weight_argument)
+    # The K loop: the innermost SASS loop with as many loads of the weights' width as the PTX loop reads weights
+    # per iteration (a kernel may have other loops with loads, such as one summing x).
+    weight_loads_per_iteration = per_iteration.get(weight_argument, {}).get(weight_bits, 1)
+    holding = [loop for loop in sass.loops(instructions, labels)
+               if sum(i in loop and sass.load_bits(instructions[i].opcode) == weight_bits
+                      for i in load_at) >= weight_loads_per_iteration]
+    if not holding and any(sass.load_bits(instructions[i].opcode) == weight_bits for i in load_at):
+        # One K block per program (SPLIT_K as large as the blocks): the compiler may turn the K loop into straight
+        # code, which then runs once per program: count all of it.
+        holding = [range(len(instructions))]
     if not holding:
-        raise RuntimeError(f"{name}: no loop in the SASS holds a global load")
+        raise RuntimeError(f"{name}: no loop in the SASS holds the weight loads")
     loop = min(holding, key=len)
     c, threads = launch.config, 32 * launch.kwargs["num_warps"]
-    per_iteration = ptx.loads_per_iteration(compiled.asm["ptx"], signature, weight_argument)
     return {
         "regs": usage["REG"], "spill_bytes": usage["STACK"] + usage["LOCAL"], "smem_bytes": compiled.metadata.shared,
         "weight_load_bits": weight_bits, "weight_loads_async": any(ld.is_async for ld in weight_loads),

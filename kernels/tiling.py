@@ -86,24 +86,33 @@ def decode_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> C
     return Config(block_m, block_n, block_k, SPLIT_K=triton.cdiv(k_tiles, tiles_per_split), num_warps=4)
 
 
-GEMV_BLOCK_K = 128  # K indices per GEMV iteration (int4_native.BLOCK_K)
+GEMV_BLOCK_K = 128  # K indices per int4 GEMV iteration (int4_native.BLOCK_K)
 _GEMV_CTAS = 4 * 132  # CTAs the M = 1 GEMV aims for: 4 resident per SM of an H100/H200 (~250 registers x 64 threads)
 _GEMV_MAX_SPLIT_K = 32
+# (BLOCK_N, num_warps) of a GEMV program: the wide tile first, the narrow one where wide tiles leave too few
+# programs.  Both give a thread 8 (int4) or 16 (int8) rows of one 128-bit load each per iteration.
+INT4_GEMV_TILES = ((128, 2), (64, 1))
+INT8_GEMV_TILES = ((256, 1), (128, 1))
 
 
-def gemv_config(N: int, K: int, interpret: bool) -> Config:
-    """The M = 1 GEMV (int4 native layout): BLOCK_N rows per program, 8 per thread (128 rows on 2 warps, or 64 on
-    one where 128-row tiles leave too few programs), and SPLIT_K runs of 128-index blocks, enough programs
-    to keep ~4 CTAs on every SM streaming (`_GEMV_CTAS`), since each holds one block in flight while it
-    computes the previous one.  Under the interpreter: one wide tile and SPLIT_K = 2."""
-    blocks = max(1, K // GEMV_BLOCK_K)
+def gemv_config(N: int, K: int, interpret: bool, block_k: int = GEMV_BLOCK_K,
+                tiles: tuple[tuple[int, int], ...] = INT4_GEMV_TILES) -> Config:
+    """The M = 1 GEMV (`gemv`): BLOCK_N rows per program from `tiles` (the wide tile where N takes it and it
+    leaves enough programs, else the narrow one) and SPLIT_K runs of `block_k`-index blocks, enough programs to
+    keep ~4 CTAs on every SM streaming (`_GEMV_CTAS`), since each holds one block in flight while it computes the
+    previous one.  Under the interpreter: one wide tile and SPLIT_K = 2."""
+    blocks = max(1, K // block_k)
     if interpret:
         block_n = next((b for b in (1024, 512, 256, 128, 64) if N % b == 0), 64)
-        return Config(1, block_n, GEMV_BLOCK_K, SPLIT_K=min(2, blocks), num_warps=1, num_stages=1)
-    block_n, warps = (128, 2) if N % 128 == 0 and (N // 128) * blocks >= _GEMV_CTAS else (64, 1)
+        return Config(1, block_n, block_k, SPLIT_K=min(2, blocks), num_warps=1, num_stages=1)
+    (wide, wide_warps), (narrow, narrow_warps) = tiles
+    block_n, warps = (wide, wide_warps) if N % wide == 0 and (N // wide) * blocks >= _GEMV_CTAS else (narrow,
+                                                                                                        narrow_warps)
     n_tiles = max(1, N // block_n)
-    split_k = max(1, min(_GEMV_MAX_SPLIT_K, blocks, triton.cdiv(_GEMV_CTAS, n_tiles)))
-    return Config(1, block_n, GEMV_BLOCK_K, SPLIT_K=split_k, num_warps=warps, num_stages=1)
+    # At most 32 splits of 128-index blocks, and as many more as a format's blocks are shorter.
+    max_split = min(_GEMV_MAX_SPLIT_K * GEMV_BLOCK_K // block_k, blocks)
+    split_k = max(1, min(max_split, triton.cdiv(_GEMV_CTAS, n_tiles)))
+    return Config(1, block_n, block_k, SPLIT_K=split_k, num_warps=warps, num_stages=1)
 
 
 def decode_k_per_split(K: int, config: Config) -> int:

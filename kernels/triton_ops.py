@@ -128,7 +128,8 @@ def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = No
 
 def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for a per-row int8 weight (qweight int8 [N, K], absmax fp32 [N])."""
+    """y = x @ W^T + bias for a per-row int8 weight (qweight int8 [N, K], absmax fp32 [N]).  One row of x runs the
+    GEMV where it applies (`int8_gemm.gemv_applies`), other M and shapes the split-K decode or GEMM kernel."""
     op = "int8_linear"
     if w.qweight.dim() != 2:
         raise ValueError(f"{op}: qweight must be int8 [out_features, in_features], got {list(w.qweight.shape)}")
@@ -138,4 +139,10 @@ def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None =
     if not w.absmax.is_contiguous():
         raise ValueError(f"{op}: absmax must be contiguous")
     weights = {"qweight": w.qweight, "absmax": w.absmax}
-    return _run(op, x, w, N, K, weights, bias, out, int8_gemm.int8_decode, int8_gemm.int8_gemm)
+
+    def decode(x2, w, bias, out):
+        if x2.shape[0] == 1 and int8_gemm.gemv_applies(w):
+            return int8_gemm.int8_gemv(x2.contiguous(), w, bias, out)
+        return int8_gemm.int8_decode(x2, w, bias, out)
+
+    return _run(op, x, w, N, K, weights, bias, out, decode, int8_gemm.int8_gemm)

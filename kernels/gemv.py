@@ -1,0 +1,78 @@
+"""The M = 1 GEMV skeleton every format's one-row kernel shares: y [1, N] = x [1, K] @ W^T (+ bias).
+
+Each program owns BLOCK_N rows of W and a run of K blocks (a block: the K indices one iteration reads from every
+row); `tiling.gemv_config` picks BLOCK_N and SPLIT_K from the shape.  A format's kernel supplies only the
+inner step (load a block of packed weights, turn it into products with x); the pieces here are the rest:
+
+    block_range       the program's K blocks [first, last)
+    next_block        the block to load one iteration ahead; the last iteration reloads the first block, so the
+                      look-ahead load never needs a mask
+    store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
+                      second launch); SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N] for `splitk.reduce`, which
+                      sums them in a fixed order (deterministic)
+    plan / finish     the host side: the grid, the split and the tensor the kernel writes; the reduce launch
+                      when there is one
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen2q.kernels import splitk
+from qwen2q.kernels.launch import Launch
+from qwen2q.kernels.tiling import Config
+
+
+@triton.jit
+def block_range(pid_k, BLOCKS_PER_SPLIT, total_blocks):
+    """(first, last): the K blocks program column `pid_k` reduces."""
+    first = pid_k * BLOCKS_PER_SPLIT
+    return first, tl.minimum(first + BLOCKS_PER_SPLIT, total_blocks)
+
+
+@triton.jit
+def next_block(b, first, last):
+    """The block to load while block b is computed: b + 1, or `first` on the last iteration (a harmless
+    in-bounds reload instead of a masked load)."""
+    after = b + 1
+    return tl.where(after < last, after, first)
+
+
+@triton.jit
+def store(y, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write y fp32 [BLOCK_N] for rows offs_n: the output itself (bias added, cast once) when SPLIT_K == 1, else
+    row pid_k of the fp32 partials."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(out_ptr + pid_k * stride_os + offs_n, y)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """grid (N / BLOCK_N, SPLIT_K); blocks_per_split: each program's run of K blocks; target: what the kernel
+    writes (out itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N])."""
+
+    grid: tuple[int, int]
+    blocks_per_split: int
+    split_k: int
+    target: torch.Tensor
+
+
+def plan(N: int, blocks: int, config: Config, out: torch.Tensor) -> Plan:
+    """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty."""
+    per_split = triton.cdiv(blocks, config.SPLIT_K)
+    split_k = triton.cdiv(blocks, per_split)
+    target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
+    return Plan((N // config.BLOCK_N, split_k), per_split, split_k, target)
+
+
+def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Run the launch; reduce its partials into out when it wrote partials."""
+    result = launch()
+    return out if result is out else splitk.reduce(result, bias, out)
