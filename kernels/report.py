@@ -20,6 +20,7 @@ Fields read from the binary (resources from cuobjdump, SASS from nvdisasm, load 
     sass_per_weight    inner_loop_sass / (BLOCK_K * BLOCK_N / threads), the weights a thread dequantizes
                        per iteration
     loop_loads         global loads per thread per iteration of the PTX loop, by pointer argument: {bits: n}
+    loop_shared        shuffle and shared-memory wavefronts per warp per iteration of that loop (t_shared)
     kernel_hash        Triton's cache key of the binary: rows with one hash share one binary
     ctas, waves        grid size; ctas / (132 SMs x resident CTAs per SM), residency limited by registers
                        (65,536 per SM, 256 per warp granule), shared memory (228 KiB per SM, 1 KiB reserved
@@ -37,8 +38,11 @@ weights + scales + x + what it writes (fp32 partials on the decode path, y on th
                 bytes one CTA-iteration loads (weight tile + x tile) x iterations in flight (num_stages - 1
                 when weights come by async copy, else 1)
     t_tensor  = 2 M N K / 989 TFLOP/s (dense bf16 tensor cores), for tl.dot paths (BLOCK_M >= 16)
+    t_shared  = warp shuffle and shared-memory wavefronts / (SMs with work x 1 per clock x f): an SM retires
+                32 shuffle results, or 128 bytes of shared memory, per clock (CUDA guide, cc 9.0), counted from
+                the loop's SHFL (1 each) and LDS/STS (bits / 32 each, at least 1) x output tiles x K tiles x warps
 
-predicted_fraction_of_bandwidth = t_memory / max(all four); `bound` names the largest.  It ignores the
+predicted_fraction_of_bandwidth = t_memory / max(all five); `bound` names the largest.  It ignores the
 prologue, the epilogue, the split-K reduce kernel, L2 hits and tail waves: an upper bound to compare
 kernels with, not a measurement.
 """
@@ -95,6 +99,9 @@ def _formats() -> dict[str, Format]:
 
     g = INT4_GROUP_SIZE
     nf4_blocks = lambda N, K: N * K // nf4.BLOCK_SIZE  # noqa: E731
+    nf4_weight = lambda N, K: nf4.NF4Weight(  # noqa: E731
+        _empty(N * K // 2, 1, dtype=torch.uint8), _empty(nf4_blocks(N, K), dtype=torch.uint8),
+        _empty(-(-nf4_blocks(N, K) // nf4.NESTED_BLOCK_SIZE), dtype=torch.float32), 0.0, (N, K), torch.bfloat16)
     int8_weight = lambda N, K: int8.Int8Weight(_empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))  # noqa: E731
     return {
         "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "qweight_ptr",
@@ -106,12 +113,8 @@ def _formats() -> dict[str, Format]:
                                                            _empty(K // g, N, dtype=torch.uint8),
                                                            _empty(K // g, N, dtype=torch.float16)),
                        "words_ptr"),
-        "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "packed_ptr",
-                      lambda N, K: nf4.NF4Weight(_empty(N * K // 2, 1, dtype=torch.uint8),
-                                                 _empty(nf4_blocks(N, K), dtype=torch.uint8),
-                                                 _empty(-(-nf4_blocks(N, K) // nf4.NESTED_BLOCK_SIZE),
-                                                        dtype=torch.float32),
-                                                 0.0, (N, K), torch.bfloat16)),
+        "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "packed_ptr", nf4_weight,
+                      nf4_gemm.nf4_gemv_launch, nf4_weight, "words_ptr"),
         "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "qweight_ptr",
                        int8_weight, int8_gemm.int8_gemv_launch, int8_weight, "words_ptr"),
     }
@@ -184,6 +187,7 @@ def analyse(launch: Launch, compiled, weight_argument: str) -> dict:
         "inner_loop_sass": len(loop),
         "sass_per_weight": round(len(loop) / (c.BLOCK_K * c.BLOCK_N / threads), 2),
         "loop_loads": {arg: {str(b): n for b, n in sorted(bits.items())} for arg, bits in per_iteration.items()},
+        "loop_shared": sum(sass.shared_wavefronts(instructions[i].opcode) for i in loop),
         "kernel_hash": compiled.hash[:16],
     }
 
@@ -208,6 +212,7 @@ def predict(M: int, N: int, K: int, launch: Launch, weight_bytes: int, binary: d
         "issue": iterations * binary["inner_loop_sass"] * warps / (busy_sms * SCHEDULERS * CLOCK_HZ),
         "latency": iterations * tile_bytes * LATENCY_S / in_flight,
         "tensor": 2 * M * N * K / TENSOR_FLOPS if c.BLOCK_M >= 16 else 0.0,
+        "shared": iterations * binary["loop_shared"] * warps / (busy_sms * CLOCK_HZ),
     }
     bound = max(times, key=times.get)
     return {"ctas": ctas, "ctas_per_sm": per_sm, "waves": round(ctas / (SMS * per_sm), 2),

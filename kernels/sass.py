@@ -106,3 +106,15 @@ def load_bits(opcode: str) -> int | None:
         return None
     widths = [_WIDTHS[p] for p in parts[1:] if p in _WIDTHS]
     return widths[-1] if widths else 32
+
+
+def shared_wavefronts(opcode: str) -> int:
+    """Cycles of an SM's shared-memory / shuffle unit one warp's instruction takes, at best (no bank conflicts):
+    SHFL 1; LDS / STS 1 per 32 bits of each thread's access (LDS.128: 4); 0 for anything else."""
+    name = opcode.split(".")[0]
+    if name == "SHFL":
+        return 1
+    if name in ("LDS", "STS"):
+        bits = next((int(part) for part in opcode.split(".")[1:] if part.isdigit()), 32)
+        return max(1, bits // 32)
+    return 0

@@ -110,7 +110,9 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
 
 def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, *,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for a bitsandbytes NF4 weight with double-quantized absmax; needs K % 64 == 0."""
+    """y = x @ W^T + bias for a bitsandbytes NF4 weight with double-quantized absmax; needs K % 64 == 0.  One row
+    of x runs the GEMV where it applies (`nf4_gemm.gemv_applies`), other M and shapes the split-K decode or GEMM
+    kernel."""
     op = "nf4_linear"
     N, K = w.shape
     if K % nf4.BLOCK_SIZE:
@@ -123,7 +125,13 @@ def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = No
     weights = {"packed": w.packed, "absmax": w.absmax, "nested_absmax": w.nested_absmax}
     if not all(t.is_contiguous() for t in weights.values()):
         raise ValueError(f"{op}: packed, absmax and nested_absmax must be contiguous")
-    return _run(op, x, w, N, K, weights, bias, out, nf4_gemm.nf4_decode, nf4_gemm.nf4_gemm)
+
+    def decode(x2, w, bias, out):
+        if x2.shape[0] == 1 and nf4_gemm.gemv_applies(w):
+            return nf4_gemm.nf4_gemv(x2.contiguous(), w, bias, out)
+        return nf4_gemm.nf4_decode(x2, w, bias, out)
+
+    return _run(op, x, w, N, K, weights, bias, out, decode, nf4_gemm.nf4_gemm)
 
 
 def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None, *,

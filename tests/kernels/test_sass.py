@@ -45,3 +45,9 @@ def test_loops_span_head_to_backward_branch_without_the_trailing_trap():
 ])
 def test_load_bits(opcode, bits):
     assert sass.load_bits(opcode) == bits
+
+
+@pytest.mark.parametrize("opcode, expected", [("SHFL.IDX", 1), ("LDS", 1), ("LDS.U.128", 4), ("STS.64", 2),
+                                              ("LDS.U16", 1), ("FFMA", 0), ("LDG.E.128", 0)])
+def test_shared_wavefronts(opcode, expected):
+    assert sass.shared_wavefronts(opcode) == expected
