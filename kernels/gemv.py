@@ -5,7 +5,7 @@ row); `tiling.gemv_config` picks BLOCK_N and SPLIT_K from the shape.  A format's
 inner step (load a block of packed weights, turn it into products with x); the pieces here are the rest:
 
     block_range       the program's K blocks [first, last)
-    next_block        the block to load one iteration ahead; the last iteration reloads the first block, so the
+    next_block        the block to load one iteration ahead; the last iteration reloads its own block, so the
                       look-ahead load never needs a mask
     store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
                       second launch); SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N] for `splitk.reduce`, which
@@ -35,10 +35,9 @@ def block_range(pid_k, BLOCKS_PER_SPLIT, total_blocks):
 
 @triton.jit
 def next_block(b, first, last):
-    """The block to load while block b is computed: b + 1, or `first` on the last iteration (a harmless
-    in-bounds reload instead of a masked load)."""
-    after = b + 1
-    return tl.where(after < last, after, first)
+    """The block to load while block b is computed: b + 1, or b itself on the last iteration (a harmless
+    in-bounds reload instead of a masked load; one min, where a wrap to `first` takes a compare and a select)."""
+    return tl.minimum(b + 1, last - 1)
 
 
 @triton.jit
