@@ -12,6 +12,7 @@ triton is imported), which the tests use.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -25,12 +26,28 @@ _MAX_INDEX = 2**31  # kernels index weights and activations with int32 offsets
 
 
 def _check_device(op: str, x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> None:
-    if not x.is_cuda and not tiling.interpreting():
-        raise ValueError(f"{op}: x is on {x.device}; the Triton kernels need CUDA tensors"
-                         " (or TRITON_INTERPRET=1 for the CPU interpreter)")
+    """Every tensor on x's device (checked first, so the message is the same with and without a GPU), and that
+    device one the kernels run on."""
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move both to one device")
+    if not x.is_cuda and not tiling.interpreting():
+        raise ValueError(f"{op}: x is on {x.device}; the Triton kernels need CUDA tensors"
+                         " (or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+
+def _largest_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel computes into t: sum over dims of (size - 1) * stride."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def device_guard(device: torch.device):
+    """A context that makes `device` the current CUDA device while kernels launch (Triton launches on the current
+    device, so tensors on cuda:1 with cuda:0 current would be read from the wrong GPU); a no-op when it already
+    is, or off CUDA."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _check_tensor(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -54,16 +71,22 @@ def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.T
     if out is not None and (out.dtype != x.dtype or tuple(out.shape) != out_shape or not out.is_contiguous()):
         raise ValueError(f"{op}: out must be a contiguous {x.dtype} {list(out_shape)} tensor, got"
                          f" {out.dtype} {list(out.shape)}{'' if out.is_contiguous() else ' (not contiguous)'}")
-    if max(N * K, x.numel(), math.prod(out_shape)) >= _MAX_INDEX:
-        raise ValueError(f"{op}: W [{N}, {K}], x {list(x.shape)} or y {list(out_shape)} has 2**31 elements or more;"
-                         " split the call")
+    # Kernels index with int32: every offset they form must stay below 2**31, whatever the strides.
+    offsets = {"W": N * K, "x": _largest_offset(x), "y": math.prod(out_shape),
+               **{name: _largest_offset(t) for name, t in weights.items()}}
+    if out is not None:
+        offsets["out"] = _largest_offset(out)
+    if (name := max(offsets, key=offsets.get)) and offsets[name] >= _MAX_INDEX:
+        raise ValueError(f"{op}: W [{N}, {K}], x {list(x.shape)} stride {list(x.stride())}: {name} reaches element"
+                         f" offset {offsets[name]}, past the kernels' int32 indexing (2**31); split the call")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device) if out is None else out
     if M == 0:
         return out
     bias = bias.contiguous() if bias is not None else None
-    (decode if tiling.is_decode(M) else gemm)(x2, w, bias, out.view(M, N))
+    with device_guard(x.device):
+        (decode if tiling.is_decode(M) else gemm)(x2, w, bias, out.view(M, N))
     return out
 
 

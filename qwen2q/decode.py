@@ -8,6 +8,9 @@ eagerly, which is how CI tests it.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from qwen2q.model import Qwen2ForCausalLM
@@ -28,11 +31,17 @@ class StaticDecoder:
         self.graph = None
         self.logits = None
 
+    def _on_device(self):
+        """Make the model's GPU current (capture, replay and the Triton launches run on the current device, which
+        need not be the model's: cuda:1 on a multi-GPU host)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     @torch.inference_mode()
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """prompt_ids int64 [1, T] -> logits of the last position [1, vocab]."""
         self.cache.length = 0
-        return self.model(prompt_ids.to(self.device), cache=self.cache, last_only=True)[:, -1]
+        with self._on_device():
+            return self.model(prompt_ids.to(self.device), cache=self.cache, last_only=True)[:, -1]
 
     def _step(self) -> torch.Tensor:
         return self.model(self.token, cache=self.cache, last_only=True, positions=self.position)[:, -1]
@@ -55,16 +64,22 @@ class StaticDecoder:
         """Feed `token` (int64 [1, 1]) at the next position; return logits [1, vocab] (a reused buffer on CUDA)."""
         if self.cache.length >= self.cache.max_len:
             raise ValueError(f"static KV cache of {self.cache.max_len} positions is full")
-        self.token.copy_(token)
-        self.position.fill_(self.cache.length)
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
+        with self._on_device():
+            self.token.copy_(token)
+            self.position.fill_(self.cache.length)
+            if self.use_graph and self.graph is None:
+                try:
+                    self._capture()
+                except RuntimeError as e:  # an op that cannot be captured: decode on, without the graph
+                    warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({e})",
+                                  RuntimeWarning, stacklevel=2)
+                    self.use_graph, self.graph = False, None
                 self.token.copy_(token)
                 self.position.fill_(self.cache.length)
-            self.graph.replay()
-            out = self.logits
-        else:
-            out = self._step()
+            if self.use_graph:
+                self.graph.replay()
+                out = self.logits
+            else:
+                out = self._step()
         self.cache.length += 1
         return out

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from qwen2q.decode import StaticDecoder
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.sampling import SamplingParams
@@ -61,8 +62,13 @@ def generate_ids(
     params: SamplingParams,
     stop_ids: list[int] = (),
     on_token: Callable[[int], None] | None = None,
+    static: bool | None = None,
 ) -> list[int]:
     """Generate up to `params.max_new_tokens` ids after `prompt_ids` (batch 1).
+
+    static: decode through `StaticDecoder`'s fixed-shape step, replayed as a CUDA graph on CUDA (one graph
+    launch per token where the ordinary path launches every kernel of every layer); None (default) does so on
+    CUDA, where it is the fast path, unless the model asks for dynamic YaRN, and runs the ordinary path elsewhere.
 
     Stops after emitting a stop id (which is included in the result), or when prompt + new ids fill
     the model's context (`config.max_position_embeddings`): then, if fewer than max_new_tokens were
@@ -80,12 +86,14 @@ def generate_ids(
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    cache = model.new_cache(1, max_len)
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out: list[int] = []
     stops = set(stop_ids)
-    for _ in range(n_new):
-        logits = model(tokens, cache=cache, last_only=True)[:, -1]
+    if static is None:  # dynamic YaRN rescales by length, which the fixed-shape step does not
+        static = device.type == "cuda" and not model.config.rope.dynamic
+    step = _decoder(model, tokens, max_len, static)
+    logits = step(None)
+    for i in range(n_new):
         tok = next_token(logits, params, generator)
         tid = int(tok.item())
         out.append(tid)
@@ -93,12 +101,23 @@ def generate_ids(
             on_token(tid)
         if tid in stops:
             return out
-        tokens = tok.view(1, 1)
+        if i + 1 < n_new:
+            logits = step(tok.view(1, 1))
     if n_new < params.max_new_tokens:
         warnings.warn(f"stopped at the model's context of {context} tokens: {len(prompt_ids)} prompt + {n_new} new "
                       f"tokens, not the {params.max_new_tokens} new tokens asked for", ContextLimitWarning,
                       stacklevel=3)  # the caller's line, past inference_mode's wrapper
     return out
+
+
+def _decoder(model: Qwen2ForCausalLM, prompt: torch.Tensor, max_len: int, static: bool):
+    """step(token int64 [1, 1] or None) -> logits [1, vocab]: None prefills `prompt` [1, T], a token decodes one
+    position, through `StaticDecoder` (static) or the ordinary path, over a cache of max_len positions."""
+    if static:
+        decoder = StaticDecoder(model, max_len)
+        return lambda token: decoder.prefill(prompt) if token is None else decoder.step(token)
+    cache = model.new_cache(1, max_len)
+    return lambda token: model(prompt if token is None else token, cache=cache, last_only=True)[:, -1]
 
 
 def check_prompt_ids(prompt_ids, vocab_size: int) -> list[int]:

@@ -37,3 +37,26 @@ def test_cuda_graph_replay_equals_eager(tmp_path):
     for t in range(8, 24):
         a, b = eager.step(ids[:, t : t + 1]), graphed.step(ids[:, t : t + 1])
         assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_a_step_that_cannot_be_captured_decodes_on_without_the_graph(tmp_path, monkeypatch):
+    """If capturing fails (an op CUDA graphs refuse), the decoder warns once and steps eagerly with the same
+    logits.  Simulated on the CPU: capture is made to raise as torch.cuda.graph does."""
+    from conftest import make_hf_checkpoint
+
+    make_hf_checkpoint(tmp_path)
+    model = load_model(tmp_path, dtype="float32")
+    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(1))
+    eager, failing = StaticDecoder(model, 16, use_graph=False), StaticDecoder(model, 16, use_graph=False)
+    failing.use_graph = True
+
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(failing, "_capture", refuse)
+    eager.prefill(ids[:, :6]), failing.prefill(ids[:, :6])
+    with pytest.warns(RuntimeWarning, match="decoding without a CUDA graph: capturing the decode step failed"):
+        b = failing.step(ids[:, 6:7])
+    assert torch.equal(eager.step(ids[:, 6:7]), b) and not failing.use_graph
+    for t in range(7, 12):
+        assert torch.equal(eager.step(ids[:, t : t + 1]), failing.step(ids[:, t : t + 1]))

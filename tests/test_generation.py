@@ -101,3 +101,18 @@ def test_on_token_sees_each_new_id_and_text_stream_writes_the_text(hf_tiny, caps
     stream = m.text_stream(pieces.append)
     assert m.generate("The quick", max_new_tokens=8, on_token=stream) == "".join(pieces) == text
     assert stream.ids == ids and capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("params", [SamplingParams(24), SamplingParams(24, temperature=0.8, top_p=0.9, seed=5)],
+                         ids=["greedy", "sampled"])
+def test_the_static_step_generates_the_ordinary_paths_tokens(hf_tiny, params):
+    """The fixed-shape step (a CUDA graph on CUDA, where generate uses it by default; eager here) continues the
+    prompt with the same tokens as the ordinary path, and stops at the same stop token."""
+    from qwen2q.loader import load_model
+
+    model = load_model(hf_tiny[0], dtype="float32")
+    prompt = [3, 4, 5, 6, 7]
+    ordinary = generate_ids(model, prompt, params, static=False)
+    assert generate_ids(model, prompt, params, static=True) == ordinary
+    stop = ordinary[12]
+    assert generate_ids(model, prompt, params, stop_ids=[stop], static=True) == ordinary[: ordinary.index(stop) + 1]

@@ -1,6 +1,7 @@
 """The public wrappers: input checks and their messages, leading dims and strides, bf16 range, determinism."""
 import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -131,3 +132,28 @@ def test_rejects_bad_weights(fmt, field, value, message):
     x = torch.randn(2, K if fmt != "nf4" or field != "shape" else 96).to(BF16).to(kt.DEVICE)
     with pytest.raises(ValueError, match=message):
         op(fmt)(x, w)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_refuses_strides_past_int32_offsets_however_few_elements(fmt):
+    """Two rows of x, 2**31 elements apart: few elements, but an offset the kernels' int32 indexing cannot form.
+    Meta tensors: the check runs before any launch."""
+    w = small_weight(fmt)
+    w = dataclasses.replace(w, **{f.name: getattr(w, f.name).to("meta") for f in dataclasses.fields(w)
+                                  if isinstance(getattr(w, f.name), torch.Tensor)})
+    x = torch.empty(2, K, dtype=BF16, device="meta").as_strided((2, K), (2**31, 1))
+    with pytest.raises(ValueError, match=rf"{fmt}_linear: .* x reaches element offset {2**31 + K - 1}, past"):
+        op(fmt)(x, w)
+
+
+def test_device_guard_makes_the_tensors_device_current(monkeypatch):
+    """Kernels launch on the current CUDA device: a tensor on cuda:1 while cuda:0 is current gets a guard that
+    switches to cuda:1; the current device itself, and the CPU, get none."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    triton_ops.device_guard(torch.device("cuda:1"))
+    assert entered == [torch.device("cuda:1")]
+    for device in (torch.device("cuda:0"), torch.device("cpu"), torch.device("meta")):
+        assert isinstance(triton_ops.device_guard(device), contextlib.nullcontext)
+    assert entered == [torch.device("cuda:1")]
