@@ -4,14 +4,14 @@ Each program owns BLOCK_N rows of W and a run of K blocks (a block: the K indice
 row); `tiling.gemv_config` picks BLOCK_N and SPLIT_K from the shape.  A format's kernel supplies only the
 inner step (load a block of packed weights, turn it into products with x); the pieces here are the rest:
 
-    block_range       the program's K blocks [first, last)
+    program           the program's split, K blocks [first, last) and rows
     next_block        the block to load one iteration ahead; the last iteration reloads its own block, so the
                       look-ahead load never needs a mask
     store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
                       second launch); SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N] for `splitk.reduce`, which
                       sums them in a fixed order (deterministic)
-    plan / finish     the host side: the grid, the split and the tensor the kernel writes; the reduce launch
-                      when there is one
+    plan / launch     the host side: the grid, the split and the tensor the kernel writes; the Launch
+    finish            run it, and the reduce launch when there is one
 """
 from __future__ import annotations
 
@@ -27,10 +27,13 @@ from qwen2q.kernels.tiling import Config
 
 
 @triton.jit
-def block_range(pid_k, BLOCKS_PER_SPLIT, total_blocks):
-    """(first, last): the K blocks program column `pid_k` reduces."""
+def program(BLOCKS_PER_SPLIT, total_blocks, BLOCK_N: tl.constexpr):
+    """(pid_k, first, last, offs_n) of this program: its split, its K blocks [first, last) and its rows of W
+    (int32 [BLOCK_N])."""
+    pid_k = tl.program_id(1)
     first = pid_k * BLOCKS_PER_SPLIT
-    return first, tl.minimum(first + BLOCKS_PER_SPLIT, total_blocks)
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, total_blocks)
+    return pid_k, first, last, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
 @triton.jit
@@ -69,6 +72,14 @@ def plan(N: int, blocks: int, config: Config, out: torch.Tensor) -> Plan:
     split_k = triton.cdiv(blocks, per_split)
     target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
     return Plan((N // config.BLOCK_N, split_k), per_split, split_k, target)
+
+
+def launch(kernel, p: Plan, config: Config, args: tuple, bias: torch.Tensor | None, **constexprs) -> Launch:
+    """The Launch of a GEMV kernel: `args` in its order, and the constexprs every GEMV takes (HAS_BIAS, SPLIT_K,
+    BLOCK_N) besides the kernel's own."""
+    kwargs = dict(HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N, **constexprs,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(kernel, p.grid, args, kwargs, config, p.target)
 
 
 def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

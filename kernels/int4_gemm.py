@@ -21,7 +21,7 @@ import triton.language as tl
 from qwen2q.kernels import gemv, int4_native, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
-    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
+    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile, interpreting,
     multiply_accumulate, store_output,
 )
 from qwen2q.quantizers import int4
@@ -122,10 +122,7 @@ def int4_gemv_kernel(
 ):
     """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; the next block's
     words are loaded before the current one is computed."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    first, last = gemv.block_range(pid_k, BLOCKS_PER_SPLIT, K // 128)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // 128, BLOCK_N)
     offs_c = tl.arange(0, 16)
     w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
     GROUPS_PER_BLOCK: tl.constexpr = 128 // GROUP_SIZE
@@ -210,15 +207,7 @@ def int4_gemm_kernel(
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M consecutive M tiles walk the same W columns while they are in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -290,9 +279,7 @@ def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Ten
             N, K, p.blocks_per_split,
             w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), p.target.stride(0),
             *_FIELDS)
-    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_gemv_kernel, p.grid, args, kwargs, config, p.target)
+    return gemv.launch(int4_gemv_kernel, p, config, args, bias, GROUP_SIZE=G)
 
 
 def int4_gemv(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,

@@ -99,7 +99,7 @@ def unpack_codes(words: torch.Tensor) -> torch.Tensor:
 def from_awq(w: int4.Int4Weight) -> Int4Native:
     """Repack an AWQ GEMM weight (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8], scales fp16 [K / G, N]);
     ValueError when its shape has no native layout (`supports`)."""
-    K, N, G = w.in_features, w.out_features, w.group_size
+    K, G = w.in_features, w.group_size
     if not supports(K, G):
         raise ValueError(f"int4 GEMV layout needs in_features % {BLOCK_K} == 0 and group_size in {GROUP_SIZES};"
                          f" got in_features={K}, group_size={G}")

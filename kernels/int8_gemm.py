@@ -24,8 +24,8 @@ import triton.language as tl
 from qwen2q.kernels import gemv, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
-    INT8_GEMV_TILES, Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
-    multiply_accumulate, store_output,
+    Config, INT8_GEMV_TILES, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile,
+    interpreting, multiply_accumulate, store_output,
 )
 from qwen2q.quantizers import int8
 
@@ -93,10 +93,7 @@ def int8_gemv_kernel(
 ):
     """y = x @ W^T for one row of x: acc[n, c] += sum_i x[4c + i] * (MAGIC + q[n, 4c + i]) over the program's
     blocks; y[n] = (sum_c acc[n, c] - MAGIC * sum x) * absmax[n] / 127."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    first, last = gemv.block_range(pid_k, BLOCKS_PER_SPLIT, K // (4 * WORDS))
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // (4 * WORDS), BLOCK_N)
     w_ptrs = words_ptr + offs_n[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]
     # sum(x) over the program's K range, before the loop: the loop keeps only the products.
     x_sum = tl.zeros((WORDS,), dtype=tl.float32)
@@ -170,15 +167,7 @@ def int8_gemm_kernel(
     HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M consecutive M tiles walk the same W rows while they are in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -241,10 +230,8 @@ def int8_gemv_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | N
             N, K, p.blocks_per_split,
             words.stride(0), p.target.stride(0),
             _FLIP, _EXPONENT, _HIGH)
-    kwargs = dict(HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N, WORDS=GEMV_WORDS,
-                  X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int8_gemv_kernel, p.grid, args, kwargs, config, p.target)
+    return gemv.launch(int8_gemv_kernel, p, config, args, bias, WORDS=GEMV_WORDS,
+                       X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting())
 
 
 def int8_gemv(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,

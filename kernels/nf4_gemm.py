@@ -36,8 +36,8 @@ import triton.language as tl
 from qwen2q.kernels import gemv, splitk
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import (
-    INT8_GEMV_TILES, Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, interpreting,
-    multiply_accumulate, store_output,
+    Config, INT8_GEMV_TILES, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile,
+    interpreting, multiply_accumulate, store_output,
 )
 from qwen2q.quantizers import nf4
 
@@ -136,10 +136,7 @@ def nf4_gemv_kernel(
 ):
     """y = x @ W^T for one row of x: per block, part[n, c] = sum over the block's 64 weights of x * level, then
     acc += part * absmax[n, block]; the next block's words are loaded before the current one is computed."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    first, last = gemv.block_range(pid_k, BLOCKS_PER_SPLIT, K // 64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // 64, BLOCK_N)
     offs_c = tl.arange(0, 4)
     # Two [BLOCK_N, 4] tiles (words 0-3 and 4-7 of a block) so that one thread holds all 8 words of its rows.
     w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
@@ -225,15 +222,7 @@ def nf4_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 64 == 0)
-    # Grouped ordering: GROUP_M consecutive M tiles walk the same W rows while they are in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -306,10 +295,8 @@ def nf4_gemv_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None
     args = (x, words, w.absmax, w.nested_absmax, levels, code_map, bias, p.target,
             w.offset, N, K, p.blocks_per_split,
             words.stride(0), K // BLOCK, p.target.stride(0), _HIGH)
-    kwargs = dict(HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N,
-                  X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(nf4_gemv_kernel, p.grid, args, kwargs, config, p.target)
+    return gemv.launch(nf4_gemv_kernel, p, config, args, bias, X_BF16=x.dtype == torch.bfloat16,
+                       INTERPRET=interpreting())
 
 
 def nf4_gemv(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,

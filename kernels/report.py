@@ -52,7 +52,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -215,7 +214,7 @@ def predict(M: int, N: int, K: int, launch: Launch, weight_bytes: int, binary: d
         "shared": iterations * binary["loop_shared"] * warps / (busy_sms * CLOCK_HZ),
     }
     bound = max(times, key=times.get)
-    return {"ctas": ctas, "ctas_per_sm": per_sm, "waves": round(ctas / (SMS * per_sm), 2),
+    return {"ctas": ctas, "ctas_per_sm": per_sm, "waves": float(f"{ctas / (SMS * per_sm):.3g}"),
             "bytes_in_flight_per_sm": round(in_flight / busy_sms), "predicted_us": round(times[bound] * 1e6, 2),
             "predicted_fraction_of_bandwidth": round(times["memory"] / times[bound], 3), "bound": bound}
 

@@ -130,6 +130,18 @@ def gemm_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Con
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` of a 1-D GEMM grid, in grouped order: GROUP_M consecutive M tiles walk the
+    same band of W while it is in L2 (the Triton tutorial's ordering)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((pid % num_pid_in_group) % group_size_m), (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def multiply_accumulate(acc, x, w, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 += x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N], both given in fp32.
 

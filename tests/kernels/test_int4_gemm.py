@@ -23,25 +23,6 @@ def test_int4_linear_matches_reference(M, shape, dtype, has_bias):
     kt.assert_close(y, kt.reference(x, W, bias), dtype)
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
-@pytest.mark.parametrize("G", [32, 64, 128])
-def test_gemv_writes_y_itself_without_split_and_partials_with_it(split_k, G):
-    """The M = 1 GEMV on the native layout: SPLIT_K = 1 writes y (bias included) in one launch, SPLIT_K = 3 leaves
-    fp32 partials for the reduction; both match the float64 reference, and every output is written."""
-    from qwen2q.kernels import int4_gemm, int4_native
-    from qwen2q.kernels.tiling import Config
-
-    K, N = 896, 192
-    w, W = kt.reference_weight("int4", K, N, G)
-    x, bias, out = kt.inputs(1, K, N, torch.bfloat16, True)
-    config = Config(1, 64, 128, SPLIT_K=split_k, num_warps=1, num_stages=1)
-    launch = int4_gemm.int4_gemv_launch(x, int4_native.from_awq(w), bias, out, config)
-    assert (launch.out is out) == (split_k == 1) and launch.grid == (N // 64, split_k)
-    y = int4_gemm.int4_gemv(x, int4_native.from_awq(w), bias, out, config)
-    assert y is out
-    kt.assert_close(y, kt.reference(x, W, bias), x.dtype)
-
-
 def test_int4_linear_takes_a_prepared_native_weight_and_checks_it():
     from qwen2q.kernels import int4_native
 

@@ -1,0 +1,59 @@
+"""The M = 1 GEMVs of every format (`kernels/gemv.py` and each format's kernel): the split and the output the
+kernel writes, and which calls take them, against the float64 reference."""
+import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
+
+import pytest
+import torch
+
+from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm, triton_ops
+from qwen2q.kernels.tiling import Config
+
+# format: (weight arguments after K, N; block of K one iteration reads; the GEMV's launch builder taking the
+# weight the runtime passes it)
+def _int4_gemv_launch(x, w, *args):
+    return int4_gemm.int4_gemv_launch(x, int4_native.from_awq(w), *args)
+
+
+GEMVS = {
+    **{f"int4-g{g}": ("int4", (g,), int4_native.BLOCK_K, _int4_gemv_launch) for g in int4_native.GROUP_SIZES},
+    "int8": ("int8", (), int8_gemm.GEMV_BLOCK_K, int8_gemm.int8_gemv_launch),
+    "nf4": ("nf4", (), nf4_gemm.BLOCK, nf4_gemm.nf4_gemv_launch),
+}
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("name", GEMVS)
+def test_gemv_writes_y_itself_without_split_and_partials_with_it(name, split_k):
+    """SPLIT_K = 1 writes y (bias included) in one launch, SPLIT_K = 3 leaves fp32 partials for the reduction;
+    both match the float64 reference and every output (poisoned with NaN) is written."""
+    from qwen2q.kernels import gemv
+
+    fmt, extra, block_k, make_launch = GEMVS[name]
+    K, N = 896, 256
+    w, W = kt.reference_weight(fmt, K, N, *extra)
+    x, bias, out = kt.inputs(1, K, N, (torch.bfloat16, torch.float16)[split_k % 2], True)
+    config = Config(1, 128, block_k, SPLIT_K=split_k, num_warps=1, num_stages=1)
+    launch = make_launch(x, w, bias, out, config)
+    assert (launch.out is out) == (split_k == 1) and launch.grid == (N // 128, split_k)
+    assert gemv.finish(launch, bias, out) is out
+    kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_one_row_runs_the_gemv_where_it_applies(monkeypatch, fmt):
+    """The op sends M = 1 to the GEMV when N is whole 128-row tiles (and, for int8, K whole 32-weight blocks), and
+    to the split-K decode kernel otherwise and for M > 1."""
+    module = {"int8": int8_gemm, "nf4": nf4_gemm}[fmt]
+    calls = []
+    for name in (f"{fmt}_gemv", f"{fmt}_decode"):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    cases = [(1, (896, 128), "gemv"), (1, (320, 200), "decode"), (3, (896, 128), "decode")]
+    if fmt == "int8":
+        cases.append((1, (200, 128), "decode"))  # K not whole 32-weight blocks
+    for M, (K, N), path in cases:
+        w, W = kt.reference_weight(fmt, K, N)
+        x, bias, out = kt.inputs(M, K, N, torch.bfloat16, False)
+        getattr(triton_ops, f"{fmt}_linear")(x, w, out=out)
+        assert calls.pop() == f"{fmt}_{path}", (M, K, N)
+        kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
