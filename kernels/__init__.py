@@ -2,9 +2,12 @@
 
 Each op takes activations x [..., K] (bf16, fp16 or fp32), a quantized weight object from
 `qwen2q.quantizers` describing W [N, K], and an optional bias [N]; it returns y [..., N] in x's dtype.
-Three backends, chosen per call by `backend`:
+Three backends, chosen once per module when it is prepared at load (`choose_backend`, passed back as `kind`),
+or per call (`backend`) by a caller that passes none:
 
-- "triton": bf16 and fp16 activations on CUDA run the Triton kernels (`triton_ops`);
+- "triton": bf16 and fp16 activations on CUDA run the Triton kernels (`triton_ops`), through the custom ops
+  `torch.ops.qwen2q.*` (`ops`) so that torch.compile and CUDA graphs take them; a Triton that cannot be imported
+  is an error (`KernelsUnavailable`), not a silent fall-back;
 - "cpu": bf16 activations on CPU run the CPU backend (`cpu`), from the weight's *prepared* form, made once
   when the model is loaded (`prepare`) and passed to `linear` beside the weight; on CUDA the prepared form of
   an int4 weight is its GEMV layout (`int4_native`), which one-row calls run on;
@@ -19,6 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from qwen2q.errors import Qwen2qError
 from qwen2q.kernels import cpu, int4_native
 from qwen2q.kernels.cpu import Workspace, aligned
 from qwen2q.quantizers import int4, int8, nf4
@@ -28,17 +32,26 @@ CPU_CACHES = cpu.CACHES  # what `prepare(cache=...)` may keep besides None
 
 
 def backend(x: torch.Tensor, prepared=None) -> str:
-    """'triton', 'cpu' or 'reference' for activations `x` and the weight's prepared form (None: none):
-    the Triton kernels take bf16 and fp16 CUDA activations, the CPU backend bf16 CPU activations."""
+    """'triton', 'cpu' or 'reference' for activations `x` and the weight's prepared form (None: none); see
+    `choose_backend`."""
+    return choose_backend(x.device, x.dtype, prepared)
+
+
+def choose_backend(device: torch.device, dtype: torch.dtype, prepared=None) -> str:
+    """The backend for activations of `dtype` on `device` (a module calls this once, when it is prepared): the
+    Triton kernels take bf16 and fp16 CUDA activations, the CPU backend bf16 CPU activations with a prepared
+    weight, the reference the rest or with QWEN2Q_KERNELS=reference.  Raises `KernelsUnavailable` when the
+    Triton kernels should run but cannot be imported: a broken install is reported, not run slowly."""
     choice = os.environ.get(ENV, "auto").lower()
     if choice not in ("auto", "reference"):
         raise ValueError(f"{ENV}={choice!r}; use 'auto' or 'reference'")
     if choice == "reference":
         return "reference"
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return "triton" if _triton_ops() is not None else "reference"
-    if prepared is not None and not isinstance(prepared, int4_native.Int4Native) and x.device.type == "cpu" \
-            and x.dtype == cpu.DTYPE:
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        _triton_ops()
+        return "triton"
+    if prepared is not None and not isinstance(prepared, int4_native.Int4Native) and device.type == "cpu" \
+            and dtype == cpu.DTYPE:
         return "cpu"
     return "reference"
 
@@ -55,8 +68,8 @@ def prepare(fmt, w, dtype: torch.dtype, cache: str | None = None, workspace: Wor
         raise ValueError(f"cache={cache!r}; use None or one of {CPU_CACHES}")
     tensors = [t for t in vars(w).values() if isinstance(t, torch.Tensor)]
     if tensors and all(t.is_cuda for t in tensors):
-        ops = _triton_ops()
-        if fmt.kernel == "int4_linear" and ops is not None and ops.gemv_applies(w):
+        if fmt.kernel == "int4_linear" and choose_backend(tensors[0].device, dtype) == "triton" \
+                and _triton_ops().gemv_applies(w):
             return int4_native.from_awq(w)
         return None
     if dtype != cpu.DTYPE or any(t.device.type != "cpu" for t in tensors):
@@ -64,44 +77,60 @@ def prepare(fmt, w, dtype: torch.dtype, cache: str | None = None, workspace: Wor
     return cpu.prepare(fmt.kernel, w, fmt.dequantize, cache, workspace if workspace is not None else Workspace())
 
 
+class KernelsUnavailable(Qwen2qError):
+    """The Triton kernels should run (bf16 or fp16 activations on CUDA) but cannot be imported."""
+
+
 def _triton_ops():
-    """The Triton implementations, once they exist (qwen2q.kernels.triton_ops); None otherwise."""
+    """The Triton implementations (qwen2q.kernels.triton_ops), with their ops registered (`ops`); raises
+    KernelsUnavailable naming the import error."""
     try:
-        from qwen2q.kernels import triton_ops
-    except ImportError:
-        return None
+        from qwen2q.kernels import ops, triton_ops  # noqa: F401  (ops: registers torch.ops.qwen2q.*)
+    except ImportError as e:
+        raise KernelsUnavailable(f"the Triton kernels cannot be imported ({type(e).__name__}: {e}); install the"
+                                 f" triton that matches torch, or set {ENV}=reference to run the slow reference"
+                                 " path") from e
     return triton_ops
 
 
-def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, kind: str | None = None
+               ) -> torch.Tensor:
     # The kernel needs whole 64-weight absmax blocks per row, as every Qwen2 projection has.
-    if backend(x) == "triton" and w.shape[1] % nf4.BLOCK_SIZE == 0:
-        return _triton_ops().nf4_linear(x, w, bias)
+    if (kind or backend(x)) == "triton" and w.shape[1] % nf4.BLOCK_SIZE == 0:
+        _triton_ops()
+        return torch.ops.qwen2q.nf4_linear(x, w.packed, w.absmax, w.nested_absmax, w.offset, *w.shape, bias)
     return F.linear(x, nf4.dequantize(w, x.dtype), bias)
 
 
-def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if backend(x) == "triton":
-        return _triton_ops().int8_linear(x, w, bias)
+def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None, kind: str | None = None
+                ) -> torch.Tensor:
+    if (kind or backend(x)) == "triton":
+        _triton_ops()
+        return torch.ops.qwen2q.int8_linear(x, w.qweight, w.absmax, bias)
     return F.linear(x, int8.dequantize(w, x.dtype), bias)
 
 
 def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None,
-                native: int4_native.Int4Native | None = None) -> torch.Tensor:
-    if backend(x) == "triton":
-        return _triton_ops().int4_linear(x, w, bias, native=native)
+                native: int4_native.Int4Native | None = None, kind: str | None = None) -> torch.Tensor:
+    if (kind or backend(x)) == "triton":
+        _triton_ops()
+        words, zeros = (native.words, native.zeros) if native is not None else (None, None)
+        return torch.ops.qwen2q.int4_linear(x, w.qweight, w.qzeros, w.scales, bias, words, zeros)
     return F.linear(x, int4.dequantize(w, x.dtype), bias)
 
 
-def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None, prepared=None) -> torch.Tensor:
-    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`: the CPU backend when `prepared`
-    (from `prepare`) serves x, else the format's own op above (named by `fmt.kernel`) when it has one, else the
-    reference (dequantize to x's dtype, then linear)."""
-    if isinstance(prepared, int4_native.Int4Native):
-        return int4_linear(x, w, bias, native=prepared if prepared.words.device == x.device else None)
-    if prepared is not None and backend(x, prepared) == "cpu":
+def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None, prepared=None, kind: str | None = None
+           ) -> torch.Tensor:
+    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`.  kind: the backend a module chose when
+    it was prepared (`choose_backend`), or None to choose now.  The CPU backend runs from `prepared` (from
+    `prepare`); the Triton kernels through the format's op above (named by `fmt.kernel`), with an int4 weight's
+    GEMV layout when `prepared` is one; otherwise the reference (dequantize to x's dtype, then linear)."""
+    kind = kind or backend(x, prepared)
+    if kind == "cpu":
         return prepared.linear(x, bias)
     op = getattr(sys.modules[__name__], fmt.kernel, None) if fmt.kernel else None
-    if op is not None:
-        return op(x, w, bias)
-    return F.linear(x, fmt.dequantize(w, x.dtype), bias)
+    if op is None:
+        return F.linear(x, fmt.dequantize(w, x.dtype), bias)
+    if isinstance(prepared, int4_native.Int4Native):
+        return op(x, w, bias, native=prepared if prepared.words.device == x.device else None, kind=kind)
+    return op(x, w, bias, kind=kind)

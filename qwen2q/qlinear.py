@@ -6,12 +6,15 @@ unquantized bias, and its forward calls the format's `qwen2q.kernels` op.  Modul
 checkpoints through `load_checkpoint_tensor(suffix, tensor)` with the checkpoint's own key suffixes
 (`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.  On CPU,
 `prepare_kernels` then gives each module the form of its weight the CPU backend runs (`qwen2q.kernels.prepare`),
-held beside the buffers and dropped when the buffers move to another device.  The Qwen2 model itself is
+held beside the buffers and dropped when the buffers move to another device, and the backend its calls take
+(`kernels.choose_backend`: chosen once, not read from the environment on every call; `forced_backend` overrides
+it for a block).  The Qwen2 model itself is
 never edited: `swap_linears` replaces its nn.Linear children from outside, each with the format its
 checkpoint names for that module.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -36,6 +39,9 @@ class QuantLinear(nn.Module):
 
     FORMAT: Format  # set on each format's subclass (`module_class`)
     prepared = None
+    kind = None  # the backend `prepare` chose (`kernels.choose_backend`), for activations on `_kind_for`
+    _kind_for = None  # (device, dtype)
+    _forced = None  # a backend `forced_backend` imposes
 
     def __init__(self, name: str, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype,
                  params: dict[str, Any]):
@@ -95,16 +101,21 @@ class QuantLinear(nn.Module):
         """Make `prepared` for the module's current device and dtype (none off CPU or outside bf16); see
         `qwen2q.kernels.prepare` for `cpu_cache` and `workspace`."""
         self.prepared = kernels.prepare(self.FORMAT, self.weight_q(), self.dtype, cpu_cache, workspace)
+        device = next((self._buffers[f].device for f in self._fields if f in self._buffers), torch.device("cpu"))
+        self.kind = kernels.choose_backend(device, self.dtype, self.prepared)
+        self._kind_for = (device, self.dtype)
 
     def _apply(self, fn, recurse=True):
         before = [self._buffers.get(f) for f in self._fields]
         result = super()._apply(fn, recurse)
         if any(self._buffers.get(f) is not t for f, t in zip(self._fields, before)):
-            self.prepared = None  # made from the tensors just replaced (e.g. moved to another device)
+            # made from the tensors just replaced (e.g. moved to another device)
+            self.prepared, self.kind, self._kind_for = None, None, None
         return result
 
     def forward(self, x):
-        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias, self.prepared)
+        kind = self._forced or (self.kind if self._kind_for == (x.device, x.dtype) else None)  # None: choose now
+        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias, self.prepared, kind)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
@@ -134,6 +145,22 @@ def swap_linears(model: nn.Module, scheme, dtype: torch.dtype) -> list[QuantLine
             setattr(module, child_name, q)
             swapped.append(q)
     return swapped
+
+
+@contextlib.contextmanager
+def forced_backend(model: nn.Module, kind: str):
+    """Inside the block, run every quantized linear of `model` on backend `kind` (in practice "reference": to compare
+    a loaded model's backends, in tests and benchmarks), whatever each chose when it was prepared."""
+    if kind not in ("reference", "cpu", "triton"):
+        raise ValueError(f"backend {kind!r}; use 'reference', 'cpu' or 'triton'")
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in modules:
+        m._forced = kind
+    try:
+        yield
+    finally:
+        for m in modules:
+            m._forced = None
 
 
 def prepare_kernels(modules: list[QuantLinear], cpu_cache: str | None = None) -> None:

@@ -13,7 +13,7 @@ from qwen2q.errors import Qwen2qError
 from qwen2q.kernels import cpu
 from qwen2q.loader import check_cpu_cache
 from qwen2q.qconfig import QuantConfig
-from qwen2q.qlinear import QuantLinear, prepare_kernels
+from qwen2q.qlinear import QuantLinear, forced_backend, prepare_kernels
 
 METHODS = {"int4": cpu.Int4Prepared, "int8": cpu.Int8Prepared, "nf4": cpu.NF4Prepared,
            "ct-int4": cpu.Int4Prepared, "ct-int8": cpu.Int8Prepared}  # ct-: compressed-tensors layout
@@ -39,9 +39,8 @@ def linears(m) -> list[QuantLinear]:
     return [mod for mod in m.model.modules() if isinstance(mod, QuantLinear)]
 
 
-def reference_logits(m, ids, monkeypatch):
-    with monkeypatch.context() as patch:
-        patch.setenv(kernels.ENV, "reference")
+def reference_logits(m, ids):
+    with forced_backend(m.model, "reference"):
         return m.model(ids)
 
 
@@ -70,7 +69,7 @@ def test_logits_track_the_reference_path(checkpoints, method, tokens, monkeypatc
     m = qwen2q.load(checkpoints[method], dtype="bfloat16")
     ids = prompt(tokens)
     with torch.inference_mode():
-        ref = reference_logits(m, ids, monkeypatch).float()
+        ref = reference_logits(m, ids).float()
         got = m.model(ids).float()
     kernel_rows = {"nf4": cpu.NF4_KERNEL_ROWS, "int8": cpu.INT8_KERNEL_ROWS, "ct-int8": cpu.INT8_KERNEL_ROWS}
     if method in kernel_rows and tokens > kernel_rows[method]:
@@ -86,10 +85,26 @@ def test_bf16_cache_gives_the_reference_logits_and_tokens(checkpoints, method, m
     assert all(isinstance(mod.prepared, cpu.DensePrepared) for mod in linears(m))
     ids = prompt(12)
     with torch.inference_mode():
-        assert torch.equal(m.model(ids), reference_logits(m, ids, monkeypatch))
+        assert torch.equal(m.model(ids), reference_logits(m, ids))
     tokens = m.generate_ids(ids[0].tolist(), max_new_tokens=6)
-    monkeypatch.setenv(kernels.ENV, "reference")
-    assert m.generate_ids(ids[0].tolist(), max_new_tokens=6) == tokens
+    with forced_backend(m.model, "reference"):
+        assert m.generate_ids(ids[0].tolist(), max_new_tokens=6) == tokens
+
+
+def test_the_backend_is_chosen_at_load_not_read_from_the_environment_on_every_call(checkpoints, monkeypatch):
+    """QWEN2Q_KERNELS is read when a model is loaded: set afterwards (even to a value it would refuse) it changes
+    nothing; a model loaded under it takes the reference."""
+    m = qwen2q.load(checkpoints["int8"], dtype="bfloat16")
+    assert {mod.kind for mod in linears(m)} == {"cpu"}
+    ids = prompt(5)
+    with torch.inference_mode():
+        before = m.model(ids)
+        monkeypatch.setenv(kernels.ENV, "fast")
+        assert torch.equal(m.model(ids), before)
+        monkeypatch.setenv(kernels.ENV, "reference")
+        ref = qwen2q.load(checkpoints["int8"], dtype="bfloat16")
+        assert {mod.kind for mod in linears(ref)} == {"reference"}
+        assert torch.equal(ref.model(ids), reference_logits(m, ids))
 
 
 def test_moving_a_linear_drops_its_prepared_weight(checkpoints):

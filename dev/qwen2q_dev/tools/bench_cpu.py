@@ -4,7 +4,7 @@
     python dev bench-cpu SRC Q [Q ...] [--prompt-len 512] [--new-tokens 32] [--rounds 3] [--json FILE]
 
 SRC is the bf16 checkpoint, each Q a quantized checkpoint of it; every model runs in bf16 on CPU.  Rows:
-bf16 (SRC), and for each Q its reference path (QWEN2Q_KERNELS=reference: dequantize every call), the CPU
+bf16 (SRC), and for each Q its reference path (`forced_backend`: dequantize every call), the CPU
 backend (`qwen2q.kernels.cpu`), and, for NF4 (every format with --cache-all), the CPU backend with
 `cpu_cache="bf16"`.  Each round times every row in turn, so the load of a shared machine falls on all alike:
 
@@ -36,20 +36,11 @@ from qwen2q.evals.table import Column, format_table
 PROJECTIONS = ("q_proj", "k_proj", "gate_proj", "down_proj")  # one linear of each Qwen2 projection shape
 
 
-@contextlib.contextmanager
-def kernels_env(backend: str):
-    """QWEN2Q_KERNELS=reference for the reference rows; unset (auto) otherwise."""
-    from qwen2q import kernels
+def backend_of(row: dict):
+    """The reference rows run their model on the reference path (`forced_backend`); the others as loaded."""
+    from qwen2q.qlinear import forced_backend
 
-    old = os.environ.pop(kernels.ENV, None)
-    if backend == "reference":
-        os.environ[kernels.ENV] = "reference"
-    try:
-        yield
-    finally:
-        os.environ.pop(kernels.ENV, None)
-        if old is not None:
-            os.environ[kernels.ENV] = old
+    return forced_backend(row["model"], "reference") if row["backend"] == "reference" else contextlib.nullcontext()
 
 
 def extra_bytes(model) -> int:
@@ -133,12 +124,12 @@ def run(rows: list[dict], prompt_len: int, new_tokens: int, reference_tokens: in
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     samples: list[dict[str, list[float]]] = [{} for _ in rows]
     for row in rows:  # warm-up: lazy initialisation and workspace buffers outside the timings
-        with kernels_env(row["backend"]):
+        with backend_of(row):
             time_model(row, prompt[:, :8], 1)
     for r in range(rounds):
         for row, sample in zip(rows, samples):
             steps = reference_tokens if row["backend"] == "reference" else new_tokens
-            with kernels_env(row["backend"]):
+            with backend_of(row):
                 figures = {**time_layers(row, prompt_len, seed), **time_model(row, prompt, steps)}
             for key, value in figures.items():
                 sample.setdefault(key, []).append(value)
