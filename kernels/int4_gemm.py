@@ -31,6 +31,11 @@ from qwen2q.quantizers import int4
 _FIELDS = (0xF << 11, 0xF << 15, 0xF << 19)
 
 
+# The GEMM's loop SASS per weight on sm_90 (Triton 3.9, Qwen2-7B, `report --m 2048`) and the packed bytes per
+# weight, for `tiling.dequantize_first`.
+GEMM_SASS_PER_WEIGHT = 11.2
+PACKED_BYTES_PER_WEIGHT = (4 + 16 / 128 + 4 / 128) / 8
+
 @triton.jit
 def _column_shifts():
     """int32 [8]: column j of a packed word sits in bits 4 * ((j % 2) * 4 + j // 2) and up, the inverse of
@@ -241,6 +246,32 @@ def int4_gemm_kernel(
     store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 
+@triton.jit
+def int4_dequantize_kernel(
+    # Pointers: qweight, qzeros, scales as in the module docstring; wt: W^T [K, N] in the output dtype
+    qweight_ptr, qzeros_ptr, scales_ptr, wt_ptr,
+    # Sizes; strides
+    N, K, stride_qk, stride_zg, stride_sg, stride_wk,
+    # Meta-parameters
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_K, BLOCK_N] tile of W^T, dequantized (exact in fp32) and rounded once to wt's dtype."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    offs_g = tl.program_id(0) * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
+    k_mask, n_mask, c_mask, g_mask = offs_k < K, offs_n < N, offs_c < N // 8, offs_g < K // GROUP_SIZE
+    words = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
+                    other=0)
+    zero_words = tl.load(qzeros_ptr + offs_g[:, None] * stride_zg + offs_c[None, :],
+                         mask=g_mask[:, None] & c_mask[None, :], other=0)
+    scales = tl.load(scales_ptr + offs_g[:, None] * stride_sg + offs_n[None, :], mask=g_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+    w = _dequantize_tile(words, zero_words, scales, _column_shifts(), GROUP_SIZE, BLOCK_K, BLOCK_N)
+    tl.store(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(wt_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & n_mask[None, :])
+
+
 def _weight_args(w: int4.Int4Weight) -> tuple:
     return (w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1),
             w.scales.stride(0), w.scales.stride(1))
@@ -318,3 +349,15 @@ def int4_gemm(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, ou
               config: Config | None = None) -> torch.Tensor:
     """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
     return int4_gemm_launch(x, w, bias, out, config)()
+
+
+def int4_dequantize(w: int4.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (bf16 or fp16), each weight (q - zero) * scale rounded once: the large-M path's
+    dequantize-once, before a cuBLAS GEMM."""
+    K, N, G = w.in_features, w.out_features, w.group_size
+    wt = torch.empty((K, N), dtype=dtype, device=w.qweight.device)
+    block_k = max(G, 64)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(N, 64))
+    int4_dequantize_kernel[grid](w.qweight, w.qzeros, w.scales, wt, N, K, w.qweight.stride(0), w.qzeros.stride(0),
+                                 w.scales.stride(0), wt.stride(0), GROUP_SIZE=G, BLOCK_K=block_k, BLOCK_N=64)
+    return wt

@@ -30,6 +30,11 @@ from qwen2q.kernels.tiling import (
 from qwen2q.quantizers import int8
 
 
+# The GEMM's loop SASS per weight on sm_90 (Triton 3.9, Qwen2-7B, `report --m 2048`) and the packed bytes per
+# weight, for `tiling.dequantize_first`.
+GEMM_SASS_PER_WEIGHT = 5.8
+PACKED_BYTES_PER_WEIGHT = 1.0
+
 @triton.jit
 def _row_scales(absmax_ptr, offs_n, N):
     """fp32 [BLOCK_N]: absmax[n] / 127, the factor that turns code sums into outputs."""
@@ -208,6 +213,24 @@ def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, config: Config | Non
     return Launch(int8_decode_kernel, grid, args, kwargs, config, partials)
 
 
+@triton.jit
+def int8_dequantize_kernel(
+    # Pointers: qweight int8 [N, K]; absmax fp32 [N]; wt: W^T [K, N] in the output dtype
+    qweight_ptr, absmax_ptr, wt_ptr,
+    # Sizes; strides
+    N, K, stride_qn, stride_wk,
+    # Meta-parameters
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_K, BLOCK_N] tile of W^T: q * (absmax / 127) in fp32, rounded once to wt's dtype."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    q = tl.load(qweight_ptr + offs_n[None, :] * stride_qn + offs_k[:, None], mask=mask, other=0).to(tl.float32)
+    w = q * _row_scales(absmax_ptr, offs_n, N)[None, :]
+    tl.store(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(wt_ptr.dtype.element_ty), mask=mask)
+
+
 def gemv_applies(w: int8.Int8Weight) -> bool:
     """True when the M = 1 GEMV takes W: K in whole 32-weight blocks, N in whole 128-row tiles, rows contiguous and
     16-byte aligned (so its loads are 128 bits wide)."""
@@ -271,3 +294,13 @@ def int8_gemm(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, ou
               config: Config | None = None) -> torch.Tensor:
     """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
     return int8_gemm_launch(x, w, bias, out, config)()
+
+
+def int8_dequantize(w: int8.Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (bf16 or fp16), each weight rounded once: the large-M path's dequantize-once."""
+    N, K = w.qweight.shape
+    wt = torch.empty((K, N), dtype=dtype, device=w.qweight.device)
+    grid = (triton.cdiv(K, 64), triton.cdiv(N, 64))
+    int8_dequantize_kernel[grid](w.qweight, w.absmax, wt, N, K, w.qweight.stride(0), wt.stride(0), BLOCK_K=64,
+                                 BLOCK_N=64)
+    return wt

@@ -50,6 +50,11 @@ def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return nf4.NF4_LEVELS.to(device), nf4.dynamic_map().to(device)
 
 
+# The GEMM's loop SASS per weight on sm_90 (Triton 3.9, Qwen2-7B, `report --m 2048`) and the packed bytes per
+# weight, for `tiling.dequantize_first`.
+GEMM_SASS_PER_WEIGHT = 15.7
+PACKED_BYTES_PER_WEIGHT = (4 + 8 / 64) / 8
+
 @triton.jit
 def _dequantize_tile(packed, levels_ptr, absmax, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """One tile of W^T as fp32 [BLOCK_K, BLOCK_N] from bytes [BLOCK_K / 2, BLOCK_N] (two consecutive k
@@ -274,6 +279,32 @@ def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, config: Config | None =
     return Launch(nf4_decode_kernel, grid, args, kwargs, config, partials)
 
 
+@triton.jit
+def nf4_dequantize_kernel(
+    # Pointers: packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and the dynamic map
+    # [256] (fp32); wt: W^T [K, N] in the output dtype
+    packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, wt_ptr,
+    # The fp32 absmax offset; sizes; W^T's row stride
+    offset, N, K, stride_wk,
+    # Meta-parameters
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_K, BLOCK_N] tile of W^T: level * absmax in fp32, rounded once to wt's dtype."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_byte = tl.program_id(0) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    offs_block = tl.program_id(0) * (BLOCK_K // 64) + tl.arange(0, BLOCK_K // 64)
+    n_mask = offs_n < N
+    packed = tl.load(packed_ptr + offs_n[None, :] * (K // 2) + offs_byte[:, None],
+                     mask=(offs_byte < K // 2)[:, None] & n_mask[None, :], other=0)
+    b_mask = (offs_block < K // 64)[:, None] & n_mask[None, :]
+    absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, offs_n[None, :] * (K // 64) + offs_block[:, None],
+                            b_mask, offset)
+    w = _dequantize_tile(packed, levels_ptr, absmax, BLOCK_K, BLOCK_N)
+    tl.store(wt_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(wt_ptr.dtype.element_ty),
+             mask=(offs_k < K)[:, None] & n_mask[None, :])
+
+
 def gemv_applies(w: nf4.NF4Weight) -> bool:
     """True when the M = 1 GEMV takes W: whole 64-weight blocks per row, N in whole 128-row tiles, packed bytes
     16-byte aligned (so each row's words load 128 bits at a time)."""
@@ -335,3 +366,14 @@ def nf4_gemm(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: 
              config: Config | None = None) -> torch.Tensor:
     """GEMM path: out [M, N] = x [M, K] @ W^T + bias, any M (chosen for M > DECODE_MAX_M)."""
     return nf4_gemm_launch(x, w, bias, out, config)()
+
+
+def nf4_dequantize(w: nf4.NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (bf16 or fp16), each weight rounded once: the large-M path's dequantize-once."""
+    N, K = w.shape
+    wt = torch.empty((K, N), dtype=dtype, device=w.packed.device)
+    levels, code_map = lookup_tables(wt.device)
+    grid = (triton.cdiv(K, 64), triton.cdiv(N, 64))
+    nf4_dequantize_kernel[grid](w.packed, w.absmax, w.nested_absmax, levels, code_map, wt, w.offset, N, K,
+                                wt.stride(0), BLOCK_K=64, BLOCK_N=64)
+    return wt

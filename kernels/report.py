@@ -22,6 +22,8 @@ Fields read from the binary (resources from cuobjdump, SASS from nvdisasm, load 
     loop_loads         global loads per thread per iteration of the PTX loop, by pointer argument: {bits: n}
     loop_shared        shuffle and shared-memory wavefronts per warp per iteration of that loop (t_shared)
     kernel_hash        Triton's cache key of the binary: rows with one hash share one binary
+    path               M > 16: "dequantize+cublas" where `tiling.dequantize_first` sends the call to dequantize-once
+                       and cuBLAS (the row still describes the fused GEMM it predicts slower), else "fused"
     ctas, waves        grid size; ctas / (132 SMs x resident CTAs per SM), residency limited by registers
                        (65,536 per SM, 256 per warp granule), shared memory (228 KiB per SM, 1 KiB reserved
                        per CTA), 2,048 threads and 32 CTAs per SM
@@ -144,6 +146,18 @@ def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple
     return (fmt.decode(x, w) if tiling.is_decode(M) else fmt.gemm(x, w, bias, out)), w, fmt.weight_argument
 
 
+def large_m_path(fmt_name: str, M: int, N: int, K: int) -> str:
+    """What the runtime runs for M > 16: "fused" (the GEMM row's kernel) or "dequantize+cublas" (W^T dequantized
+    once, then cuBLAS; `tiling.dequantize_first`), in which case the row's kernel is the fused GEMM it replaces."""
+    from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, tiling
+
+    module = {"int4": int4_gemm, "nf4": nf4_gemm, "int8": int8_gemm}[fmt_name]
+    if tiling.is_decode(M) or not tiling.dequantize_first(M, N, K, module.GEMM_SASS_PER_WEIGHT,
+                                                          module.PACKED_BYTES_PER_WEIGHT):
+        return "fused"
+    return "dequantize+cublas"
+
+
 def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
     """CTAs of `threads` threads, `regs` registers each and `smem` bytes of shared memory one SM holds."""
     warps = -(-threads // 32)
@@ -246,7 +260,8 @@ def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str])
                     weight_bytes = sum(t.nbytes for t in vars(w).values() if isinstance(t, torch.Tensor))
                     c = launch.config
                     rows.append({"format": fmt_name, "model": model, "projection": names,
-                                 "kernel": launch.kernel.fn.__name__, "M": M, "K": K, "N": N, "bias": has_bias,
+                                 "kernel": launch.kernel.fn.__name__, "path": large_m_path(fmt_name, M, N, K),
+                                 "M": M, "K": K, "N": N, "bias": has_bias,
                                  "triton": triton.__version__, "ptxas": ptxas, "arch": arch,
                                  "config": {**dataclasses.asdict(c), "num_warps": launch.kwargs["num_warps"],
                                             "num_stages": launch.kwargs["num_stages"]},
@@ -254,7 +269,8 @@ def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str])
     return rows
 
 
-COLUMNS = (("format", "format"), ("projection", "projection"), ("kernel", "kernel"), ("M", "M"), ("K", "K"),
+COLUMNS = (("format", "format"), ("projection", "projection"), ("kernel", "kernel"), ("path", "path"), ("M", "M"),
+           ("K", "K"),
            ("N", "N"), ("regs", "regs"), ("spill_bytes", "spill"), ("smem_bytes", "smem"),
            ("weight_load_bits", "w-load bits"), ("inner_loop_sass", "loop SASS"), ("sass_per_weight", "SASS/w"),
            ("ctas", "CTAs"), ("waves", "waves"), ("predicted_fraction_of_bandwidth", "pred. BW"), ("bound", "bound"))
@@ -264,7 +280,7 @@ def table(rows: list[dict]) -> str:
     """The rows as a fixed-width text table, one line per row."""
     cells = [[title for _, title in COLUMNS]] + [[str(row[key]) for key, _ in COLUMNS] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
+    return "\n".join("  ".join(v.ljust(w) if i < 4 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths)))
                      for line in cells)
 
 

@@ -9,7 +9,8 @@ Two paths, picked by M (the number of activation rows):
                                 BLOCK_M = 1 for M = 1: a CUDA-core GEMV (multiply, then `tl.sum` over K);
                                 BLOCK_M = 16 for M = 2..16: `tl.dot` (tensor cores need M >= 16).
     gemm    M > DECODE_MAX_M    the Triton tutorial's grouped 2-D tiling, `tl.dot` with fp32 accumulation,
-                                bias and cast in the epilogue.
+                                bias and cast in the epilogue; or, where `dequantize_first` predicts it faster
+                                (large M), W^T dequantized once to x's dtype and a cuBLAS GEMM.
 
 Block sizes are a small function of (M, N, K), not tuned: tuning is a GPU job. Under the Triton
 interpreter (TRITON_INTERPRET=1, CPU tensors) every program and every tensor op costs Python overhead,
@@ -127,6 +128,25 @@ def gemm_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Con
         return Config(block_m, _interpreter_block(N, 512, 16), _interpreter_block(K, 512, k_multiple))
     block_m = 64 if M <= 64 else 128
     return Config(block_m, 128, max(64, k_multiple), num_warps=4 if block_m == 64 else 8, num_stages=3)
+
+
+# The large-M choice, from report.py's model (H200: 132 SMs x 4 schedulers at 1.755 GHz, 4.3 TB/s, 989 TFLOP/s):
+# the fused GEMM dequantizes every weight once per M tile, so its instruction issue grows with M / BLOCK_M, while
+# dequantize-once writes W^T in bf16 (2 bytes per weight) and leaves the product to cuBLAS.
+_ISSUE_PER_S, _BYTES_PER_S, _FLOPS_PER_S = 132 * 4 * 1.755e9, 4.3e12, 989e12
+
+
+def dequantize_first(M: int, N: int, K: int, fused_sass_per_weight: float, packed_bytes_per_weight: float) -> bool:
+    """True when y = x W^T (x [M, K], W [N, K]) is predicted faster as dequantize W^T to bf16 + a cuBLAS GEMM than
+    as the fused GEMM, whose loop issues `fused_sass_per_weight` instructions per weight per M tile (the report's
+    `sass_per_weight`).  A static model, not a measurement: times are max(tensor, issue) for the fused kernel and
+    memory (packed bytes in, 2 bytes out) + max(tensor, memory) for the other."""
+    tensor = 2 * M * N * K / _FLOPS_PER_S
+    block_m = gemm_config(M, N, K, 1, interpret=False).BLOCK_M
+    fused = max(tensor, triton.cdiv(M, block_m) * N * K * fused_sass_per_weight / 32 / _ISSUE_PER_S)
+    dequantize = N * K * (packed_bytes_per_weight + 2) / _BYTES_PER_S
+    cublas = max(tensor, 2 * (N * K + M * K + M * N) / _BYTES_PER_S)
+    return dequantize + cublas < fused
 
 
 @triton.jit

@@ -5,8 +5,9 @@ Contract (each op): x bf16 or fp16 [..., K] (any leading dims); w a weight objec
 [..., N] tensor in x's dtype to write into. Returns y [..., N] in x's dtype, accumulated in fp32 with
 the bias added before the single rounding to x's dtype; bf16 is never cast through fp16.
 
-M = the number of rows of x picks the path (see `tiling`): M <= 16 the split-K decode kernels, larger
-M the tl.dot GEMM kernels. Bad input raises ValueError naming the value and what would be valid. The
+M = the number of rows of x picks the path (see `tiling`): M = 1 the GEMVs where the shape takes them,
+M <= 16 the split-K decode kernels, larger M the tl.dot GEMM kernels or, where `tiling.dequantize_first`
+predicts it faster, W^T dequantized once and a cuBLAS GEMM. Bad input raises ValueError naming the value and what would be valid. The
 kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 before
 triton is imported), which the tests use.
 """
@@ -53,6 +54,18 @@ def device_guard(device: torch.device):
 def _check_tensor(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     if t.dtype != dtype or tuple(t.shape) != shape:
         raise ValueError(f"{op}: {name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+
+
+def _gemm_or_dequantize(module, gemm: Callable, dequantize: Callable) -> Callable:
+    """The M > 16 path of a format `module`: its fused GEMM, or its dequantize-once and a cuBLAS GEMM where
+    `tiling.dequantize_first` predicts that faster."""
+    def run(x2, w, bias, out):
+        (M, K), N = x2.shape, out.shape[1]
+        if not tiling.dequantize_first(M, N, K, module.GEMM_SASS_PER_WEIGHT, module.PACKED_BYTES_PER_WEIGHT):
+            return gemm(x2, w, bias, out)
+        wt = dequantize(w, x2.dtype)  # W^T [K, N], freed when the product is done
+        return torch.addmm(bias, x2, wt, out=out) if bias is not None else torch.mm(x2, wt, out=out)
+    return run
 
 
 def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
@@ -128,7 +141,8 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
             return int4_gemm.int4_gemv(x2.contiguous(), native, bias, out)
         return int4_gemm.int4_decode(x2, w, bias, out)
 
-    return _run(op, x, w, N, K, weights, bias, out, decode, int4_gemm.int4_gemm)
+    return _run(op, x, w, N, K, weights, bias, out, decode,
+                _gemm_or_dequantize(int4_gemm, int4_gemm.int4_gemm, int4_gemm.int4_dequantize))
 
 
 def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, *,
@@ -154,7 +168,8 @@ def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = No
             return nf4_gemm.nf4_gemv(x2.contiguous(), w, bias, out)
         return nf4_gemm.nf4_decode(x2, w, bias, out)
 
-    return _run(op, x, w, N, K, weights, bias, out, decode, nf4_gemm.nf4_gemm)
+    return _run(op, x, w, N, K, weights, bias, out, decode,
+                _gemm_or_dequantize(nf4_gemm, nf4_gemm.nf4_gemm, nf4_gemm.nf4_dequantize))
 
 
 def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None = None, *,
@@ -176,4 +191,5 @@ def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None =
             return int8_gemm.int8_gemv(x2.contiguous(), w, bias, out)
         return int8_gemm.int8_decode(x2, w, bias, out)
 
-    return _run(op, x, w, N, K, weights, bias, out, decode, int8_gemm.int8_gemm)
+    return _run(op, x, w, N, K, weights, bias, out, decode,
+                _gemm_or_dequantize(int8_gemm, int8_gemm.int8_gemm, int8_gemm.int8_dequantize))
