@@ -148,8 +148,9 @@ def int4_gemv_kernel(
 def int4_decode_kernel(
     # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; partials fp32 [SPLIT_K, M, N]
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, partial_ptr,
-    # Sizes; each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
-    M, N, K, K_PER_SPLIT,
+    # Sizes (NC = N / 8, the packed columns, passed so that Triton knows its divisibility: 128-bit loads); each
+    # program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
+    M, N, NC, K, K_PER_SPLIT,
     # Strides
     stride_xm, stride_xk,
     stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
@@ -167,7 +168,7 @@ def int4_decode_kernel(
     offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # packed columns
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
-    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < N // 8
+    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < NC
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     q_ptrs = qweight_ptr + (k_start + offs_k)[:, None] * stride_qk + offs_c[None, :] * stride_qc
     z_ptrs = qzeros_ptr + (k_start // GROUP_SIZE + offs_g)[:, None] * stride_zg + offs_c[None, :] * stride_zc
@@ -202,8 +203,8 @@ def int4_decode_kernel(
 def int4_gemm_kernel(
     # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; bias [N] or None; out [M, N]
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
-    # Sizes
-    M, N, K,
+    # Sizes (NC = N / 8, as in the decode kernel)
+    M, N, NC, K,
     # Strides
     stride_xm, stride_xk,
     stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
@@ -219,7 +220,7 @@ def int4_gemm_kernel(
     offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
-    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < N // 8
+    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < NC
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     q_ptrs = qweight_ptr + offs_k[:, None] * stride_qk + offs_c[None, :] * stride_qc
     z_ptrs = qzeros_ptr + offs_g[:, None] * stride_zg + offs_c[None, :] * stride_zc
@@ -251,7 +252,7 @@ def int4_dequantize_kernel(
     # Pointers: qweight, qzeros, scales as in the module docstring; wt: W^T [K, N] in the output dtype
     qweight_ptr, qzeros_ptr, scales_ptr, wt_ptr,
     # Sizes; strides
-    N, K, stride_qk, stride_zg, stride_sg, stride_wk,
+    N, NC, K, stride_qk, stride_zg, stride_sg, stride_wk,
     # Meta-parameters
     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -260,7 +261,7 @@ def int4_dequantize_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     offs_g = tl.program_id(0) * (BLOCK_K // GROUP_SIZE) + tl.arange(0, BLOCK_K // GROUP_SIZE)
-    k_mask, n_mask, c_mask, g_mask = offs_k < K, offs_n < N, offs_c < N // 8, offs_g < K // GROUP_SIZE
+    k_mask, n_mask, c_mask, g_mask = offs_k < K, offs_n < N, offs_c < NC, offs_g < K // GROUP_SIZE
     words = tl.load(qweight_ptr + offs_k[:, None] * stride_qk + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
                     other=0)
     zero_words = tl.load(qzeros_ptr + offs_g[:, None] * stride_zg + offs_c[None, :],
@@ -288,7 +289,7 @@ def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, config: Config | Non
     partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
     args = (x, w.qweight, w.qzeros, w.scales, partials,
-            M, N, K, k_per_split,
+            M, N, N // 8, K, k_per_split,
             x.stride(0), x.stride(1), *_weight_args(w),
             partials.stride(0), partials.stride(1), partials.stride(2))
     kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x),
@@ -336,7 +337,7 @@ def int4_gemm_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | N
         raise ValueError(f"{config} cannot tile group_size={G} with tl.dot")
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
     args = (x, w.qweight, w.qzeros, w.scales, bias, out,
-            M, N, K,
+            M, N, N // 8, K,
             x.stride(0), x.stride(1), *_weight_args(w),
             out.stride(0), out.stride(1))
     kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
@@ -358,6 +359,6 @@ def int4_dequantize(w: int4.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     wt = torch.empty((K, N), dtype=dtype, device=w.qweight.device)
     block_k = max(G, 64)
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, 64))
-    int4_dequantize_kernel[grid](w.qweight, w.qzeros, w.scales, wt, N, K, w.qweight.stride(0), w.qzeros.stride(0),
+    int4_dequantize_kernel[grid](w.qweight, w.qzeros, w.scales, wt, N, N // 8, K, w.qweight.stride(0), w.qzeros.stride(0),
                                  w.scales.stride(0), wt.stride(0), GROUP_SIZE=G, BLOCK_K=block_k, BLOCK_N=64)
     return wt

@@ -54,6 +54,8 @@ def lookup_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 # weight, for `tiling.dequantize_first`.
 GEMM_SASS_PER_WEIGHT = 15.7
 PACKED_BYTES_PER_WEIGHT = (4 + 8 / 64) / 8
+DECODE_BLOCK_K = 2 * BLOCK  # K indices per decode-kernel iteration (whole absmax blocks)
+
 
 @triton.jit
 def _dequantize_tile(packed, levels_ptr, absmax, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -169,8 +171,9 @@ def nf4_decode_kernel(
     # Pointers: x [M, K]; packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and
     # the dynamic map [256] (fp32); partials fp32 [SPLIT_K, M, N]
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, partial_ptr,
-    # The fp32 absmax offset; sizes; each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
-    offset, M, N, K, K_PER_SPLIT,
+    # The fp32 absmax offset; sizes (HALF_K = K / 2, a row's bytes, passed so that Triton knows its divisibility:
+    # 128-bit loads); each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
+    offset, M, N, K, HALF_K, K_PER_SPLIT, BYTES_PER_SPLIT,
     # Strides
     stride_xm, stride_xk,
     stride_ps, stride_pm, stride_pn,
@@ -191,10 +194,11 @@ def nf4_decode_kernel(
     m_mask, n_mask = offs_m < M, offs_n < N
     # Row n of W starts at byte n * K / 2 and at block n * K / 64.
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    p_ptrs = packed_ptr + offs_n[None, :] * (K // 2) + (k_start // 2 + offs_byte)[:, None]
+    # pid_k * BYTES_PER_SPLIT, not k_start // 2: Triton then knows the offset's divisibility by 16 (128-bit loads)
+    p_ptrs = packed_ptr + offs_n[None, :] * HALF_K + (pid_k * BYTES_PER_SPLIT + offs_byte)[:, None]
     blocks = offs_n[None, :] * (K // 64) + (k_start // 64 + offs_block)[:, None]
     x_step = BLOCK_K * stride_xk
-    byte_starts, block_starts = offs_byte * 2, offs_block * 64
+    byte_starts, block_starts = (offs_byte // 32) * 64, offs_block * 64  # whole blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_left = k_end - k0
@@ -217,8 +221,8 @@ def nf4_gemm_kernel(
     # Pointers: x [M, K]; packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and
     # the dynamic map [256] (fp32); bias [N] or None; out [M, N]
     x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, bias_ptr, out_ptr,
-    # The fp32 absmax offset; sizes
-    offset, M, N, K,
+    # The fp32 absmax offset; sizes (HALF_K = K / 2, as in the decode kernel)
+    offset, M, N, K, HALF_K,
     # Strides
     stride_xm, stride_xk,
     stride_om, stride_on,
@@ -236,10 +240,10 @@ def nf4_gemm_kernel(
     offs_block = tl.arange(0, BLOCK_K // 64)
     m_mask, n_mask = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    p_ptrs = packed_ptr + offs_n[None, :] * (K // 2) + offs_byte[:, None]
+    p_ptrs = packed_ptr + offs_n[None, :] * HALF_K + offs_byte[:, None]
     blocks = offs_n[None, :] * (K // 64) + offs_block[:, None]
     x_step = BLOCK_K * stride_xk
-    byte_starts, block_starts = offs_byte * 2, offs_block * 64
+    byte_starts, block_starts = (offs_byte // 32) * 64, offs_block * 64  # whole blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0
@@ -264,13 +268,13 @@ def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, config: Config | None =
     """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
     (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
     (M, K), N = x.shape, w.shape[0]
-    config = config or decode_config(M, N, K, BLOCK, interpreting())
+    config = config or decode_config(M, N, K, DECODE_BLOCK_K, interpreting())
     if config.BLOCK_K % BLOCK or M > config.BLOCK_M or K % BLOCK:
         raise ValueError(f"{config} cannot tile M={M}, K={K} in whole {BLOCK}-weight blocks")
     partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
     args = (x, *_weight_args(w, x.device), partials,
-            w.offset, M, N, K, decode_k_per_split(K, config),
+            w.offset, M, N, K, K // 2, decode_k_per_split(K, config), decode_k_per_split(K, config) // 2,
             x.stride(0), x.stride(1),
             partials.stride(0), partials.stride(1), partials.stride(2))
     kwargs = dict(DOT_DTYPE=dot_dtype(x),
@@ -284,8 +288,8 @@ def nf4_dequantize_kernel(
     # Pointers: packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and the dynamic map
     # [256] (fp32); wt: W^T [K, N] in the output dtype
     packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, wt_ptr,
-    # The fp32 absmax offset; sizes; W^T's row stride
-    offset, N, K, stride_wk,
+    # The fp32 absmax offset; sizes (HALF_K = K / 2); W^T's row stride
+    offset, N, K, HALF_K, stride_wk,
     # Meta-parameters
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -295,8 +299,8 @@ def nf4_dequantize_kernel(
     offs_byte = tl.program_id(0) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     offs_block = tl.program_id(0) * (BLOCK_K // 64) + tl.arange(0, BLOCK_K // 64)
     n_mask = offs_n < N
-    packed = tl.load(packed_ptr + offs_n[None, :] * (K // 2) + offs_byte[:, None],
-                     mask=(offs_byte < K // 2)[:, None] & n_mask[None, :], other=0)
+    packed = tl.load(packed_ptr + offs_n[None, :] * HALF_K + offs_byte[:, None],
+                     mask=((offs_byte // 32) * 64 < K)[:, None] & n_mask[None, :], other=0)
     b_mask = (offs_block < K // 64)[:, None] & n_mask[None, :]
     absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, offs_n[None, :] * (K // 64) + offs_block[:, None],
                             b_mask, offset)
@@ -353,7 +357,7 @@ def nf4_gemm_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None
         raise ValueError(f"{config} cannot tile K={K} in whole {BLOCK}-weight blocks with tl.dot")
     grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
     args = (x, *_weight_args(w, x.device), bias, out,
-            w.offset, M, N, K,
+            w.offset, M, N, K, K // 2,
             x.stride(0), x.stride(1),
             out.stride(0), out.stride(1))
     kwargs = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
@@ -374,6 +378,6 @@ def nf4_dequantize(w: nf4.NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     wt = torch.empty((K, N), dtype=dtype, device=w.packed.device)
     levels, code_map = lookup_tables(wt.device)
     grid = (triton.cdiv(K, 64), triton.cdiv(N, 64))
-    nf4_dequantize_kernel[grid](w.packed, w.absmax, w.nested_absmax, levels, code_map, wt, w.offset, N, K,
+    nf4_dequantize_kernel[grid](w.packed, w.absmax, w.nested_absmax, levels, code_map, wt, w.offset, N, K, K // 2,
                                 wt.stride(0), BLOCK_K=64, BLOCK_N=64)
     return wt
