@@ -82,7 +82,4 @@ def launch(kernel, p: Plan, config: Config, args: tuple, bias: torch.Tensor | No
     return Launch(kernel, p.grid, args, kwargs, config, p.target)
 
 
-def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """Run the launch; reduce its partials into out when it wrote partials."""
-    result = launch()
-    return out if result is out else splitk.reduce(result, bias, out)
+finish = splitk.finish  # run the launch; reduce its partials into out when it wrote partials

@@ -146,17 +146,18 @@ def int4_gemv_kernel(
 
 @triton.jit
 def int4_decode_kernel(
-    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; partials fp32 [SPLIT_K, M, N]
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, partial_ptr,
+    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; bias [N] or None;
+    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
     # Sizes (NC = N / 8, the packed columns, passed so that Triton knows its divisibility: 128-bit loads); each
     # program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
     M, N, NC, K, K_PER_SPLIT,
     # Strides
     stride_xm, stride_xk,
     stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
-    stride_ps, stride_pm, stride_pn,
+    stride_os, stride_om, stride_on,
     # Meta-parameters
-    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -195,8 +196,8 @@ def int4_decode_kernel(
         q_ptrs += q_step
         z_ptrs += z_step
         s_ptrs += s_step
-    p_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    tl.store(p_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
+                        HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -278,24 +279,26 @@ def _weight_args(w: int4.Int4Weight) -> tuple:
             w.scales.stride(0), w.scales.stride(1))
 
 
-def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, config: Config | None = None) -> Launch:
+def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                       config: Config | None = None) -> Launch:
     """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
+    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
+    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or decode_config(M, N, K, G, interpreting())
     if config.BLOCK_K % G or M > config.BLOCK_M or config.BLOCK_N % 8:
         raise ValueError(f"{config} cannot tile M={M} with group_size={G}")
     k_per_split = decode_k_per_split(K, config)
-    partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
+    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, w.qweight, w.qzeros, w.scales, partials,
+    args = (x, w.qweight, w.qzeros, w.scales, bias, written,
             M, N, N // 8, K, k_per_split,
             x.stride(0), x.stride(1), *_weight_args(w),
-            partials.stride(0), partials.stride(1), partials.stride(2))
-    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x),
+            stride_os, stride_om, stride_on)
+    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
                   BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_decode_kernel, grid, args, kwargs, config, partials)
+    return Launch(int4_decode_kernel, grid, args, kwargs, config, written)
 
 
 def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
@@ -324,7 +327,7 @@ def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, 
                 config: Config | None = None) -> torch.Tensor:
     """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
     `triton_ops`; here only the tiling constraints are."""
-    return splitk.reduce(int4_decode_launch(x, w, config)(), bias, out)
+    return splitk.finish(int4_decode_launch(x, w, bias, out, config), bias, out)
 
 
 def int4_gemm_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
@@ -359,6 +362,7 @@ def int4_dequantize(w: int4.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     wt = torch.empty((K, N), dtype=dtype, device=w.qweight.device)
     block_k = max(G, 64)
     grid = (triton.cdiv(K, block_k), triton.cdiv(N, 64))
-    int4_dequantize_kernel[grid](w.qweight, w.qzeros, w.scales, wt, N, N // 8, K, w.qweight.stride(0), w.qzeros.stride(0),
-                                 w.scales.stride(0), wt.stride(0), GROUP_SIZE=G, BLOCK_K=block_k, BLOCK_N=64)
+    int4_dequantize_kernel[grid](w.qweight, w.qzeros, w.scales, wt, N, N // 8, K, w.qweight.stride(0),
+                                 w.qzeros.stride(0), w.scales.stride(0), wt.stride(0), GROUP_SIZE=G, BLOCK_K=block_k,
+                                 BLOCK_N=64)
     return wt

@@ -121,16 +121,17 @@ def int8_gemv_kernel(
 
 @triton.jit
 def int8_decode_kernel(
-    # Pointers: x [M, K]; qweight int8 [N, K]; absmax fp32 [N]; partials fp32 [SPLIT_K, M, N]
-    x_ptr, qweight_ptr, absmax_ptr, partial_ptr,
+    # Pointers: x [M, K]; qweight int8 [N, K]; absmax fp32 [N]; bias [N] or None;
+    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
+    x_ptr, qweight_ptr, absmax_ptr, bias_ptr, out_ptr,
     # Sizes; each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
     M, N, K, K_PER_SPLIT,
     # Strides
     stride_xm, stride_xk,
     stride_qn, stride_qk,
-    stride_ps, stride_pm, stride_pn,
+    stride_os, stride_om, stride_on,
     # Meta-parameters
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -154,8 +155,8 @@ def int8_decode_kernel(
         x_ptrs += x_step
         q_ptrs += q_step
     acc *= _row_scales(absmax_ptr, offs_n, N)[None, :]  # linear, so it commutes with the split-K sum
-    out_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    tl.store(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
+                        HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -193,24 +194,26 @@ def int8_gemm_kernel(
     store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
 
 
-def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, config: Config | None = None) -> Launch:
+def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                       config: Config | None = None) -> Launch:
     """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
+    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
+    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or decode_config(M, N, K, 16, interpreting())
     if M > config.BLOCK_M:
         raise ValueError(f"{config} cannot tile M={M}")
-    partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
+    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, w.qweight, w.absmax, partials,
+    args = (x, w.qweight, w.absmax, bias, written,
             M, N, K, decode_k_per_split(K, config),
             x.stride(0), x.stride(1),
             w.qweight.stride(0), w.qweight.stride(1),
-            partials.stride(0), partials.stride(1), partials.stride(2))
-    kwargs = dict(DOT_DTYPE=dot_dtype(x),
+            stride_os, stride_om, stride_on)
+    kwargs = dict(DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
                   BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int8_decode_kernel, grid, args, kwargs, config, partials)
+    return Launch(int8_decode_kernel, grid, args, kwargs, config, written)
 
 
 @triton.jit
@@ -267,7 +270,7 @@ def int8_decode(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, 
                 config: Config | None = None) -> torch.Tensor:
     """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
     `triton_ops`; here only the tiling constraints are."""
-    return splitk.reduce(int8_decode_launch(x, w, config)(), bias, out)
+    return splitk.finish(int8_decode_launch(x, w, bias, out, config), bias, out)
 
 
 def int8_gemm_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,

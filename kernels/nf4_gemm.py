@@ -169,16 +169,17 @@ def nf4_gemv_kernel(
 @triton.jit
 def nf4_decode_kernel(
     # Pointers: x [M, K]; packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and
-    # the dynamic map [256] (fp32); partials fp32 [SPLIT_K, M, N]
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, partial_ptr,
+    # the dynamic map [256] (fp32); bias [N] or None;
+    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
+    x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, bias_ptr, out_ptr,
     # The fp32 absmax offset; sizes (HALF_K = K / 2, a row's bytes, passed so that Triton knows its divisibility:
     # 128-bit loads); each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
     offset, M, N, K, HALF_K, K_PER_SPLIT, BYTES_PER_SPLIT,
     # Strides
     stride_xm, stride_xk,
-    stride_ps, stride_pm, stride_pn,
+    stride_os, stride_om, stride_on,
     # Meta-parameters
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K % 64 == 0)
@@ -212,8 +213,8 @@ def nf4_decode_kernel(
         x_ptrs += x_step
         p_ptrs += BLOCK_K // 2
         blocks += BLOCK_K // 64
-    out_ptrs = partial_ptr + pid_k * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
-    tl.store(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
+                        HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -264,23 +265,25 @@ def _weight_args(w: nf4.NF4Weight, device: torch.device) -> tuple:
     return (w.packed, w.absmax, w.nested_absmax, levels, code_map)
 
 
-def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, config: Config | None = None) -> Launch:
+def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
+                      config: Config | None = None) -> Launch:
     """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K), and fp32 partials [SPLIT_K, M, N] on x's device for it to write."""
+    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
+    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N = x.shape, w.shape[0]
     config = config or decode_config(M, N, K, DECODE_BLOCK_K, interpreting())
     if config.BLOCK_K % BLOCK or M > config.BLOCK_M or K % BLOCK:
         raise ValueError(f"{config} cannot tile M={M}, K={K} in whole {BLOCK}-weight blocks")
-    partials = torch.empty((config.SPLIT_K, M, N), dtype=torch.float32, device=x.device)
+    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, *_weight_args(w, x.device), partials,
+    args = (x, *_weight_args(w, x.device), bias, written,
             w.offset, M, N, K, K // 2, decode_k_per_split(K, config), decode_k_per_split(K, config) // 2,
             x.stride(0), x.stride(1),
-            partials.stride(0), partials.stride(1), partials.stride(2))
-    kwargs = dict(DOT_DTYPE=dot_dtype(x),
+            stride_os, stride_om, stride_on)
+    kwargs = dict(DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
                   BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(nf4_decode_kernel, grid, args, kwargs, config, partials)
+    return Launch(nf4_decode_kernel, grid, args, kwargs, config, written)
 
 
 @triton.jit
@@ -344,7 +347,7 @@ def nf4_decode(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out
                config: Config | None = None) -> torch.Tensor:
     """Decode path: out [M, N] = x [M, K] @ W^T + bias for M <= DECODE_MAX_M. Inputs are checked by
     `triton_ops`; here only the tiling constraints are."""
-    return splitk.reduce(nf4_decode_launch(x, w, config)(), bias, out)
+    return splitk.finish(nf4_decode_launch(x, w, bias, out, config), bias, out)
 
 
 def nf4_gemm_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,

@@ -103,7 +103,8 @@ def _formats() -> dict[str, Format]:
     nf4_weight = lambda N, K: nf4.NF4Weight(  # noqa: E731
         _empty(N * K // 2, 1, dtype=torch.uint8), _empty(nf4_blocks(N, K), dtype=torch.uint8),
         _empty(-(-nf4_blocks(N, K) // nf4.NESTED_BLOCK_SIZE), dtype=torch.float32), 0.0, (N, K), torch.bfloat16)
-    int8_weight = lambda N, K: int8.Int8Weight(_empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))  # noqa: E731
+    int8_weight = lambda N, K: int8.Int8Weight(  # noqa: E731
+        _empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))
     return {
         "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "qweight_ptr",
                        lambda N, K: int4.Int4Weight(_empty(K, N // 8, dtype=torch.int32),
@@ -143,7 +144,7 @@ def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple
         w = fmt.gemv_weight(N, K)
         return fmt.gemv(x, w, bias, out), w, fmt.gemv_weight_argument
     w = fmt.meta_weight(N, K)
-    return (fmt.decode(x, w) if tiling.is_decode(M) else fmt.gemm(x, w, bias, out)), w, fmt.weight_argument
+    return (fmt.decode if tiling.is_decode(M) else fmt.gemm)(x, w, bias, out), w, fmt.weight_argument
 
 
 def large_m_path(fmt_name: str, M: int, N: int, K: int) -> str:

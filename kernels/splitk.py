@@ -1,4 +1,5 @@
-"""Second pass of the decode path: sum the fp32 split-K partials in a fixed order, add the bias, cast.
+"""Second pass of the decode path: sum the fp32 split-K partials in a fixed order, add the bias, cast; and the
+decode kernels' epilogue, which writes y itself when there is no split (SPLIT_K == 1: no second launch).
 
 A fixed-order sum instead of fp32 atomics makes decode outputs bit-reproducible run to run (sampling
 with a seed repeats itself). The partials of one layer are M * N * SPLIT_K * 4 bytes, which stay in L2
@@ -10,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import store_output
 
 _BLOCK_M = 16
@@ -57,3 +59,30 @@ def reduce(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor)
         BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N,
     )
     return out
+
+
+@triton.jit
+def decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A decode program's result acc fp32 [BLOCK_M, BLOCK_N]: y itself (bias added, cast once) when SPLIT_K == 1,
+    else its split's fp32 partials (out_ptr: partials [SPLIT_K, M, N], stride_os its split stride)."""
+    if SPLIT_K == 1:
+        store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+    else:
+        ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def target(split_k: int, out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """What a decode kernel writing out [M, N] in `split_k` splits writes, and its (split, row, column) strides: out
+    itself when split_k == 1, else new fp32 partials [split_k, M, N]."""
+    if split_k == 1:
+        return out, (0, out.stride(0), out.stride(1))
+    partials = torch.empty((split_k, *out.shape), dtype=torch.float32, device=out.device)
+    return partials, partials.stride()
+
+
+def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Run a decode or GEMV launch; reduce its partials into out when it wrote partials."""
+    result = launch()
+    return out if result is out else reduce(result, bias, out)

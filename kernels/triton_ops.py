@@ -7,9 +7,9 @@ the bias added before the single rounding to x's dtype; bf16 is never cast throu
 
 M = the number of rows of x picks the path (see `tiling`): M = 1 the GEMVs where the shape takes them,
 M <= 16 the split-K decode kernels, larger M the tl.dot GEMM kernels or, where `tiling.dequantize_first`
-predicts it faster, W^T dequantized once and a cuBLAS GEMM. Bad input raises ValueError naming the value and what would be valid. The
-kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 before
-triton is imported), which the tests use.
+predicts it faster, W^T dequantized once and a cuBLAS GEMM.  Bad input raises ValueError naming the value and what
+would be valid.  The kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
+before triton is imported), which the tests use.
 """
 from __future__ import annotations
 
