@@ -25,14 +25,15 @@ def dev():
       python dev train-tiny --corpus wiki.utf8 --out /tmp/tiny
       TRITON_INTERPRET=1 python dev bench-kernels --smoke
       python dev bench-cpu ./Qwen2.5-Coder-0.5B ./q-int4 ./q-int8 ./q-nf4 --rounds 3
+      python dev gpu-check --dry-run --out /tmp/gpu-check
     """
 
 
 def _register() -> None:
     from qwen2q_dev.research import compare_peers, paired
-    from qwen2q_dev.tools import bench_cpu, bench_kernels, random_checkpoint, train_tiny
+    from qwen2q_dev.tools import bench_cpu, bench_kernels, gpu_check, random_checkpoint, train_tiny
 
-    for module in (compare_peers, paired, random_checkpoint, train_tiny, bench_kernels, bench_cpu):
+    for module in (compare_peers, paired, random_checkpoint, train_tiny, bench_kernels, bench_cpu, gpu_check):
         dev.add_command(module.command)
 
 

@@ -1,0 +1,32 @@
+"""The one-shot GPU check (`python dev gpu-check`) runs every part on CPU with --dry-run and writes the JSON the
+GPU run will write: the script a lent GPU gets must not break there for a reason a CPU could have found."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_writes_every_part(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "dev", "gpu-check", "--dry-run", "--out", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    data = json.loads((tmp_path / "gpu_check-cpu-dry-run.json").read_text())
+    assert set(data["parts"]) == {"env", "tests", "correct", "graph", "kernels", "e2e", "cli"}
+    assert all(part["status"] == "ok" for part in data["parts"].values()), data["parts"]
+    assert data["correct"]["cases"] == data["correct"]["planned"] > 10 and data["correct"]["failures"] == []
+    assert data["correct"]["split_k_deterministic"] and data["correct"]["custom_op"] == "ok"
+    formats = {r["format"] for r in data["kernels"]}
+    assert formats == {"int4-g128", "nf4", "int8", "bf16"}
+    assert all({"proj", "M", "format", "us"} <= set(r) for r in data["kernels"])
+    assert set(data["e2e"]) == {"bf16", "int4", "nf4", "int8"}
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in data["e2e"].values())
+    assert all(r["graph_equals_eager"] for r in data["parts"]["graph"]["formats"].values())
+    assert data["parts"]["cli"]["failures"] == []
+    assert (tmp_path / "gpu_check-cpu-dry-run.log").read_text().count("ok in") == 7
