@@ -241,7 +241,7 @@ def correctness_cases(dry_run: bool) -> list[tuple]:
         ms = (1, 3, 17)
     else:
         shapes = {**SHAPES_7B, "72b gate_proj/up_proj": (29568, 8192), "odd": (200, 320)}
-        ms = (1, 16, 2, 7, 17, 64, 65, 300, 2048)
+        ms = (1, 16, 2048, 2, 17, 300, 7, 64, 65)  # the paths that matter most first: the budget may cut the rest
     cases = []
     for M in ms:
         for shape_name, (N, K) in shapes.items():
@@ -268,9 +268,8 @@ def part_correct(c: Check, deadline: float) -> dict:
         if time.monotonic() > deadline:
             break
         key = (fmt, N, K)
-        if key not in weights:
-            weights.clear()  # one weight at a time: the 72B shapes are large
-            weights[key] = _weight(fmt, N, K, c.device, seed=len(failures) + done)
+        if key not in weights:  # every weight kept: ~6 GB with its fp32 reference, far under an H200's memory
+            weights[key] = _weight(fmt, N, K, c.device, seed=len(weights))
         q, W = weights[key]
         dtype = getattr(torch, dtype_name)
         g = torch.Generator().manual_seed(done)
@@ -491,7 +490,7 @@ def part_e2e(c: Check, deadline: float) -> dict:
         shape, prompt_len, new_tokens = QWEN2_7B, 128, 128
     config = Qwen2Config(max_position_embeddings=4096, tie_word_embeddings=False, **shape)
     results = {}
-    for method in ("bf16", "int4", "nf4", "int8"):
+    for method in ("bf16", "int4", "nf4", "int8"):  # transformers runs after int4: the issue's targets first
         if time.monotonic() > deadline:
             results["note"] = "stopped at the part's time share"
             break
@@ -517,13 +516,18 @@ def part_e2e(c: Check, deadline: float) -> dict:
                            "peak_gib": round(r["peak_memory_bytes"] / 2**30, 2), "cuda_graph": r["cuda_graph"],
                            "quantize_s": round(quantize_s, 1)}
         c.log(f"e2e {method}: {results[method]}")
-        if method == "bf16" and time.monotonic() < deadline:
-            results["transformers_decode_tok_s"] = _transformers_decode(model, config, c, prompt_len, new_tokens)
+        if method == "bf16":
+            bf16_state = {k: v for k, v in model.state_dict().items()}  # for transformers, after int4
         del model
+        if method == "int4" and time.monotonic() < deadline:
+            results["transformers_decode_tok_s"] = _transformers_decode(bf16_state, config, c, prompt_len, new_tokens)
+            c.log(f"e2e transformers: {results['transformers_decode_tok_s']} tokens/s")
+        if method == "int4":
+            del bf16_state
     return results
 
 
-def _transformers_decode(model, config, c: Check, prompt_len: int, new_tokens: int):
+def _transformers_decode(state: dict, config, c: Check, prompt_len: int, new_tokens: int):
     """transformers' greedy `generate` on our bf16 weights: decode tokens/s from the time of new_tokens tokens
     minus the time of one (the prefill)."""
     import torch
@@ -545,7 +549,7 @@ def _transformers_decode(model, config, c: Check, prompt_len: int, new_tokens: i
             hf = HFModel(hf_config).eval()
     finally:
         torch.set_default_dtype(previous)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise RuntimeError(f"transformers' Qwen2 does not take our weights: missing {missing}, unexpected {unexpected}")
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
