@@ -18,12 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import gemv, int4_native, splitk
+from qwen2q.kernels import gemv, int4_native, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import (
-    Config, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile, interpreting,
-    multiply_accumulate, store_output,
-)
+from qwen2q.kernels.tiling import Config, decode_config, gemm_config, gemv_config, interpreting
 from qwen2q.quantizers import int4
 
 # Code fields of a native word view (int4_native): bits 11-14, 15-18, 19-22. Passed to the kernel as run-time
@@ -145,107 +142,20 @@ def int4_gemv_kernel(
 
 
 @triton.jit
-def int4_decode_kernel(
-    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; bias [N] or None;
-    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
-    # Sizes (NC = N / 8, the packed columns, passed so that Triton knows its divisibility: 128-bit loads); each
-    # program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
-    M, N, NC, K, K_PER_SPLIT,
-    # Strides
-    stride_xm, stride_xk,
-    stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
-    stride_os, stride_om, stride_on,
-    # Meta-parameters
-    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def int4_tile(i, k0, k_left, pid_n, pid_k, offs_k, offs_n, n_mask, W0, W1, W2, W3, W4, W5, P0, P1, P2, S0, S1, S2,
+              GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`skeletons` TILE: W^T [BLOCK_K, BLOCK_N] from W0 qweight [K, N / 8], W1 qzeros [K / G, N / 8], W2 scales
+    [K / G, N] (rows contiguous, row strides S0, S1, S2); P0 = N / 8, passed so that Triton knows its divisibility
+    (128-bit loads)."""
     offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # packed columns
-    offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
-    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < NC
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    q_ptrs = qweight_ptr + (k_start + offs_k)[:, None] * stride_qk + offs_c[None, :] * stride_qc
-    z_ptrs = qzeros_ptr + (k_start // GROUP_SIZE + offs_g)[:, None] * stride_zg + offs_c[None, :] * stride_zc
-    s_ptrs = scales_ptr + (k_start // GROUP_SIZE + offs_g)[:, None] * stride_sg + offs_n[None, :] * stride_sn
-    # Pointer steps and group offsets hoisted out of the loop: under the interpreter every integer
-    # add or multiply costs an overflow check, and on a GPU they are loop-invariant anyway.
-    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
-    z_step, s_step = BLOCK_K // GROUP_SIZE * stride_zg, BLOCK_K // GROUP_SIZE * stride_sg
-    group_starts = offs_g * GROUP_SIZE
-    shifts = _column_shifts()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_left = k_end - k0
-        k_mask = offs_k < k_left
-        g_mask = group_starts < k_left
-        words = tl.load(q_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0)
-        zero_words = tl.load(z_ptrs, mask=g_mask[:, None] & c_mask[None, :], other=0)
-        scales = tl.load(s_ptrs, mask=g_mask[:, None] & n_mask[None, :], other=0.0)
-        w = _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE, BLOCK_K, BLOCK_N)
-        # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc = multiply_accumulate(acc, x, w, BLOCK_M, DOT_DTYPE)
-        x_ptrs += x_step
-        q_ptrs += q_step
-        z_ptrs += z_step
-        s_ptrs += s_step
-    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
-                        HAS_BIAS, SPLIT_K)
-
-
-@triton.jit
-def int4_gemm_kernel(
-    # Pointers: x [M, K]; qweight, qzeros, scales as in the module docstring; bias [N] or None; out [M, N]
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
-    # Sizes (NC = N / 8, as in the decode kernel)
-    M, N, NC, K,
-    # Strides
-    stride_xm, stride_xk,
-    stride_qk, stride_qc, stride_zg, stride_zc, stride_sg, stride_sn,
-    stride_om, stride_on,
-    # Meta-parameters
-    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, BLOCK_K // GROUP_SIZE)
-    m_mask, n_mask, c_mask = offs_m < M, offs_n < N, offs_c < NC
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    q_ptrs = qweight_ptr + offs_k[:, None] * stride_qk + offs_c[None, :] * stride_qc
-    z_ptrs = qzeros_ptr + offs_g[:, None] * stride_zg + offs_c[None, :] * stride_zc
-    s_ptrs = scales_ptr + offs_g[:, None] * stride_sg + offs_n[None, :] * stride_sn
-    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
-    z_step, s_step = BLOCK_K // GROUP_SIZE * stride_zg, BLOCK_K // GROUP_SIZE * stride_sg
-    group_starts = offs_g * GROUP_SIZE
-    shifts = _column_shifts()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
-        k_mask = offs_k < k_left
-        g_mask = group_starts < k_left
-        words = tl.load(q_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0)
-        zero_words = tl.load(z_ptrs, mask=g_mask[:, None] & c_mask[None, :], other=0)
-        scales = tl.load(s_ptrs, mask=g_mask[:, None] & n_mask[None, :], other=0.0)
-        w = _dequantize_tile(words, zero_words, scales, shifts, GROUP_SIZE, BLOCK_K, BLOCK_N)
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
-        x_ptrs += x_step
-        q_ptrs += q_step
-        z_ptrs += z_step
-        s_ptrs += s_step
-    store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+    c_mask, k_mask, g_mask = offs_c < P0, offs_k < k_left, offs_g * GROUP_SIZE < k_left
+    groups = k0 // GROUP_SIZE + offs_g
+    words = tl.load(W0 + (k0 + offs_k)[:, None] * S0 + offs_c[None, :], mask=k_mask[:, None] & c_mask[None, :],
+                    other=0)
+    zero_words = tl.load(W1 + groups[:, None] * S1 + offs_c[None, :], mask=g_mask[:, None] & c_mask[None, :], other=0)
+    scales = tl.load(W2 + groups[:, None] * S2 + offs_n[None, :], mask=g_mask[:, None] & n_mask[None, :], other=0.0)
+    return _dequantize_tile(words, zero_words, scales, _column_shifts(), GROUP_SIZE, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -274,31 +184,21 @@ def int4_dequantize_kernel(
              mask=k_mask[:, None] & n_mask[None, :])
 
 
-def _weight_args(w: int4.Int4Weight) -> tuple:
-    return (w.qweight.stride(0), w.qweight.stride(1), w.qzeros.stride(0), w.qzeros.stride(1),
-            w.scales.stride(0), w.scales.stride(1))
+def _tile(w: int4.Int4Weight) -> skeletons.Tile:
+    qweight, qzeros, scales = (t if t.stride(1) == 1 else t.contiguous() for t in (w.qweight, w.qzeros, w.scales))
+    return skeletons.Tile(int4_tile, skeletons.no_finish, (qweight, qzeros, scales),
+                          lambda k_per_split: (w.out_features // 8,),
+                          (qweight.stride(0), qzeros.stride(0), scales.stride(0)), w.group_size)
 
 
 def int4_decode_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
                        config: Config | None = None) -> Launch:
-    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
-    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    """The split-K decode launch (`skeletons.decode_launch`) for x [M, K], M <= DECODE_MAX_M."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or decode_config(M, N, K, G, interpreting())
     if config.BLOCK_K % G or M > config.BLOCK_M or config.BLOCK_N % 8:
         raise ValueError(f"{config} cannot tile M={M} with group_size={G}")
-    k_per_split = decode_k_per_split(K, config)
-    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
-    grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, w.qweight, w.qzeros, w.scales, bias, written,
-            M, N, N // 8, K, k_per_split,
-            x.stride(0), x.stride(1), *_weight_args(w),
-            stride_os, stride_om, stride_on)
-    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_decode_kernel, grid, args, kwargs, config, written)
+    return skeletons.decode_launch(_tile(w), x, N, bias, out, config)
 
 
 def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
@@ -332,21 +232,12 @@ def int4_decode(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, 
 
 def int4_gemm_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,
                      config: Config | None = None) -> Launch:
-    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
-    of M tiles x N tiles."""
+    """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or gemm_config(M, N, K, G, interpreting())
     if config.BLOCK_K % G or config.BLOCK_M < 16 or config.BLOCK_N % 8:
         raise ValueError(f"{config} cannot tile group_size={G} with tl.dot")
-    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    args = (x, w.qweight, w.qzeros, w.scales, bias, out,
-            M, N, N // 8, K,
-            x.stride(0), x.stride(1), *_weight_args(w),
-            out.stride(0), out.stride(1))
-    kwargs = dict(GROUP_SIZE=G, HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_gemm_kernel, grid, args, kwargs, config, out)
+    return skeletons.gemm_launch(_tile(w), x, N, bias, out, config)
 
 
 def int4_gemm(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None, out: torch.Tensor,

@@ -21,12 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import gemv, splitk
+from qwen2q.kernels import gemv, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import (
-    Config, INT8_GEMV_TILES, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile,
-    interpreting, multiply_accumulate, store_output,
-)
+from qwen2q.kernels.tiling import INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting
 from qwen2q.quantizers import int8
 
 
@@ -120,100 +117,33 @@ def int8_gemv_kernel(
 
 
 @triton.jit
-def int8_decode_kernel(
-    # Pointers: x [M, K]; qweight int8 [N, K]; absmax fp32 [N]; bias [N] or None;
-    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
-    x_ptr, qweight_ptr, absmax_ptr, bias_ptr, out_ptr,
-    # Sizes; each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
-    M, N, K, K_PER_SPLIT,
-    # Strides
-    stride_xm, stride_xk,
-    stride_qn, stride_qk,
-    stride_os, stride_om, stride_on,
-    # Meta-parameters
-    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    q_ptrs = qweight_ptr + offs_n[None, :] * stride_qn + (k_start + offs_k)[:, None] * stride_qk  # W^T tile
-    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_mask = offs_k < k_end - k0
-        w = tl.load(q_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0).to(tl.float32)
-        # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc = multiply_accumulate(acc, x, w, BLOCK_M, DOT_DTYPE)
-        x_ptrs += x_step
-        q_ptrs += q_step
-    acc *= _row_scales(absmax_ptr, offs_n, N)[None, :]  # linear, so it commutes with the split-K sum
-    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
-                        HAS_BIAS, SPLIT_K)
+def int8_tile(i, k0, k_left, pid_n, pid_k, offs_k, offs_n, n_mask, W0, W1, W2, W3, W4, W5, P0, P1, P2, S0, S1, S2,
+              GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`skeletons` TILE: the codes of W^T [BLOCK_K, BLOCK_N] as fp32 (exact), the row scale left to `int8_finish`.
+    W0: qweight int8 [N, K], S0 its row stride."""
+    mask = (offs_k < k_left)[:, None] & n_mask[None, :]
+    return tl.load(W0 + offs_n[None, :] * S0 + (k0 + offs_k)[:, None], mask=mask, other=0).to(tl.float32)
 
 
 @triton.jit
-def int8_gemm_kernel(
-    # Pointers: x [M, K]; qweight int8 [N, K]; absmax fp32 [N]; bias [N] or None; out [M, N]
-    x_ptr, qweight_ptr, absmax_ptr, bias_ptr, out_ptr,
-    # Sizes
-    M, N, K,
-    # Strides
-    stride_xm, stride_xk,
-    stride_qn, stride_qk,
-    stride_om, stride_on,
-    # Meta-parameters
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+def int8_finish(acc, offs_n, N, W0, W1, W2, W3, W4, W5):
+    """`skeletons` FINISH: the per-row scale absmax / 127 (W1), applied once after the K reduction."""
+    return acc * _row_scales(W1, offs_n, N)[None, :]
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    q_ptrs = qweight_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk  # W^T tile
-    x_step, q_step = BLOCK_K * stride_xk, BLOCK_K * stride_qk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = offs_k < K - k0
-        w = tl.load(q_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0).to(tl.float32)
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
-        x_ptrs += x_step
-        q_ptrs += q_step
-    acc *= _row_scales(absmax_ptr, offs_n, N)[None, :]
-    store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
+
+def _tile(w: int8.Int8Weight) -> skeletons.Tile:
+    qweight = w.qweight if w.qweight.stride(1) == 1 else w.qweight.contiguous()
+    return skeletons.Tile(int8_tile, int8_finish, (qweight, w.absmax), lambda k_per_split: (), (qweight.stride(0),))
 
 
 def int8_decode_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
                        config: Config | None = None) -> Launch:
-    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
-    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    """The split-K decode launch (`skeletons.decode_launch`) for x [M, K], M <= DECODE_MAX_M."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or decode_config(M, N, K, 16, interpreting())
     if M > config.BLOCK_M:
         raise ValueError(f"{config} cannot tile M={M}")
-    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
-    grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, w.qweight, w.absmax, bias, written,
-            M, N, K, decode_k_per_split(K, config),
-            x.stride(0), x.stride(1),
-            w.qweight.stride(0), w.qweight.stride(1),
-            stride_os, stride_om, stride_on)
-    kwargs = dict(DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int8_decode_kernel, grid, args, kwargs, config, written)
+    return skeletons.decode_launch(_tile(w), x, N, bias, out, config)
 
 
 @triton.jit
@@ -275,22 +205,12 @@ def int8_decode(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, 
 
 def int8_gemm_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,
                      config: Config | None = None) -> Launch:
-    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
-    of M tiles x N tiles."""
+    """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or gemm_config(M, N, K, 16, interpreting())
     if config.BLOCK_M < 16:
         raise ValueError(f"{config}: tl.dot needs BLOCK_M >= 16")
-    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    args = (x, w.qweight, w.absmax, bias, out,
-            M, N, K,
-            x.stride(0), x.stride(1),
-            w.qweight.stride(0), w.qweight.stride(1),
-            out.stride(0), out.stride(1))
-    kwargs = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int8_gemm_kernel, grid, args, kwargs, config, out)
+    return skeletons.gemm_launch(_tile(w), x, N, bias, out, config)
 
 
 def int8_gemm(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None, out: torch.Tensor,

@@ -33,12 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import gemv, splitk
+from qwen2q.kernels import gemv, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import (
-    Config, INT8_GEMV_TILES, decode_config, decode_k_per_split, dot_dtype, gemm_config, gemv_config, grouped_tile,
-    interpreting, multiply_accumulate, store_output,
-)
+from qwen2q.kernels.tiling import INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting
 from qwen2q.quantizers import nf4
 
 BLOCK = nf4.BLOCK_SIZE  # 64 weights per absmax; the kernels spell it 64, and 256 absmax per nested scale as >> 8
@@ -167,123 +164,38 @@ def nf4_gemv_kernel(
 
 
 @triton.jit
-def nf4_decode_kernel(
-    # Pointers: x [M, K]; packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and
-    # the dynamic map [256] (fp32); bias [N] or None;
-    # out: y [M, N] when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N]
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, bias_ptr, out_ptr,
-    # The fp32 absmax offset; sizes (HALF_K = K / 2, a row's bytes, passed so that Triton knows its divisibility:
-    # 128-bit loads); each program reduces K_PER_SPLIT (a multiple of BLOCK_K) input channels
-    offset, M, N, K, HALF_K, K_PER_SPLIT, BYTES_PER_SPLIT,
-    # Strides
-    stride_xm, stride_xk,
-    stride_os, stride_om, stride_on,
-    # Meta-parameters
-    DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+def nf4_tile(i, k0, k_left, pid_n, pid_k, offs_k, offs_n, n_mask, W0, W1, W2, W3, W4, W5, P0, P1, P2, S0, S1, S2,
+             GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`skeletons` TILE: W^T [BLOCK_K, BLOCK_N] from W0 packed, W1 absmax, W2 nested_absmax, W3 the levels, W4 the
+    dynamic map (module docstring); P0 = K / 2 (a row's bytes), P1 = the bytes of a split, P2 = the absmax offset.
+    The byte offset is pid_k * P1 + i * BLOCK_K / 2, not k0 / 2, so that Triton knows it divides by 16 (128-bit
+    loads); bytes are masked per whole 64-weight block for the same reason."""
     tl.static_assert(BLOCK_K % 64 == 0)
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_byte = tl.arange(0, BLOCK_K // 2)
     offs_block = tl.arange(0, BLOCK_K // 64)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    # Row n of W starts at byte n * K / 2 and at block n * K / 64.
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    # pid_k * BYTES_PER_SPLIT, not k_start // 2: Triton then knows the offset's divisibility by 16 (128-bit loads)
-    p_ptrs = packed_ptr + offs_n[None, :] * HALF_K + (pid_k * BYTES_PER_SPLIT + offs_byte)[:, None]
-    blocks = offs_n[None, :] * (K // 64) + (k_start // 64 + offs_block)[:, None]
-    x_step = BLOCK_K * stride_xk
-    byte_starts, block_starts = (offs_byte // 32) * 64, offs_block * 64  # whole blocks
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_left = k_end - k0
-        b_mask = (block_starts < k_left)[:, None] & n_mask[None, :]
-        absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, blocks, b_mask, offset)
-        packed = tl.load(p_ptrs, mask=(byte_starts < k_left)[:, None] & n_mask[None, :], other=0)
-        w = _dequantize_tile(packed, levels_ptr, absmax, BLOCK_K, BLOCK_N)
-        # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < k_left)[None, :], other=0.0).to(tl.float32)
-        acc = multiply_accumulate(acc, x, w, BLOCK_M, DOT_DTYPE)
-        x_ptrs += x_step
-        p_ptrs += BLOCK_K // 2
-        blocks += BLOCK_K // 64
-    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
-                        HAS_BIAS, SPLIT_K)
+    blocks = offs_n[None, :] * (P0 // 32) + (k0 // 64 + offs_block)[:, None]  # row n starts at block n * K / 64
+    absmax = _decode_absmax(W1, W2, W4, blocks, (offs_block * 64 < k_left)[:, None] & n_mask[None, :], P2)
+    byte_mask = ((offs_byte // 32) * 64 < k_left)[:, None] & n_mask[None, :]
+    packed = tl.load(W0 + offs_n[None, :] * P0 + (pid_k * P1 + i * (BLOCK_K // 2) + offs_byte)[:, None],
+                     mask=byte_mask, other=0)
+    return _dequantize_tile(packed, W3, absmax, BLOCK_K, BLOCK_N)
 
 
-@triton.jit
-def nf4_gemm_kernel(
-    # Pointers: x [M, K]; packed, absmax, nested_absmax as in the module docstring; the NF4 levels [16] and
-    # the dynamic map [256] (fp32); bias [N] or None; out [M, N]
-    x_ptr, packed_ptr, absmax_ptr, nested_ptr, levels_ptr, code_map_ptr, bias_ptr, out_ptr,
-    # The fp32 absmax offset; sizes (HALF_K = K / 2, as in the decode kernel)
-    offset, M, N, K, HALF_K,
-    # Strides
-    stride_xm, stride_xk,
-    stride_om, stride_on,
-    # Meta-parameters
-    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    tl.static_assert(BLOCK_K % 64 == 0)
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_byte = tl.arange(0, BLOCK_K // 2)
-    offs_block = tl.arange(0, BLOCK_K // 64)
-    m_mask, n_mask = offs_m < M, offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    p_ptrs = packed_ptr + offs_n[None, :] * HALF_K + offs_byte[:, None]
-    blocks = offs_n[None, :] * (K // 64) + offs_block[:, None]
-    x_step = BLOCK_K * stride_xk
-    byte_starts, block_starts = (offs_byte // 32) * 64, offs_block * 64  # whole blocks
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_left = K - k0
-        b_mask = (block_starts < k_left)[:, None] & n_mask[None, :]
-        absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, blocks, b_mask, offset)
-        packed = tl.load(p_ptrs, mask=(byte_starts < k_left)[:, None] & n_mask[None, :], other=0)
-        w = _dequantize_tile(packed, levels_ptr, absmax, BLOCK_K, BLOCK_N)
-        x = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k < k_left)[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
-        x_ptrs += x_step
-        p_ptrs += BLOCK_K // 2
-        blocks += BLOCK_K // 64
-    store_output(out_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_om, stride_on, HAS_BIAS)
-
-
-def _weight_args(w: nf4.NF4Weight, device: torch.device) -> tuple:
+def _tile(w: nf4.NF4Weight, device: torch.device) -> skeletons.Tile:
     levels, code_map = lookup_tables(device)
-    return (w.packed, w.absmax, w.nested_absmax, levels, code_map)
+    K = w.shape[1]
+    return skeletons.Tile(nf4_tile, skeletons.no_finish, (w.packed, w.absmax, w.nested_absmax, levels, code_map),
+                          lambda k_per_split: (K // 2, k_per_split // 2, w.offset), ())
 
 
 def nf4_decode_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
                       config: Config | None = None) -> Launch:
-    """The decode kernel's launch for x [M, K] (M <= DECODE_MAX_M): the config `tiling` picks, grid
-    (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias included) when SPLIT_K == 1, else fp32 partials
-    [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    """The split-K decode launch (`skeletons.decode_launch`) for x [M, K], M <= DECODE_MAX_M."""
     (M, K), N = x.shape, w.shape[0]
     config = config or decode_config(M, N, K, DECODE_BLOCK_K, interpreting())
     if config.BLOCK_K % BLOCK or M > config.BLOCK_M or K % BLOCK:
         raise ValueError(f"{config} cannot tile M={M}, K={K} in whole {BLOCK}-weight blocks")
-    written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
-    grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
-    args = (x, *_weight_args(w, x.device), bias, written,
-            w.offset, M, N, K, K // 2, decode_k_per_split(K, config), decode_k_per_split(K, config) // 2,
-            x.stride(0), x.stride(1),
-            stride_os, stride_om, stride_on)
-    kwargs = dict(DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(nf4_decode_kernel, grid, args, kwargs, config, written)
+    return skeletons.decode_launch(_tile(w, x.device), x, N, bias, out, config)
 
 
 @triton.jit
@@ -352,21 +264,12 @@ def nf4_decode(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out
 
 def nf4_gemm_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,
                     config: Config | None = None) -> Launch:
-    """The GEMM kernel's launch writing out [M, N] from x [M, K]: the config `tiling` picks and a 1-D grid
-    of M tiles x N tiles."""
+    """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N = x.shape, w.shape[0]
     config = config or gemm_config(M, N, K, BLOCK, interpreting())
     if config.BLOCK_K % BLOCK or config.BLOCK_M < 16 or K % BLOCK:
         raise ValueError(f"{config} cannot tile K={K} in whole {BLOCK}-weight blocks with tl.dot")
-    grid = (triton.cdiv(M, config.BLOCK_M) * triton.cdiv(N, config.BLOCK_N),)
-    args = (x, *_weight_args(w, x.device), bias, out,
-            w.offset, M, N, K, K // 2,
-            x.stride(0), x.stride(1),
-            out.stride(0), out.stride(1))
-    kwargs = dict(HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype(x),
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, GROUP_M=config.GROUP_M,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(nf4_gemm_kernel, grid, args, kwargs, config, out)
+    return skeletons.gemm_launch(_tile(w, x.device), x, N, bias, out, config)
 
 
 def nf4_gemm(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None, out: torch.Tensor,

@@ -106,7 +106,7 @@ def _formats() -> dict[str, Format]:
     int8_weight = lambda N, K: int8.Int8Weight(  # noqa: E731
         _empty(N, K, dtype=torch.int8), _empty(N, dtype=torch.float32))
     return {
-        "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "qweight_ptr",
+        "int4": Format(int4_gemm.int4_decode_launch, int4_gemm.int4_gemm_launch, "W0",
                        lambda N, K: int4.Int4Weight(_empty(K, N // 8, dtype=torch.int32),
                                                     _empty(K // g, N // 8, dtype=torch.int32),
                                                     _empty(K // g, N, dtype=torch.float16)),
@@ -115,9 +115,9 @@ def _formats() -> dict[str, Format]:
                                                            _empty(K // g, N, dtype=torch.uint8),
                                                            _empty(K // g, N, dtype=torch.float16)),
                        "words_ptr"),
-        "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "packed_ptr", nf4_weight,
+        "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "W0", nf4_weight,
                       nf4_gemm.nf4_gemv_launch, nf4_weight, "words_ptr"),
-        "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "qweight_ptr",
+        "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "W0",
                        int8_weight, int8_gemm.int8_gemv_launch, int8_weight, "words_ptr"),
     }
 

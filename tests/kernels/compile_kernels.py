@@ -1,71 +1,60 @@
 """Compile every kernel for one CUDA architecture with Triton's bundled LLVM and ptxas; no GPU needed.
 
 Run in a process without TRITON_INTERPRET (test_compile.py does): `python compile_kernels.py 90`.
-Each kernel is compiled with the block config `tiling` picks on a GPU for a decode or a GEMM shape.
-Prints one line per kernel: shared memory, layout conversions in the TTGIR and local-memory loads in the
-PTX (register spills), the first things to look at when tuning.
+Each kernel is compiled as the runtime launches it (`kernels.offline_compile`: the same launch builders, tile
+choice and argument specialisation), on meta tensors of the Qwen2-0.5B gate/up shape, for bf16 and fp16
+activations: every format's GEMV (M = 1), split-K decode (M = 16) and GEMM (M = 128) kernel, and the split-K
+reduction.  (`python -m qwen2q.kernels.report` reads the same binaries instruction by instruction.)  Prints one line per kernel: shared memory, layout conversions in the TTGIR
+and local-memory loads in the PTX (register spills), the first things to look at when tuning.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, splitk, tiling
+import torch
 
 N, K = 4864, 896  # Qwen2-0.5B gate/up projection
-WEIGHT_POINTERS = {
-    "int4": {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16"},
-    "nf4": {"packed_ptr": "*u8", "absmax_ptr": "*u8", "nested_ptr": "*fp32", "levels_ptr": "*fp32",
-            "code_map_ptr": "*fp32"},
-    "int8": {"qweight_ptr": "*i8", "absmax_ptr": "*fp32"},
-}
 
 
-def signature(fn, act: str, weights: dict[str, str], constexprs: dict) -> dict[str, str]:
-    """Argument types by naming convention: activations/bias/out in `act`, partials fp32, sizes and
-    strides i32, the NF4 offset fp32."""
-    types = {"x_ptr": f"*{act}", "bias_ptr": f"*{act}", "out_ptr": f"*{act}", "partial_ptr": "*fp32",
-             "offset": "fp32", **weights}
-    return {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+def _meta(*shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def compile_kernel(target, fn, act, weights, constexprs, config):
-    source = ASTSource(fn=fn, signature=signature(fn, act, weights, constexprs),
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=target, options=options)
+def launches(act: torch.dtype):
+    """(label, Launch) for every kernel and path."""
+    from qwen2q.kernels import splitk, tiling
+    from qwen2q.kernels.launch import Launch
+    from qwen2q.kernels.report import _formats
 
-
-def kernels(act: str):
-    """(label, kernel, weight pointer types, constexprs, config) for every kernel and path."""
-    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[act]
-    formats = (("int4", int4_gemm, 128, {"GROUP_SIZE": 128}), ("nf4", nf4_gemm, 64, {}), ("int8", int8_gemm, 16, {}))
-    for fmt, module, k_multiple, extra in formats:
-        for M in (1, 16):
-            c = tiling.decode_config(M, N, K, k_multiple, interpret=False)
-            meta = {**extra, "DOT_DTYPE": dot, "BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N, "BLOCK_K": c.BLOCK_K}
-            yield f"{fmt} decode M={M}", getattr(module, f"{fmt}_decode_kernel"), WEIGHT_POINTERS[fmt], meta, c
-        c = tiling.gemm_config(128, N, K, k_multiple, interpret=False)
-        meta = {**extra, "HAS_BIAS": True, "DOT_DTYPE": dot, "BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N,
-                "BLOCK_K": c.BLOCK_K, "GROUP_M": c.GROUP_M}
-        yield f"{fmt} gemm M=128", getattr(module, f"{fmt}_gemm_kernel"), WEIGHT_POINTERS[fmt], meta, c
-    meta = {"HAS_BIAS": True, "BLOCK_M": splitk._BLOCK_M, "BLOCK_N": splitk._BLOCK_N}
-    yield "split-K reduce", splitk.splitk_reduce_kernel, {}, meta, tiling.Config(16, 256, 16)
+    formats = _formats()
+    for fmt in ("int4", "nf4", "int8"):
+        f = formats[fmt]
+        w = f.meta_weight(N, K)
+        bias = _meta(N, dtype=act)
+        x1, out1 = _meta(1, K, dtype=act), _meta(1, N, dtype=act)
+        yield f"{fmt} gemv M=1", f.gemv(x1, f.gemv_weight(N, K), bias, out1)
+        x, out = _meta(16, K, dtype=act), _meta(16, N, dtype=act)
+        yield f"{fmt} decode M=16", f.decode(x, w, bias, out)
+        x, out = _meta(128, K, dtype=act), _meta(128, N, dtype=act)
+        yield f"{fmt} gemm M=128", f.gemm(x, w, bias, out)
+    partials, out = _meta(4, 16, N, dtype=torch.float32), _meta(16, N, dtype=act)
+    yield "split-K reduce", Launch(splitk.splitk_reduce_kernel, (1, 1),
+                                   (partials, None, out, 16, N, 4, *partials.stride(), *out.stride()),
+                                   dict(HAS_BIAS=False, BLOCK_M=splitk._BLOCK_M, BLOCK_N=splitk._BLOCK_N, num_warps=4,
+                                        num_stages=2), tiling.Config(16, 256, 16), out)
 
 
 def main(arch: int) -> None:
+    from qwen2q.kernels import tiling
+    from qwen2q.kernels.offline_compile import compile_launch
+
     if tiling.interpreting():
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")
-    target = GPUTarget("cuda", arch, 32)
-    for act in ("bf16", "fp16"):
-        for label, fn, weights, meta, config in kernels(act):
-            compiled = compile_kernel(target, fn, act, weights, meta, config)
-            print(f"sm_{arch} {act} {label:16s} shared={compiled.metadata.shared:6d}"
+    for act, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for label, launch in launches(act):
+            compiled = compile_launch(launch, arch)
+            print(f"sm_{arch} {name} {label:16s} shared={compiled.metadata.shared:6d}"
                   f" convert_layout={compiled.asm['ttgir'].count('convert_layout'):2d}"
                   f" ld.local={compiled.asm['ptx'].count('ld.local')}")
 
