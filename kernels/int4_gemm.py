@@ -20,7 +20,7 @@ import triton.language as tl
 
 from qwen2q.kernels import gemv, int4_native, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import Config, decode_config, gemm_config, gemv_config, interpreting
+from qwen2q.kernels.tiling import Config, decode_config, gemm_config, gemv_config, interpreting, shared_limit
 from qwen2q.quantizers import int4
 
 # Code fields of a native word view (int4_native): bits 11-14, 15-18, 19-22. Passed to the kernel as run-time
@@ -234,7 +234,7 @@ def int4_gemm_launch(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | N
                      config: Config | None = None) -> Launch:
     """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
-    config = config or gemm_config(M, N, K, G, interpreting())
+    config = config or gemm_config(M, N, K, G, interpreting(), shared_limit(x.device))
     if config.BLOCK_K % G or config.BLOCK_M < 16 or config.BLOCK_N % 8:
         raise ValueError(f"{config} cannot tile group_size={G} with tl.dot")
     return skeletons.gemm_launch(_tile(w), x, N, bias, out, config)

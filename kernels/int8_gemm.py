@@ -23,7 +23,9 @@ import triton.language as tl
 
 from qwen2q.kernels import gemv, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting
+from qwen2q.kernels.tiling import (
+    INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting, shared_limit,
+)
 from qwen2q.quantizers import int8
 
 
@@ -207,7 +209,7 @@ def int8_gemm_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | N
                      config: Config | None = None) -> Launch:
     """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N = x.shape, w.qweight.shape[0]
-    config = config or gemm_config(M, N, K, 16, interpreting())
+    config = config or gemm_config(M, N, K, 16, interpreting(), shared_limit(x.device))
     if config.BLOCK_M < 16:
         raise ValueError(f"{config}: tl.dot needs BLOCK_M >= 16")
     return skeletons.gemm_launch(_tile(w), x, N, bias, out, config)

@@ -35,7 +35,9 @@ import triton.language as tl
 
 from qwen2q.kernels import gemv, skeletons, splitk
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting
+from qwen2q.kernels.tiling import (
+    INT8_GEMV_TILES, Config, decode_config, gemm_config, gemv_config, interpreting, shared_limit,
+)
 from qwen2q.quantizers import nf4
 
 BLOCK = nf4.BLOCK_SIZE  # 64 weights per absmax; the kernels spell it 64, and 256 absmax per nested scale as >> 8
@@ -266,7 +268,7 @@ def nf4_gemm_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None
                     config: Config | None = None) -> Launch:
     """The GEMM launch (`skeletons.gemm_launch`) writing out [M, N] from x [M, K]."""
     (M, K), N = x.shape, w.shape[0]
-    config = config or gemm_config(M, N, K, BLOCK, interpreting())
+    config = config or gemm_config(M, N, K, BLOCK, interpreting(), shared_limit(x.device))
     if config.BLOCK_K % BLOCK or config.BLOCK_M < 16 or K % BLOCK:
         raise ValueError(f"{config} cannot tile K={K} in whole {BLOCK}-weight blocks with tl.dot")
     return skeletons.gemm_launch(_tile(w, x.device), x, N, bias, out, config)

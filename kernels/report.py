@@ -250,7 +250,10 @@ def report_rows(arch: int, models: list[str], ms: list[int], formats: list[str])
 
     from qwen2q.kernels.offline_compile import compile_launch
 
+    from qwen2q.kernels import tiling
+
     all_formats, rows, ptxas = _formats(), [], ptxas_version(arch)
+    tiling.offline_arch = arch  # the tile choice the runtime makes on that architecture (shared memory)
     for fmt_name in formats:
         fmt = all_formats[fmt_name]
         for model in models:

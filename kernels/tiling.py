@@ -121,13 +121,32 @@ def decode_k_per_split(K: int, config: Config) -> int:
     return _round_up(triton.cdiv(K, config.SPLIT_K), config.BLOCK_K)
 
 
-def gemm_config(M: int, N: int, K: int, k_multiple: int, interpret: bool) -> Config:
-    """GEMM path (M > DECODE_MAX_M). BLOCK_K is a multiple of `k_multiple`."""
+# Shared memory one block may take, by compute capability (CUDA guide): sm_86 / sm_89 (Ampere / Ada consumer
+# parts) allow 99 KiB, where sm_80 allows 163 and sm_90 227.
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+offline_arch: int | None = None  # the architecture `report` compiles for, while it builds launches
+
+
+def shared_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory a block may take on `device` (None: unknown, or not a GPU)."""
+    if offline_arch is not None:
+        return SHARED_PER_BLOCK.get(offline_arch)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return SHARED_PER_BLOCK.get(10 * major + minor)
+
+
+def gemm_config(M: int, N: int, K: int, k_multiple: int, interpret: bool, shared: int | None = None) -> Config:
+    """GEMM path (M > DECODE_MAX_M). BLOCK_K is a multiple of `k_multiple`; `shared` the device's shared memory
+    per block (`shared_limit`): under 128 KiB the 128-row tiles keep two stages instead of three (int4's take
+    ~144 KiB with three)."""
     if interpret:
         block_m = _interpreter_block(M, 128, DOT_MIN_M)
         return Config(block_m, _interpreter_block(N, 512, 16), _interpreter_block(K, 512, k_multiple))
     block_m = 64 if M <= 64 else 128
-    return Config(block_m, 128, max(64, k_multiple), num_warps=4 if block_m == 64 else 8, num_stages=3)
+    stages = 2 if block_m == 128 and shared is not None and shared < 128 * 1024 else 3
+    return Config(block_m, 128, max(64, k_multiple), num_warps=4 if block_m == 64 else 8, num_stages=stages)
 
 
 # The large-M choice, from report.py's model (H200: 132 SMs x 4 schedulers at 1.755 GHz, 4.3 TB/s, 989 TFLOP/s):

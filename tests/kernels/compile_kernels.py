@@ -4,8 +4,9 @@ Run in a process without TRITON_INTERPRET (test_compile.py does): `python compil
 Each kernel is compiled as the runtime launches it (`kernels.offline_compile`: the same launch builders, tile
 choice and argument specialisation), on meta tensors of the Qwen2-0.5B gate/up shape, for bf16 and fp16
 activations: every format's GEMV (M = 1), split-K decode (M = 16) and GEMM (M = 128) kernel, and the split-K
-reduction.  (`python -m qwen2q.kernels.report` reads the same binaries instruction by instruction.)  Prints one line per kernel: shared memory, layout conversions in the TTGIR
-and local-memory loads in the PTX (register spills), the first things to look at when tuning.
+reduction (`python -m qwen2q.kernels.report` reads the same binaries instruction by instruction).  Prints one
+line per kernel: shared memory, layout conversions in the TTGIR and local-memory loads in the PTX (register
+spills), the first things to look at when tuning.
 """
 from __future__ import annotations
 

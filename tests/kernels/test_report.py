@@ -71,3 +71,18 @@ def test_report_compiles_every_format_for_hopper(tmp_path):
     assert {r["weight_load_bits"] for r in rows if r["format"] in ("int4", "nf4")} == {128}
     # The NF4 GEMV looks levels up with one warp shuffle per weight, which the model counts.
     assert all(r["loop_shared"] >= r["inner_loop_sass"] // 4 for r in rows if r["format"] == "nf4")
+
+
+def test_every_kernel_fits_the_shared_memory_of_an_ada_gpu(tmp_path):
+    """sm_89 lets a block take 99 KiB of shared memory, where an H200 allows 227: the GEMM the runtime picks there
+    must fit (the int4 GEMM's three stages took 112 KiB)."""
+    if missing := _missing_tools():
+        pytest.skip(f"Triton does not bundle {', '.join(missing)}")
+    out = tmp_path / "report.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-m", "qwen2q.kernels.report", "--arch", "89", "--shapes", "0.5b",
+                             "--m", "2048", "--json", str(out)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 15 and all(r["smem_bytes"] <= 99 * 1024 for r in rows), [r["smem_bytes"] for r in rows]

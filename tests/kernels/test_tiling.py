@@ -65,3 +65,19 @@ def test_gemv_config_fills_the_gpu_from_the_shape(N, K, fmt):
     assert 1 <= c.SPLIT_K <= blocks
     ctas = N // c.BLOCK_N * c.SPLIT_K
     assert ctas >= min(4 * 132, N // c.BLOCK_N * min(blocks, 32 * 128 // block_k))
+
+
+def test_gemm_tiles_fit_the_shared_memory_of_the_device():
+    """128-row GEMM tiles keep three stages where a block may take 163 KiB or more (sm_80, sm_90) and two where it
+    may take 99 KiB (sm_86, sm_89); the report builds its launches with the limit of the architecture it
+    compiles for."""
+    assert tiling.gemm_config(2048, 4096, 4096, 128, False).num_stages == 3
+    for arch, stages in ((80, 3), (86, 2), (89, 2), (90, 3)):
+        assert tiling.gemm_config(2048, 4096, 4096, 128, False, tiling.SHARED_PER_BLOCK[arch]).num_stages == stages
+    assert tiling.gemm_config(32, 4096, 4096, 128, False, tiling.SHARED_PER_BLOCK[89]).num_stages == 3  # 64 rows
+    assert tiling.shared_limit(torch.device("cpu")) is None
+    tiling.offline_arch = 89
+    try:
+        assert tiling.shared_limit(torch.device("meta")) == 99 * 1024
+    finally:
+        tiling.offline_arch = None

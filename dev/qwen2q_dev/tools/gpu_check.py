@@ -283,8 +283,8 @@ def part_correct(c: Check, deadline: float) -> dict:
             paths.append(int4_native.from_awq(q))
         for native in paths:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
-            label = f"{fmt} {shape_name} M={M} {dtype_name}{' bias' if has_bias else ''}{' strided-x' if strided else ''}" \
-                    f"{' native' if native is not None else ''}"
+            flags = [f for f, on in (("bias", has_bias), ("strided-x", strided), ("native", native is not None)) if on]
+            label = " ".join([fmt, shape_name, f"M={M}", dtype_name, *flags])
             try:
                 _call(fmt, x, q, bias, out, native)
                 problem = _close(out, x, W, bias, dtype_name)
@@ -448,7 +448,8 @@ def part_kernels(c: Check, deadline: float) -> dict:
                     finally:
                         tiling.dequantize_first = saved
                     moved = nbytes + 2 * M * K + 2 * M * N
-                    row = {"proj": proj, "M": M, "format": fmt, "variant": variant, "us": us, "weight_copies": len(calls)}
+                    row = {"proj": proj, "M": M, "format": fmt, "variant": variant, "us": us,
+                           "weight_copies": len(calls)}
                     if us:
                         row["gbs"] = round(moved / (us * 1e-6) / 1e9, 1)
                         row["fraction_of_copy"] = round(row["gbs"] / copy_gbs, 3) if copy_gbs else None
