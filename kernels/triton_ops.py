@@ -68,6 +68,16 @@ def _gemm_or_dequantize(module, gemm: Callable, dequantize: Callable) -> Callabl
     return run
 
 
+def _gemv_or_decode(applies: Callable, gemv: Callable, decode: Callable) -> Callable:
+    """The M <= 16 path of a format whose GEMV reads the checkpoint's tensors: the GEMV for one row where
+    `applies(w)`, else the split-K decode kernel."""
+    def run(x2, w, bias, out):
+        if x2.shape[0] == 1 and applies(w):
+            return gemv(x2.contiguous(), w, bias, out)
+        return decode(x2, w, bias, out)
+    return run
+
+
 def _run(op: str, x: torch.Tensor, w, N: int, K: int, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
          out: torch.Tensor | None, decode: Callable, gemm: Callable) -> torch.Tensor:
     """Check x, bias and out against W [N, K], flatten x to [M, K], launch `decode` (M <= 16) or `gemm`."""
@@ -162,13 +172,8 @@ def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = No
     weights = {"packed": w.packed, "absmax": w.absmax, "nested_absmax": w.nested_absmax}
     if not all(t.is_contiguous() for t in weights.values()):
         raise ValueError(f"{op}: packed, absmax and nested_absmax must be contiguous")
-
-    def decode(x2, w, bias, out):
-        if x2.shape[0] == 1 and nf4_gemm.gemv_applies(w):
-            return nf4_gemm.nf4_gemv(x2.contiguous(), w, bias, out)
-        return nf4_gemm.nf4_decode(x2, w, bias, out)
-
-    return _run(op, x, w, N, K, weights, bias, out, decode,
+    return _run(op, x, w, N, K, weights, bias, out, _gemv_or_decode(nf4_gemm.gemv_applies, nf4_gemm.nf4_gemv,
+                                                                     nf4_gemm.nf4_decode),
                 _gemm_or_dequantize(nf4_gemm, nf4_gemm.nf4_gemm, nf4_gemm.nf4_dequantize))
 
 
@@ -185,11 +190,6 @@ def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None =
     if not w.absmax.is_contiguous():
         raise ValueError(f"{op}: absmax must be contiguous")
     weights = {"qweight": w.qweight, "absmax": w.absmax}
-
-    def decode(x2, w, bias, out):
-        if x2.shape[0] == 1 and int8_gemm.gemv_applies(w):
-            return int8_gemm.int8_gemv(x2.contiguous(), w, bias, out)
-        return int8_gemm.int8_decode(x2, w, bias, out)
-
-    return _run(op, x, w, N, K, weights, bias, out, decode,
+    return _run(op, x, w, N, K, weights, bias, out, _gemv_or_decode(int8_gemm.gemv_applies, int8_gemm.int8_gemv,
+                                                                     int8_gemm.int8_decode),
                 _gemm_or_dequantize(int8_gemm, int8_gemm.int8_gemm, int8_gemm.int8_dequantize))

@@ -499,13 +499,8 @@ def part_e2e(c: Check, deadline: float) -> dict:
         if c.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(c.device):
-                model = Qwen2ForCausalLM(config).eval()
-        finally:
-            torch.set_default_dtype(previous)
+        with _building(c.device):
+            model = Qwen2ForCausalLM(config).eval()
         t0 = time.monotonic()
         if method != "bf16":
             quantize_in_memory(model, method, torch.bfloat16)
@@ -528,6 +523,20 @@ def part_e2e(c: Check, deadline: float) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def _building(device):
+    """Modules made inside are made on `device` in bf16 (a 7B model is never built in fp32 first)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _transformers_decode(state: dict, config, c: Check, prompt_len: int, new_tokens: int):
     """transformers' greedy `generate` on our bf16 weights: decode tokens/s from the time of new_tokens tokens
     minus the time of one (the prefill)."""
@@ -543,13 +552,8 @@ def _transformers_decode(state: dict, config, c: Check, prompt_len: int, new_tok
                          num_key_value_heads=config.num_key_value_heads, vocab_size=config.vocab_size,
                          max_position_embeddings=config.max_position_embeddings, tie_word_embeddings=False,
                          torch_dtype=torch.bfloat16)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(c.device):
-            hf = HFModel(hf_config).eval()
-    finally:
-        torch.set_default_dtype(previous)
+    with _building(c.device):
+        hf = HFModel(hf_config).eval()
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise RuntimeError(f"transformers' Qwen2 does not take our weights: missing {missing}, unexpected {unexpected}")
