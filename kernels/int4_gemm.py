@@ -73,12 +73,29 @@ def _code_value(w, v1, v2, J: tl.constexpr, FIELD_11, FIELD_15, FIELD_19):
 
 
 @triton.jit
-def _gemv_block(w, x_ptrs, zeros_ptrs, scales_ptrs, stride_zg, stride_sg, acc, corr,
+def _x_group_sums(x_ptr, sums_ptr, b, GROUP_SIZE: tl.constexpr):
+    """Store sum(x) and sum(MAGIC_j x) over each scale group of 128-index block b at sums_ptr [groups, 2] (fp32):
+    the correction every row of the block needs, computed once per program instead of per row."""
+    CODES_PER_GROUP: tl.constexpr = GROUP_SIZE // 16
+    j = tl.arange(0, 8)
+    x = tl.load(x_ptr + b * 128 + j[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.float32)  # [8 codes j, 16 c]
+    magic = tl.where(j % 3 == 0, 4096.0, tl.where(j % 3 == 1, 256.0, 16.0))  # int4_native.MAGICS
+    rows = tl.sum(x, axis=1)
+    x_sum = tl.sum(tl.reshape(rows, (8 // CODES_PER_GROUP, CODES_PER_GROUP)), axis=1)
+    magic_sum = tl.sum(tl.reshape(rows * magic, (8 // CODES_PER_GROUP, CODES_PER_GROUP)), axis=1)
+    groups = b * (8 // CODES_PER_GROUP) + tl.arange(0, 8 // CODES_PER_GROUP)
+    tl.store(sums_ptr + groups * 2, x_sum)
+    tl.store(sums_ptr + groups * 2 + 1, magic_sum)
+
+
+@triton.jit
+def _gemv_block(w, x_ptrs, sums_ptr, zeros_ptrs, scales_ptrs, stride_zg, stride_sg, acc, corr,
                 FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE: tl.constexpr):
     """Add one 128-index block to the GEMV's accumulators.
 
     w uint32 [BLOCK_N, 16]: the block's native words; x_ptrs [16]: x at k = block start + c (c = 0..15; code j
-    of word c multiplies x[16j + c]); zeros_ptrs, scales_ptrs [BLOCK_N]: the block's first group.
+    of word c multiplies x[16j + c]); sums_ptr: the block's first group's (sum x, sum MAGIC_j x) (`_x_group_sums`);
+    zeros_ptrs, scales_ptrs [BLOCK_N]: the block's first group.
     acc fp32 [BLOCK_N, 16] += scale * sum_j x * (MAGIC_j + q); corr fp32 [BLOCK_N] += scale * (sum_j MAGIC_j
     x + zero * sum_j x), per group, so sum(acc, 1) - corr is sum_k x (q - zero) scale."""
     v1 = (w >> 12) | (w << 20)
@@ -86,21 +103,12 @@ def _gemv_block(w, x_ptrs, zeros_ptrs, scales_ptrs, stride_zg, stride_sg, acc, c
     CODES_PER_GROUP: tl.constexpr = GROUP_SIZE // 16
     for g in tl.static_range(8 // CODES_PER_GROUP):
         part = tl.zeros(w.shape, dtype=tl.float32)
-        x_4096 = tl.zeros(x_ptrs.shape, dtype=tl.float32)  # sums of x by the magic its codes carry
-        x_256 = tl.zeros(x_ptrs.shape, dtype=tl.float32)
-        x_16 = tl.zeros(x_ptrs.shape, dtype=tl.float32)
         for i in tl.static_range(CODES_PER_GROUP):
             # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
             x = tl.load(x_ptrs + 16 * (g * CODES_PER_GROUP + i)).to(tl.float32)
             part += x[None, :] * _code_value(w, v1, v2, g * CODES_PER_GROUP + i, FIELD_11, FIELD_15, FIELD_19)
-            if (g * CODES_PER_GROUP + i) % 3 == 0:
-                x_4096 += x
-            elif (g * CODES_PER_GROUP + i) % 3 == 1:
-                x_256 += x
-            else:
-                x_16 += x
-        x_sum = tl.sum(x_4096 + x_256 + x_16, axis=0)
-        magic_sum = tl.sum(x_4096 * 4096.0 + x_256 * 256.0 + x_16 * 16.0, axis=0)
+        x_sum = tl.load(sums_ptr + 2 * g)
+        magic_sum = tl.load(sums_ptr + 2 * g + 1)
         scale = tl.load(scales_ptrs + g * stride_sg).to(tl.float32)
         zero = tl.load(zeros_ptrs + g * stride_zg).to(tl.float32)
         acc += scale[:, None] * part
@@ -111,20 +119,26 @@ def _gemv_block(w, x_ptrs, zeros_ptrs, scales_ptrs, stride_zg, stride_sg, acc, c
 @triton.jit
 def int4_gemv_kernel(
     # Pointers: x [1, K] (contiguous); words, zeros, scales: int4_native's layout; bias [N] or None;
-    # out: y [1, N] in x's dtype when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N]
-    x_ptr, words_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    # out: y [1, N] in x's dtype when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N]; sums: fp32 scratch
+    # [N / BLOCK_N, K / GROUP_SIZE, 2], each program's own row
+    x_ptr, words_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr, sums_ptr,
     # Sizes; each program reduces BLOCKS_PER_SPLIT 128-index blocks
     N, K, BLOCKS_PER_SPLIT,
-    # Strides (out: of its first dim, the split)
-    stride_wn, stride_zg, stride_sg, stride_os,
+    # Strides (out: of its first dim, the split; sums: of its first dim)
+    stride_wn, stride_zg, stride_sg, stride_os, stride_sums,
     # Code field masks (_FIELDS)
     FIELD_11, FIELD_15, FIELD_19,
     # Meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; the next block's
-    words are loaded before the current one is computed."""
+    """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; it first sums x
+    per scale group (the correction all its rows share), then streams the words, the next block's loaded before
+    the current one is computed."""
     pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // 128, BLOCK_N)
+    sums_ptr += tl.program_id(0) * stride_sums
+    for b in range(first, last):
+        _x_group_sums(x_ptr, sums_ptr, b, GROUP_SIZE)
+    tl.debug_barrier()  # the sums are read by other threads of the program
     offs_c = tl.arange(0, 16)
     w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
     GROUPS_PER_BLOCK: tl.constexpr = 128 // GROUP_SIZE
@@ -135,9 +149,9 @@ def int4_gemv_kernel(
         w = w_next.to(tl.uint32, bitcast=True)
         w_next = tl.load(w_ptrs + gemv.next_block(b, first, last) * 16)
         group = b * GROUPS_PER_BLOCK
-        acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, zeros_ptr + group * stride_zg + offs_n,
-                                scales_ptr + group * stride_sg + offs_n, stride_zg, stride_sg, acc, corr,
-                                FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
+        acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, sums_ptr + 2 * group,
+                                zeros_ptr + group * stride_zg + offs_n, scales_ptr + group * stride_sg + offs_n,
+                                stride_zg, stride_sg, acc, corr, FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
     gemv.store(tl.sum(acc, axis=1) - corr, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
@@ -210,9 +224,10 @@ def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Ten
     if N % config.BLOCK_N or x.shape[0] != 1 or x.stride(1) != 1 or not int4_native.supports(K, G):
         raise ValueError(f"{config} cannot run the int4 GEMV on x {list(x.shape)} and W [{N}, {K}], group {G}")
     p = gemv.plan(N, K // int4_native.BLOCK_K, config, out)
-    args = (x, w.words, w.zeros, w.scales, bias, p.target,
+    sums = torch.empty((N // config.BLOCK_N, K // G, 2), dtype=torch.float32, device=x.device)
+    args = (x, w.words, w.zeros, w.scales, bias, p.target, sums,
             N, K, p.blocks_per_split,
-            w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), p.target.stride(0),
+            w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), p.target.stride(0), sums.stride(0),
             *_FIELDS)
     return gemv.launch(int4_gemv_kernel, p, config, args, bias, GROUP_SIZE=G)
 
