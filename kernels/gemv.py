@@ -4,7 +4,7 @@ Each program owns BLOCK_N rows of W and a run of K blocks (a block: the K indice
 row); `tiling.gemv_config` picks BLOCK_N and SPLIT_K from the shape.  A format's kernel supplies only the
 inner step (load a block of packed weights, turn it into products with x); the pieces here are the rest:
 
-    program           the program's split, K blocks [first, last) and rows
+    program           the program's split, K blocks [first, last), rows, and the rows it loads (clamped: no masks)
     next_block        the block to load one iteration ahead; the last iteration reloads its own block, so the
                       look-ahead load never needs a mask
     store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
@@ -27,13 +27,15 @@ from qwen2q.kernels.tiling import Config
 
 
 @triton.jit
-def program(BLOCKS_PER_SPLIT, total_blocks, BLOCK_N: tl.constexpr):
-    """(pid_k, first, last, offs_n) of this program: its split, its K blocks [first, last) and its rows of W
-    (int32 [BLOCK_N])."""
+def program(BLOCKS_PER_SPLIT, total_blocks, N, BLOCK_N: tl.constexpr):
+    """(pid_k, first, last, offs_n, rows) of this program: its split, its K blocks [first, last), its rows of W
+    (int32 [BLOCK_N]; the last tile may reach past N) and the rows it loads: offs_n clamped to N - 1, so that a
+    partial last tile needs no load masks (its extra rows reload row N - 1 and are never stored)."""
     pid_k = tl.program_id(1)
     first = pid_k * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, total_blocks)
-    return pid_k, first, last, tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_k, first, last, offs_n, tl.minimum(offs_n, N - 1)
 
 
 @triton.jit
@@ -44,20 +46,21 @@ def next_block(b, first, last):
 
 
 @triton.jit
-def store(y, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Write y fp32 [BLOCK_N] for rows offs_n: the output itself (bias added, cast once) when SPLIT_K == 1, else
-    row pid_k of the fp32 partials."""
+def store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write y fp32 [BLOCK_N] for rows offs_n below N: the output itself (bias added, cast once) when SPLIT_K == 1,
+    else row pid_k of the fp32 partials."""
+    mask = offs_n < N
     if SPLIT_K == 1:
         if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty))
+            y += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptr + pid_k * stride_os + offs_n, y)
+        tl.store(out_ptr + pid_k * stride_os + offs_n, y, mask=mask)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """grid (N / BLOCK_N, SPLIT_K); blocks_per_split: each program's run of K blocks; target: what the kernel
+    """grid (ceil(N / BLOCK_N), SPLIT_K); blocks_per_split: each program's run of K blocks; target: what the kernel
     writes (out itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N])."""
 
     grid: tuple[int, int]
@@ -71,7 +74,7 @@ def plan(N: int, blocks: int, config: Config, out: torch.Tensor) -> Plan:
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)
     target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
-    return Plan((N // config.BLOCK_N, split_k), per_split, split_k, target)
+    return Plan((triton.cdiv(N, config.BLOCK_N), split_k), per_split, split_k, target)
 
 
 def launch(kernel, p: Plan, config: Config, args: tuple, bias: torch.Tensor | None, **constexprs) -> Launch:

@@ -134,13 +134,13 @@ def int4_gemv_kernel(
     """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; it first sums x
     per scale group (the correction all its rows share), then streams the words, the next block's loaded before
     the current one is computed."""
-    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // 128, BLOCK_N)
+    pid_k, first, last, offs_n, rows = gemv.program(BLOCKS_PER_SPLIT, K // 128, N, BLOCK_N)
     sums_ptr += tl.program_id(0) * stride_sums
     for b in range(first, last):
         _x_group_sums(x_ptr, sums_ptr, b, GROUP_SIZE)
     tl.debug_barrier()  # the sums are read by other threads of the program
     offs_c = tl.arange(0, 16)
-    w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
+    w_ptrs = words_ptr + rows[:, None] * stride_wn + offs_c[None, :]
     GROUPS_PER_BLOCK: tl.constexpr = 128 // GROUP_SIZE
     acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
     corr = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -150,9 +150,9 @@ def int4_gemv_kernel(
         w_next = tl.load(w_ptrs + gemv.next_block(b, first, last) * 16)
         group = b * GROUPS_PER_BLOCK
         acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, sums_ptr + 2 * group,
-                                zeros_ptr + group * stride_zg + offs_n, scales_ptr + group * stride_sg + offs_n,
+                                zeros_ptr + group * stride_zg + rows, scales_ptr + group * stride_sg + rows,
                                 stride_zg, stride_sg, acc, corr, FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
-    gemv.store(tl.sum(acc, axis=1) - corr, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    gemv.store(tl.sum(acc, axis=1) - corr, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -221,10 +221,10 @@ def int4_gemv_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Ten
     when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
     K, N, G = w.in_features, w.out_features, w.group_size
     config = config or gemv_config(N, K, interpreting())
-    if N % config.BLOCK_N or x.shape[0] != 1 or x.stride(1) != 1 or not int4_native.supports(K, G):
+    if x.shape[0] != 1 or x.stride(1) != 1 or not int4_native.supports(K, G):
         raise ValueError(f"{config} cannot run the int4 GEMV on x {list(x.shape)} and W [{N}, {K}], group {G}")
     p = gemv.plan(N, K // int4_native.BLOCK_K, config, out)
-    sums = torch.empty((N // config.BLOCK_N, K // G, 2), dtype=torch.float32, device=x.device)
+    sums = torch.empty((p.grid[0], K // G, 2), dtype=torch.float32, device=x.device)  # a row per N tile
     args = (x, w.words, w.zeros, w.scales, bias, p.target, sums,
             N, K, p.blocks_per_split,
             w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), p.target.stride(0), sums.stride(0),

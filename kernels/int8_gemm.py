@@ -97,8 +97,8 @@ def int8_gemv_kernel(
 ):
     """y = x @ W^T for one row of x: acc[n, c] += sum_i x[4c + i] * (MAGIC + q[n, 4c + i]) over the program's
     blocks; y[n] = (sum_c acc[n, c] - MAGIC * sum x) * absmax[n] / 127."""
-    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // (4 * WORDS), BLOCK_N)
-    w_ptrs = words_ptr + offs_n[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]
+    pid_k, first, last, offs_n, rows = gemv.program(BLOCKS_PER_SPLIT, K // (4 * WORDS), N, BLOCK_N)
+    w_ptrs = words_ptr + rows[:, None] * stride_wn + tl.arange(0, WORDS)[None, :]
     # sum(x) over the program's K range, before the loop: the loop keeps only the products.
     x_sum = tl.zeros((WORDS,), dtype=tl.float32)
     for b in range(first, last):
@@ -114,8 +114,8 @@ def int8_gemv_kernel(
         acc += x1[None, :] * _byte_value(u, 1, EXPONENT, INTERPRET)
         acc += x2[None, :] * _byte_value(u, 2, EXPONENT, INTERPRET)
         acc += x3[None, :] * _byte_value(u, 3, EXPONENT, INTERPRET)
-    y = (tl.sum(acc, axis=1) - MAGIC * tl.sum(x_sum, axis=0)) * _row_scales(absmax_ptr, offs_n, N)
-    gemv.store(y, offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    y = (tl.sum(acc, axis=1) - MAGIC * tl.sum(x_sum, axis=0)) * _row_scales(absmax_ptr, rows, N)
+    gemv.store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -180,7 +180,7 @@ def int8_gemv_launch(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | N
     when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N = x.shape, w.qweight.shape[0]
     config = config or gemv_config(N, K, interpreting(), GEMV_BLOCK_K, INT8_GEMV_TILES)
-    if M != 1 or x.stride(1) != 1 or N % config.BLOCK_N or not gemv_applies(w):
+    if M != 1 or x.stride(1) != 1 or not gemv_applies(w):
         raise ValueError(f"{config} cannot run the int8 GEMV on x {list(x.shape)} and W [{N}, {K}]")
     p = gemv.plan(N, K // GEMV_BLOCK_K, config, out)
     words = w.qweight.view(torch.int32)

@@ -142,11 +142,11 @@ def nf4_gemv_kernel(
 ):
     """y = x @ W^T for one row of x: per block, part[n, c] = sum over the block's 64 weights of x * level, then
     acc += part * absmax[n, block]; the next block's words are loaded before the current one is computed."""
-    pid_k, first, last, offs_n = gemv.program(BLOCKS_PER_SPLIT, K // 64, BLOCK_N)
+    pid_k, first, last, offs_n, rows = gemv.program(BLOCKS_PER_SPLIT, K // 64, N, BLOCK_N)
     offs_c = tl.arange(0, 4)
     # Two [BLOCK_N, 4] tiles (words 0-3 and 4-7 of a block) so that one thread holds all 8 words of its rows.
-    w_ptrs = words_ptr + offs_n[:, None] * stride_wn + offs_c[None, :]
-    row_blocks = offs_n * stride_an
+    w_ptrs = words_ptr + rows[:, None] * stride_wn + offs_c[None, :]
+    row_blocks = rows * stride_an
     acc = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
     low_next = tl.load(w_ptrs + first * 8)
     high_next = tl.load(w_ptrs + first * 8 + 4)
@@ -160,9 +160,9 @@ def nf4_gemv_kernel(
         part = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
         part = _gemv_half(part, low, x_ptr, b * 64, table, levels_ptr, HIGH, X_BF16, INTERPRET)
         part = _gemv_half(part, high, x_ptr, b * 64 + 32, table, levels_ptr, HIGH, X_BF16, INTERPRET)
-        absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, row_blocks + b, offs_n < N, offset)
+        absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, row_blocks + b, rows >= 0, offset)
         acc += part * absmax[:, None]
-    gemv.store(tl.sum(acc, axis=1), offs_n, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    gemv.store(tl.sum(acc, axis=1), offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -239,7 +239,7 @@ def nf4_gemv_launch(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None
     when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N = x.shape, w.shape[0]
     config = config or gemv_config(N, K, interpreting(), BLOCK, GEMV_TILES)
-    if M != 1 or x.stride(1) != 1 or N % config.BLOCK_N or config.BLOCK_K != BLOCK or not gemv_applies(w):
+    if M != 1 or x.stride(1) != 1 or config.BLOCK_K != BLOCK or not gemv_applies(w):
         raise ValueError(f"{config} cannot run the NF4 GEMV on x {list(x.shape)} and W [{N}, {K}]")
     p = gemv.plan(N, K // BLOCK, config, out)
     words = w.packed.view(N, K // 2).view(torch.int32)

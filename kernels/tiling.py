@@ -107,9 +107,10 @@ def gemv_config(N: int, K: int, interpret: bool, block_k: int = GEMV_BLOCK_K,
         block_n = next((b for b in (1024, 512, 256, 128, 64) if N % b == 0), 64)
         return Config(1, block_n, block_k, SPLIT_K=min(2, blocks), num_warps=1, num_stages=1)
     (wide, wide_warps), (narrow, narrow_warps) = tiles
-    block_n, warps = (wide, wide_warps) if N % wide == 0 and (N // wide) * blocks >= _GEMV_CTAS else (narrow,
-                                                                                                        narrow_warps)
-    n_tiles = max(1, N // block_n)
+    # A last tile that reaches past N reloads row N - 1 (`gemv.program`): the wide tile needs N >= wide, not N % wide.
+    use_wide = N >= wide and triton.cdiv(N, wide) * blocks >= _GEMV_CTAS
+    block_n, warps = (wide, wide_warps) if use_wide else (narrow, narrow_warps)
+    n_tiles = triton.cdiv(N, block_n)
     # At most 32 splits of 128-index blocks, and as many more as a format's blocks are shorter.
     max_split = min(_GEMV_MAX_SPLIT_K * GEMV_BLOCK_K // block_k, blocks)
     split_k = max(1, min(max_split, triton.cdiv(_GEMV_CTAS, n_tiles)))

@@ -5,7 +5,7 @@ import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imp
 import pytest
 import torch
 
-from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm, triton_ops
+from qwen2q.kernels import gemv, int4_gemm, int4_native, int8_gemm, nf4_gemm, triton_ops
 from qwen2q.kernels.tiling import Config
 
 # format: (weight arguments after K, N; block of K one iteration reads; the GEMV's launch builder taking the
@@ -26,8 +26,6 @@ GEMVS = {
 def test_gemv_writes_y_itself_without_split_and_partials_with_it(name, split_k):
     """SPLIT_K = 1 writes y (bias included) in one launch, SPLIT_K = 3 leaves fp32 partials for the reduction;
     both match the float64 reference and every output (poisoned with NaN) is written."""
-    from qwen2q.kernels import gemv
-
     fmt, extra, block_k, make_launch = GEMVS[name]
     K, N = 896, 256
     w, W = kt.reference_weight(fmt, K, N, *extra)
@@ -57,3 +55,21 @@ def test_one_row_runs_the_gemv_where_it_applies(monkeypatch, fmt):
         getattr(triton_ops, f"{fmt}_linear")(x, w, out=out)
         assert calls.pop() == f"{fmt}_{path}", (M, K, N)
         kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
+
+
+@pytest.mark.parametrize("name, N, block_n", [("int4-g128", 192, 128), ("int8", 384, 256), ("nf4", 384, 256)])
+def test_a_last_tile_past_n_loads_clamped_rows_and_stores_nothing_past_n(name, N, block_n):
+    """N a multiple of the narrow tile only (as 72B's gate/up, 29568 rows, is of 128 and not 256): the last program
+    reloads row N - 1 for its extra rows and stores none of them; the elements just past y stay untouched."""
+    fmt, extra, block_k, make_launch = GEMVS[name]
+    K = 896
+    w, W = kt.reference_weight(fmt, K, N, *extra)
+    x, bias, _ = kt.inputs(1, K, N, torch.bfloat16, True)
+    buffer = torch.full((1, N + 64), float("nan"), dtype=torch.bfloat16, device=kt.DEVICE)
+    out = buffer[:, :N]
+    for split_k in (1, 2):
+        launch = make_launch(x, w, bias, out, Config(1, block_n, block_k, SPLIT_K=split_k, num_warps=1, num_stages=1))
+        assert launch.grid[0] == -(-N // block_n)
+        assert gemv.finish(launch, bias, out) is out
+        kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
+        assert torch.isnan(buffer[:, N:]).all()
