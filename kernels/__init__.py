@@ -16,6 +16,7 @@ or per call (`backend`) by a caller that passes none:
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -81,6 +82,7 @@ class KernelsUnavailable(Qwen2qError):
     """The Triton kernels should run (bf16 or fp16 activations on CUDA) but cannot be imported."""
 
 
+@functools.cache  # the quantized linears' hot path calls it on every Triton call; a failure is not cached
 def _triton_ops():
     """The Triton implementations (qwen2q.kernels.triton_ops), with their ops registered (`ops`); raises
     KernelsUnavailable naming the import error."""

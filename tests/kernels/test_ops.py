@@ -64,6 +64,7 @@ def test_a_triton_that_cannot_be_imported_is_an_error_not_a_slow_path(monkeypatc
 
     monkeypatch.delattr(package, "triton_ops")
     monkeypatch.setitem(sys.modules, "qwen2q.kernels.triton_ops", None)  # `import` raises ImportError
+    kernels._triton_ops.cache_clear()  # an import that succeeded earlier in this process is remembered
     with pytest.raises(kernels.KernelsUnavailable, match="the Triton kernels cannot be imported .*QWEN2Q_KERNELS="
                                                          "reference"):
         kernels.choose_backend(torch.device("cuda", 0), torch.bfloat16)
@@ -71,3 +72,5 @@ def test_a_triton_that_cannot_be_imported_is_an_error_not_a_slow_path(monkeypatc
     assert kernels.choose_backend(torch.device("cuda", 0), torch.bfloat16) == "reference"
     monkeypatch.delenv(kernels.ENV)
     assert kernels.choose_backend(torch.device("cpu"), torch.float32) == "reference"  # CPU never needs Triton
+    monkeypatch.undo()
+    kernels._triton_ops.cache_clear()
