@@ -29,15 +29,40 @@ import torch
 from qwen2q.quantizers.format import Grid
 
 DAMPING = 0.01
+BLOCK = 128  # columns per lazy-batch block when a group is wider
+
+
+@torch.no_grad()
+def inverse_factor(gram: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U fp32 [K, K], dead bool [K]) for gram = X^T X [K, K]: U upper triangular with (H + λI)^-1 = U^T U,
+    H with its columns in `order` (None: as given), dead inputs (diag 0) given weight 0.  Linears reading
+    the same input share it (`gptq_round(..., factor=)`)."""
+    h = gram.detach().to(torch.float64, copy=True)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
+    if order is not None:
+        h = h[order][:, order]
+    # U from J H J = M M^T (J the reversal, M lower): H^-1 = (M^-1 J)^T (M^-1 J), so U = J M^-1 J.  One
+    # Cholesky and one triangular inverse, in place (Cholesky, inverse, Cholesky again costs ~2.5x the
+    # flops); two K x K fp64 matrices at most (K = 18944 for Qwen2-7B's down_proj: 2.9 GB each).
+    h = h.flip(0, 1)
+    torch.linalg.cholesky(h, out=h)
+    u = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(h, u, upper=False, out=u)
+    del h
+    return u.float().flip(0, 1), dead
 
 
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, act_order: bool = False,
-               mse_grid: bool = True) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
+               mse_grid: bool = True, factor: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
     """Round weight [N, K] onto `grid`, compensating errors through gram = X^T X [K, K].
 
     mse_grid: each group's grid is the shrunken range that minimises its own rounding error
-    (`mse_fit`); False: the group's full range.
+    (`mse_fit`); False: the group's full range.  factor: `inverse_factor(gram)` computed once for every
+    linear that reads this input (not with act_order, whose factor depends on the order).
 
     Returns (dequantized weight fp32 [N, K], the grid of each group in column order), so that
     grid.encode(dequantized, grids) stores exactly the codes chosen here.  ValueError for a K that is
@@ -49,38 +74,37 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, act_order: 
         raise ValueError(f"in_features={k} is not a multiple of the grid's group of {group_size} columns")
     if gram.shape != (k, k):
         raise ValueError(f"gram must be [{k}, {k}] for weight {list(weight.shape)}, got {list(gram.shape)}")
+    if factor is not None and act_order:
+        raise ValueError("a precomputed factor does not go with act_order")
     w = weight.detach().float().clone()
-    h = gram.detach().to(torch.float64, copy=True)
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
     fit = (lambda block: mse_fit(grid, block)) if mse_grid else grid.fit
     grids: list = [None] * (k // group_size)
+    order = None
     if act_order:
+        dead = torch.diagonal(gram) == 0
+        w[:, dead] = 0.0
         grids = [fit(w[:, s : s + group_size]) for s in range(0, k, group_size)]
-        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, order], h[order][:, order]
+        diag = torch.diagonal(gram).to(torch.float64).clone()
+        diag[dead] = 1.0
+        order = torch.argsort(diag + DAMPING * diag.mean(), descending=True, stable=True)
+        w = w[:, order]
         column_group = (order // group_size).tolist()
-    # U from J H J = M M^T (J the reversal, M lower): H^-1 = (M^-1 J)^T (M^-1 J), so U = J M^-1 J.  One
-    # Cholesky and one triangular inverse, in place (Cholesky, inverse, Cholesky again costs ~2.5x the
-    # flops); two K x K fp64 matrices at most (K = 18944 for Qwen2-7B's down_proj: 2.9 GB each).
-    h = h.flip(0, 1)
-    torch.linalg.cholesky(h, out=h)
-    u = torch.eye(k, dtype=h.dtype, device=h.device)
-    torch.linalg.solve_triangular(h, u, upper=False, out=u)
-    del h
-    u = u.float().flip(0, 1)
+    u, dead = factor if factor is not None else inverse_factor(gram, order)
+    if not act_order:
+        w[:, dead] = 0.0
     result = torch.empty_like(w)
-    for g, start in enumerate(range(0, k, group_size)):  # blocks of G columns in sweep order
-        end = start + group_size
+    # Blocks of `step` columns in sweep order: a group (at most BLOCK columns), or BLOCK columns of a wider
+    # group (int8's G = K), whose errors reach the later columns in one product per block ("lazy batch").
+    step = group_size if group_size <= BLOCK or group_size % BLOCK else BLOCK
+    for start in range(0, k, step):
+        end = start + step
+        if not act_order and start % group_size == 0:  # a group's grid, from its columns as they stand now
+            grids[start // group_size] = fit(w[:, start : start + group_size])
         block = w[:, start:end]  # a view: updates below land in w
-        if not act_order:
-            grids[g] = fit(block)
         errors = torch.empty_like(block)
-        for j in range(group_size):
+        for j in range(step):
             col = start + j
-            q = grid.snap(block[:, j], grids[column_group[col]] if act_order else grids[g])
+            q = grid.snap(block[:, j], grids[column_group[col] if act_order else col // group_size])
             result[:, col] = q
             err = (block[:, j] - q) / u[col, col]
             block[:, j:] -= err[:, None] * u[col, col:end][None, :]
