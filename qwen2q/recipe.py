@@ -170,11 +170,14 @@ class Recipe:
     def to_hf(self, linears: Iterable[str]) -> dict[str, Any]:
         """The config.json `quantization_config` for a model whose decoder linears are `linears`."""
         groups: dict[tuple, list[str]] = {}
+        unmatched = []  # no rule names it and no skip entry: full precision, which the config must say
         for name in linears:
             rule = self.rule_for(name)
             if rule is not None:
                 groups.setdefault((rule.format, tuple(sorted(rule.params.items()))), []).append(name)
-        skip = sorted(set(self.skip))
+            elif not any(matches(name, s) for s in self.skip):
+                unmatched.append(name)
+        skip = sorted(set(self.skip)) + unmatched
         if len(groups) > 1 and {fmt for fmt, _ in groups} == {COMPRESSED_TENSORS}:  # one config, a group each
             return registry.get(COMPRESSED_TENSORS).groups_to_config(
                 [(dict(params), names) for (_, params), names in groups.items()], skip)
