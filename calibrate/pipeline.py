@@ -32,7 +32,7 @@ from qwen2q.architecture import LINEAR_INPUT, LINEARS, SCALE_GROUPS
 from qwen2q.architecture import INPUT_READER as HOOKED
 from qwen2q.calibrate.awq import NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
 from qwen2q.calibrate.data import calibration_tokens
-from qwen2q.calibrate.gptq import gptq_round
+from qwen2q.calibrate.gptq import gptq_round, inverse_factor
 from qwen2q.checkpoint import TensorIndex, check_filled, fill_module
 from qwen2q.errors import Qwen2qError
 from qwen2q.model import DecoderLayer
@@ -57,6 +57,10 @@ class CalibrationSettings:
     rounding: str | None = None
     act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
     compute_dtype: str = "bfloat16"  # the layer forwards (capture, scale search, feed): one of COMPUTE_DTYPES
+    # held-out windows (after the samples in the text; with `ids`, its last rows) that run through both the
+    # source and the quantized layers, for the result's KL against the source (`LayerCalibrator.holdout_kl`)
+    holdout: int = 0
+    max_holdout_kl: float | None = None  # a measured KL above this aborts the run before anything is installed
 
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -190,13 +194,16 @@ def calibrate_layer(layer: DecoderLayer, x, cos, sin, choices: dict[str, Choice 
         if grams is not None:
             grams[kind] = grams[kind] / (s[:, None] * s[None, :])
         chosen[group.prev] = alpha
-    grids = {}
+    grids, factors = {}, {}
     for name in gptq:
         lin, choice = layer.get_submodule(name), choices[name]
         grid = choice.format.grid(choice.params, lin.in_features)
+        kind, act_order = LINEAR_INPUT[name], choice.algorithm.act_order
         try:
-            lin.weight.data, grids[name] = gptq_round(lin.weight.data, grams[LINEAR_INPUT[name]], grid,
-                                                      choice.algorithm.act_order)
+            if not act_order and kind not in factors:  # q/k/v and gate/up share one factorisation
+                factors[kind] = inverse_factor(grams[kind])
+            lin.weight.data, grids[name] = gptq_round(lin.weight.data, grams[kind], grid, act_order,
+                                                      factor=None if act_order else factors[kind])
         except ValueError as e:
             raise Qwen2qError(f"{where} {name}: {e}") from None
     for name, choice in choices.items():
@@ -215,14 +222,15 @@ def quantize_layer(layer: DecoderLayer, i: int, choices: dict[str, Choice | None
     """The checkpoint tensors of calibrated layer `i`: each linear in its format (stored on its GPTQ grids
     when it has them, else rounded to nearest, from the source dtype where the format says bitsandbytes
     would), its bias in the format's bias dtype; a linear kept in full precision, and the folded norms,
-    in the source dtype.  The layer's linears are left holding their dequantized weights, so the layer
-    computes what the file will.  Returns (tensors on the CPU, quantized weights, their stored bytes)."""
+    in the source dtype.  The layer is left holding exactly what the file stores (dequantized weights,
+    biases and norms rounded to their stored dtypes, in fp32), so the layer computes what the file will.  Returns (tensors on the CPU, quantized weights, their stored bytes)."""
     out, q_elems, q_bytes = {}, 0, 0
     prefix = f"model.layers.{i}."
     for name in LINEARS:
         lin, choice = layer.get_submodule(name), choices[name]
         if choice is None:
             out[prefix + name + ".weight"] = lin.weight.data.to(source_dtype)
+            lin.weight.data = out[prefix + name + ".weight"].float()
             bias_dtype = source_dtype
         else:
             fmt = choice.format
@@ -239,18 +247,28 @@ def quantize_layer(layer: DecoderLayer, i: int, choices: dict[str, Choice | None
             lin.weight.data = fmt.dequantize(q, torch.float32)
         if lin.bias is not None:
             out[prefix + name + ".bias"] = lin.bias.data.to(bias_dtype)
+            lin.bias.data = out[prefix + name + ".bias"].float()
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[prefix + norm + ".weight"] = layer.get_submodule(norm).weight.data.to(source_dtype)
+        layer.get_submodule(norm).weight.data = out[prefix + norm + ".weight"].float()
     return {k: v.cpu() for k, v in out.items()}, q_elems, q_bytes
 
 
 def calibration_ids(src, settings: CalibrationSettings) -> tuple[torch.Tensor, str]:
-    """The calibration tokens int64 [samples, seq_len] and where they came from, in words."""
+    """The calibration tokens int64 [samples + holdout, seq_len] (the held-out windows last) and where they
+    came from, in words."""
     if settings.ids is not None:
         ids = settings.ids.long()
-        return ids, f"given tokens: {ids.shape[0]} x {ids.shape[1]}"
-    return calibration_tokens(Tokenizer(src), settings.source, settings.samples, settings.seq_len,
-                              settings.chat_template)
+        if settings.holdout >= ids.shape[0]:
+            raise Qwen2qError(f"{ids.shape[0]} given samples leave none to calibrate on after {settings.holdout} "
+                              "held-out windows")
+        return ids, f"given tokens: {ids.shape[0] - settings.holdout} x {ids.shape[1]}"
+    ids, described = calibration_tokens(Tokenizer(src), settings.source, settings.samples + settings.holdout,
+                                        settings.seq_len, settings.chat_template)
+    if settings.holdout:
+        described = described.replace(f"{ids.shape[0]} x", f"{settings.samples} x", 1) + \
+            f" (then {settings.holdout} held-out windows)"
+    return ids, described
 
 
 class LayerCalibrator:
@@ -259,7 +277,8 @@ class LayerCalibrator:
     activations through the quantized layer (or the float one, `settings.feed == "float"`).
 
     ids: calibration tokens int64 [N, L]; the embedding rows they use become the first activations
-    (fp32 [N, L, hidden] on `device`)."""
+    (fp32 [N, L, hidden] on `device`).  Its last `settings.holdout` rows are held out: they run through
+    each source layer and each quantized layer (two fp32 streams), for `holdout_kl`."""
 
     def __init__(self, index: TensorIndex, config, choices, settings: CalibrationSettings, ids: torch.Tensor,
                  device: torch.device, source_dtype: torch.dtype):
@@ -269,7 +288,11 @@ class LayerCalibrator:
         rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
         self.cos, self.sin = rotary(torch.arange(seq_len, device=device)[None], torch.float32, seq_end=seq_len)
         # only the rows used, never the table in fp32
-        self.x = index.get("model.embed_tokens.weight")[ids].to(device, torch.float32)
+        embed = index.get("model.embed_tokens.weight")
+        held = settings.holdout
+        self.x = embed[ids[: ids.shape[0] - held]].to(device, torch.float32)
+        self.held_ids = ids[ids.shape[0] - held :] if held else None
+        self.held_source = self.held_quantized = embed[self.held_ids].to(device, torch.float32) if held else None
         self.alphas: list[dict] = []
 
     def layer(self, i: int) -> tuple[dict, int, int]:
@@ -279,6 +302,8 @@ class LayerCalibrator:
         self.index.release()  # unmap what this layer read, so host RSS does not grow layer by layer
         with forward_precision(self.device, settings.compute_dtype):
             next_x = run_layer(layer, x, self.cos, self.sin) if settings.feed == "float" else None
+            if self.held_source is not None:
+                self.held_source = run_layer(layer, self.held_source, self.cos, self.sin).float()
         choices = {name: self.choices(f"model.layers.{i}.{name}") for name in LINEARS}
         chosen, grids = calibrate_layer(layer, x, self.cos, self.sin, choices, settings.search_tokens,
                                         f"layer {i}", settings.compute_dtype)
@@ -287,7 +312,20 @@ class LayerCalibrator:
         if next_x is None:  # feed "quantized": the quantized layer's output
             with forward_precision(self.device, settings.compute_dtype):
                 next_x = run_layer(layer, x, self.cos, self.sin)
+        if self.held_quantized is not None:
+            with forward_precision(self.device, settings.compute_dtype):
+                self.held_quantized = run_layer(layer, self.held_quantized, self.cos, self.sin).float()
         self.x = next_x.float()  # the residual stream stays fp32 between layers
         if not torch.isfinite(self.x).all():
             raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
         return result
+
+    def holdout_kl(self) -> float:
+        """Mean KL(source || quantized) of the next-token distributions over the held-out windows, at the
+        positions `qwen2q.evals.drift` scores (each window's first L - 1), once every layer has run."""
+        from qwen2q.calibrate.sensitivity import mean_kl, output_head
+
+        norm, head = output_head(self.index, self.config, self.device, self.settings.compute_dtype)
+        kl = mean_kl(norm, head, self.held_source, self.held_quantized)
+        self.index.release()
+        return kl

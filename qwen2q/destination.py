@@ -37,6 +37,7 @@ CONFIG = "config.json"
 # Every file name a qwen2q conversion can leave in its output directory.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
               "special_tokens_map.json", "vocab.json", "merges.txt", "README.md", "LICENSE")
+EXTRA_FILES = ("qwen2q_mixed.json",)  # what qwen2q itself adds (a mixed-precision profile, `qwen2q.mixed`)
 WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$")
 
 
@@ -49,7 +50,7 @@ def is_qwen2q_checkpoint(path: Path) -> tuple[bool, str]:
     foreign = []
     for entry in sorted(path.iterdir()):
         name = entry.name
-        ours = name == CONFIG or name in SIDE_FILES or WEIGHT_FILE.match(name)
+        ours = name == CONFIG or name in SIDE_FILES or name in EXTRA_FILES or WEIGHT_FILE.match(name)
         if not ours or entry.is_symlink() or not entry.is_file():
             foreign.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
     if foreign:

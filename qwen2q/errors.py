@@ -14,3 +14,11 @@ class ConfigError(Qwen2qError):
 
 class CheckpointError(Qwen2qError):
     """A checkpoint's files or tensors are not what its config.json describes; the message names the file or tensor."""
+
+
+class OverBudget(Qwen2qError):
+    """A quantized result measured over its quality budget (held-out KL above the limit); nothing was installed."""
+
+    def __init__(self, measured: float, limit: float):
+        super().__init__(f"the result's held-out KL {measured:.5f} is over the limit {limit:.5f}; nothing was written")
+        self.measured, self.limit = measured, limit

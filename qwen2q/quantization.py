@@ -28,7 +28,7 @@ from qwen2q.architecture import LINEAR_WEIGHT, LINEARS, layer_prefix, linear_sha
 from qwen2q.checkpoint import TensorIndex, check_all_finite, check_model_dir, validate_checkpoint, weight_files
 from qwen2q.config import Qwen2Config
 from qwen2q.destination import check_destination
-from qwen2q.errors import Qwen2qError
+from qwen2q.errors import OverBudget, Qwen2qError
 from qwen2q.model_card import quantized_card
 from qwen2q.qconfig import QuantConfig
 from qwen2q.qlinear import quantize_linear
@@ -54,6 +54,7 @@ class Report:
     calibration: str | None = None  # where the calibration tokens came from, when calibrated
     peak_device_bytes: int | None = None  # CUDA only
     alphas: list | None = None  # the scale search's chosen exponents per layer, when calibrated
+    holdout_kl: float | None = None  # KL against the source on held-out calibration windows, when asked for
 
     @property
     def bits_per_weight(self) -> float:
@@ -204,12 +205,16 @@ def _rtn_layer(index: TensorIndex, i: int, recipe: Recipe, config: Qwen2Config,
 
 def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, device: str = "cpu",
              force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, allow_pickle: bool = False,
-             allow_non_finite: bool = False, progress: bool = True) -> Report:
+             allow_non_finite: bool = False, progress: bool = True, made: dict | None = None,
+             extras: dict[str, str] | None = None) -> Report:
     """Quantize checkpoint directory `src` into the new directory `dst` by `recipe`; return the Report.
 
     calibration: a `qwen2q.calibrate.pipeline.CalibrationSettings` for recipes that calibrate (the
     defaults when None; with method "nf4" it adds AWQ's scale search).  force: replace `dst` if it is a
-    checkpoint qwen2q wrote.  Raises `Qwen2qError` (one line) for anything the user can fix.
+    checkpoint qwen2q wrote.  made: what config.json's `qwen2q` note records of how the file was made, in
+    place of the recipe's rules (`qwen2q.mixed` names its budget); extras: {file name: text} written beside
+    the weights.  Raises `Qwen2qError` (one line) for anything the user can fix; `OverBudget` when
+    `calibration.max_holdout_kl` is exceeded (nothing is installed).
     """
     from tqdm import tqdm
 
@@ -243,7 +248,7 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
                                          index.get("model.embed_tokens.weight").dtype)
         index.release()
         q_elems = q_bytes = 0
-        label = describe(plan, shorthand)
+        label = made.get("label", made["method"]) if made else describe(plan, shorthand)
         for i in tqdm(range(config.num_hidden_layers), desc=f"quantize {label}", unit="layer", disable=not progress,
                       leave=False):  # cleared when done: the report follows
             if calibrator is not None:
@@ -253,27 +258,34 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
             out.add(tensors)
             index.release()  # unmap what this layer read, so RSS does not grow layer by layer
             q_elems, q_bytes = q_elems + elems, q_bytes + size
-        shards = out.finish(quantized_config(config, plan, shorthand, src, **note),
-                            card=_card(out.source_card(), src, plan, shorthand, config, q_bytes, q_elems))
+        if calibrator is not None and settings.holdout:
+            note["holdout_kl"] = calibrator.holdout_kl()
+            if settings.max_holdout_kl is not None and note["holdout_kl"] > settings.max_holdout_kl:
+                raise OverBudget(note["holdout_kl"], settings.max_holdout_kl)  # the partial output is discarded
+        written = quantized_config(config, plan, shorthand, src, **note)
+        if made is not None:
+            written["qwen2q"] = {"version": __version__, **{k: v for k, v in made.items() if k != "label"},
+                                 "source": src.name, **note}
+        shards = out.finish(written, card=_card(out.source_card(), src, plan, label, config, q_bytes, q_elems),
+                            extras=extras)
     extra = {}
     if calibrator is not None:
-        extra = {"calibration": note["calibration"], "alphas": calibrator.alphas,
+        extra = {"calibration": note["calibration"], "alphas": calibrator.alphas, "holdout_kl": note.get("holdout_kl"),
                  "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    return Report(dst=dst, method=describe(plan, shorthand), seconds=time.perf_counter() - start,
+    return Report(dst=dst, method=label, seconds=time.perf_counter() - start,
                   bytes_before=sum(f.stat().st_size for f in files),
                   bytes_after=sum(f.stat().st_size for f in weight_files(dst)),
                   quantized_weights=q_elems, quantized_bytes=q_bytes, peak_rss_bytes=peak_rss_bytes(),
                   shards=shards, **extra)
 
 
-def _card(source_card: str | None, src: Path, plan: Recipe, shorthand: QuantConfig | None, config: Qwen2Config,
+def _card(source_card: str | None, src: Path, plan: Recipe, label: str, config: Qwen2Config,
           q_bytes: int, q_elems: int) -> str:
-    """The output's model card (`qwen2q.model_card`)."""
+    """The output's model card (`qwen2q.model_card`); `label`: how it was made, in words."""
     formats = {plan.format_for(n)[0] for n in decoder_linears(config) if plan.format_for(n) is not None}
     loads_in = next(iter(formats)).loaded_by if len(formats) == 1 else \
         "qwen2q (several formats in one checkpoint: no other tool reads that layout yet)"
-    return quantized_card(source_card, src.name, describe(plan, shorthand), 8 * q_bytes / max(q_elems, 1), loads_in,
-                          __version__)
+    return quantized_card(source_card, src.name, label, 8 * q_bytes / max(q_elems, 1), loads_in, __version__)
 
 
 def _calibration_note(plan: Recipe, shorthand: QuantConfig | None, settings, described: str) -> dict:

@@ -19,6 +19,7 @@ import torch
 from qwen2q.checkpoint import save_safetensors
 from qwen2q.destination import (
     SIDE_FILES,
+    EXTRA_FILES,
     DestinationLock,
     check_destination,
     discard_partial,
@@ -111,11 +112,15 @@ class CheckpointWriter:
         card = self.src / "README.md"
         return card.read_text(errors="replace") if card.is_file() else None
 
-    def finish(self, config: dict, card: str | None = None) -> int:
-        """Complete the checkpoint with `config` as config.json and `card` as README.md (None: the source's
-        copied); return the number of shards."""
+    def finish(self, config: dict, card: str | None = None, extras: dict[str, str] | None = None) -> int:
+        """Complete the checkpoint with `config` as config.json, `card` as README.md (None: the source's
+        copied) and `extras` ({file name: text}, e.g. a mixed-precision profile); return the number of shards."""
         n = self.shards.finish()
         with writing(self.tmp):
+            for name, text in (extras or {}).items():
+                if name not in EXTRA_FILES:  # only names `is_qwen2q_checkpoint` knows as ours
+                    raise ValueError(f"extra file {name!r} is not one of {EXTRA_FILES}")
+                (self.tmp / name).write_text(text)
             for side in SIDE_FILES:
                 if side == "README.md" and card is not None:
                     (self.tmp / side).write_text(card)
