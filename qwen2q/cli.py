@@ -94,11 +94,14 @@ def info(model):
       qwen2q info ./Qwen2-7B-Instruct-nf4
     """
     from qwen2q.files import DEFAULT_MODEL
-    from qwen2q.info import describe
+    from qwen2q.info import describe, module_table
 
     from qwen2q.evals.table import format_fields
 
     click.echo(format_fields(describe(model or DEFAULT_MODEL)))
+    table = module_table(model or DEFAULT_MODEL)
+    if table is not None:
+        click.echo("\nformat of each decoder linear:\n" + table)
 
 
 def _load(model, device, dtype, allow_pickle, allow_non_finite=False, cpu_cache=None):
@@ -225,11 +228,21 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
               help="A JSON recipe instead of --method: ordered rules giving each linear a format, its parameters "
                    "and an algorithm (rtn, awq, awq-gptq, awq-scales, gptq), so one checkpoint may hold several "
                    "formats; see the README.")
-@click.option("--format", "layout", type=click.Choice(["native", "compressed-tensors"]), default="native",
-              show_default=True,
+@click.option("--kl-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KL",
+              help="Mixed precision: the smallest checkpoint whose KL against SRC (mean per token, measured on "
+                   "held-out calibration windows) stays under KL, a format per module group from --choices.")
+@click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="BITS",
+              help="Mixed precision: the least predicted KL at BITS bits per decoder-linear weight.")
+@click.option("--choices", default=None, metavar="LIST",
+              help="Mixed precision: the formats a module group may take, from int4-g128, int4-g64, int4-g32, int8, "
+                   "nf4 (--format native only), bf16.  [default: int4-g128,int4-g32,int8,bf16]")
+@click.option("--profile", "profile_path", type=click.Path(), default=None, metavar="DIR|FILE",
+              help="Mixed precision: reuse the sensitivity profile of an earlier mixed run (its output directory "
+                   "or qwen2q_mixed.json) instead of measuring it again.")
+@click.option("--format", "layout", type=click.Choice(["native", "compressed-tensors"]), default=None,
               help="Output layout: native (bitsandbytes for nf4/int8, AutoAWQ GEMM for int4/awq) or compressed-tensors "
                    "pack-quantized (int4/awq: asymmetric W4A16; int8: W8A16 per channel), what llm-compressor writes "
-                   "and vLLM serves.")
+                   "and vLLM serves.  [default: native; compressed-tensors with --kl-budget/--target-bits]")
 @click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
               help="Input channels per scale/zero (int4 and awq only).")
 @click.option("--skip", multiple=True, metavar="MODULE",
@@ -264,7 +277,7 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
-def quantize(ctx, src, dst, method, recipe_file, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, choices, profile_path, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
              allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
@@ -285,6 +298,9 @@ def quantize(ctx, src, dst, method, recipe_file, layout, group_size, skip, max_s
       qwen2q quantize ./Qwen2-7B-Instruct ./q-awq-ct -m awq --format compressed-tensors --calib-samples 48
       qwen2q quantize ./Qwen2-0.5B ./q8 -m int8 --skip down_proj --force
       qwen2q quantize ./Qwen2-0.5B ./q-mixed --recipe int8-down-awq-rest.json --calib-samples 48
+      qwen2q quantize ./Qwen2-0.5B ./q-kl02 --kl-budget 0.02
+      qwen2q quantize ./Qwen2-0.5B ./q-kl05 --kl-budget 0.05 --profile ./q-kl02
+      qwen2q quantize ./Qwen2-0.5B ./q-4.5 --target-bits 4.5 --choices int4-g128,int4-g32,int8
     """
     import dataclasses
 
@@ -296,6 +312,13 @@ def quantize(ctx, src, dst, method, recipe_file, layout, group_size, skip, max_s
         raise click.UsageError(f"quantize needs SRC and DST (got only {src}); to quantize the embedded model, "
                                f"name it: qwen2q quantize {EMBEDDED} {src} ...")
     max_shard_bytes = _parse_size(max_shard_size)
+    if kl_budget is not None or target_bits is not None:
+        _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path, layout, max_shard_bytes)
+        return
+    given = [f for f, v in (("--choices", choices), ("--profile", profile_path)) if v is not None]
+    if given:
+        raise Qwen2qError(f"{given[0]} goes with --kl-budget or --target-bits")
+    layout = layout or "native"
     if recipe_file is not None:
         recipe = read_recipe(recipe_file)
         recipe = dataclasses.replace(recipe, skip=tuple(dict.fromkeys((*recipe.skip, *skip))))
@@ -315,7 +338,44 @@ def quantize(ctx, src, dst, method, recipe_file, layout, group_size, skip, max_s
     _print_report(report)
 
 
-def _print_report(report) -> None:
+MIXED_REFUSES = ("method", "recipe_file", "group_size", "skip", "rounding", "act_order", "awq_scales",
+                 "allow_non_finite")
+
+
+def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path, layout, max_shard_bytes) -> None:
+    """--kl-budget / --target-bits: `qwen2q.mixed.quantize_mixed`, then its report."""
+    from qwen2q.calibrate.pipeline import CalibrationSettings
+    from qwen2q.mixed import DEFAULT_CHOICES, quantize_mixed
+
+    given = {n for n in ctx.params if ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT}
+    if kl_budget is not None and target_bits is not None:
+        raise Qwen2qError("give --kl-budget or --target-bits, not both")
+    refused = [n for n in MIXED_REFUSES if n in given]
+    if refused:
+        flag = {"recipe_file": "recipe"}.get(refused[0], refused[0]).replace("_", "-")
+        raise Qwen2qError(f"--{flag} does not go with --kl-budget/--target-bits (mixed precision chooses each "
+                          "module's format and algorithm itself)")
+    p = ctx.params
+    calibration = CalibrationSettings(p["calib_data"], p["calib_samples"], p["calib_seq_len"], p["chat_template"],
+                                      p["search_tokens"], compute_dtype=p["calib_dtype"])
+    report = quantize_mixed(_model_path(src), dst, kl_budget=kl_budget, target_bits=target_bits,
+                            choices=choices or DEFAULT_CHOICES, layout=layout or "compressed-tensors",
+                            calibration=calibration, profile=profile_path, device=p["device"], force=p["force"],
+                            max_shard_bytes=max_shard_bytes, allow_pickle=p["allow_pickle"],
+                            log=lambda line: click.echo(line, err=True))
+    rows = [("budget", report.budget),
+            ("choices", ", ".join(f"{n} {o}" for o, n in sorted(report.counts().items()))),
+            ("KL", f"{report.measured_kl:.5f} measured on held-out calibration windows "
+                   f"(predicted {report.predicted_kl:.5f})"),
+            ("bits / weight", f"{report.bits_per_weight:.3f} (every decoder linear, bf16 ones included)"),
+            ("time", f"{report.seconds:.1f} s (profile {report.profile_seconds:.1f} s, "
+                     f"{len(report.attempts)} quantize-and-measure attempt{'s' * (len(report.attempts) > 1)})")]
+    _print_report(report.report, rows)
+
+
+def _print_report(report, mixed: list[tuple[str, str]] | None = None) -> None:
+    """The conversion's report; `mixed`: a mixed-precision run's rows, which replace the bits and time
+    rows (those count every decoder linear and the whole run)."""
     rows = [
         ("method", report.method),
         ("size before", f"{report.bytes_before / 2**20:,.1f} MiB"),
@@ -329,6 +389,8 @@ def _print_report(report) -> None:
         rows.append(("calibration", report.calibration))
     if report.peak_device_bytes is not None:
         rows.append(("peak device", f"{report.peak_device_bytes / 2**20:,.0f} MiB"))
+    if mixed is not None:
+        rows = [r for r in rows if r[0] not in ("bits / weight", "time")] + mixed
     from qwen2q.evals.table import format_fields
 
     click.echo(f"wrote {report.dst}")

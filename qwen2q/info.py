@@ -60,8 +60,12 @@ def recorded_method(c: Qwen2Config) -> str | None:
     text = str(note["method"])
     if note.get("group_size"):
         text += f" g{note['group_size']}"
+    if note.get("budget"):
+        text += f" to {note['budget']}"
     if note.get("format"):
         text += f" as {note['format']}"
+    if note.get("holdout_kl") is not None:
+        text += f", KL {note['holdout_kl']:.5f} on held-out calibration windows"
     if note.get("rounding"):
         text += f", {note['rounding']} rounding" + (", act order" if note.get("act_order") else "")
     if note.get("awq_scales"):
@@ -105,3 +109,84 @@ def describe(path: str | Path) -> list[tuple[str, str]]:
     if made is not None:
         rows.append(("made by", made))
     return rows + [("weight files", str(len(files))), ("size on disk", f"{size / 2**20:,.1f} MiB")]
+
+
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _named(name: str, patterns) -> bool:
+    """Whether a module-name pattern (a name, dotted suffix or prefix, or compressed-tensors' "re:REGEX") names
+    `name` (`qwen2q.recipe.matches` without importing the formats, so `info` stays torch-free)."""
+    import re
+
+    for p in patterns:
+        if not isinstance(p, str):
+            continue
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p) or name.startswith(p + "."):
+            return True
+    return False
+
+
+def _ct_label(w: dict) -> str:
+    label = f"int{w.get('num_bits')}"
+    return label + (f"-g{w.get('group_size')}" if w.get("strategy") == "group" else "")
+
+
+def module_formats(q: dict, names: list[str], kept: str) -> dict[str, str]:
+    """{decoder linear name: short format label ("int4-g128", "int8", "nf4", or `kept` for a linear left
+    unquantized)} from a `quantization_config`."""
+    method = q.get("quant_method")
+    out = {}
+    if method == MIXED and isinstance(q.get("groups"), list):
+        for g in q["groups"]:
+            if isinstance(g, dict) and isinstance(g.get("config"), dict):
+                label = module_formats(g["config"], [m for m in g.get("modules") or [] if m in names], kept)
+                out.update({m: v for m, v in label.items() if v != kept})
+        return {n: out.get(n, kept) for n in names}
+    if method == "compressed-tensors" and isinstance(q.get("config_groups"), dict):
+        ignore = q.get("ignore") or []
+        groups = [g for g in q["config_groups"].values() if isinstance(g, dict)]
+        for n in names:
+            if _named(n, ignore):
+                out[n] = kept
+                continue
+            named = [g for g in groups if _named(n, [t for t in g.get("targets") or [] if t != "Linear"])]
+            by_class = [g for g in groups if "Linear" in (g.get("targets") or [])]
+            group = (named or by_class or [None])[0]
+            out[n] = _ct_label(group.get("weights") or {}) if group else kept
+        return out
+    skip = q.get("modules_to_not_convert") or q.get("llm_int8_skip_modules") or []
+    if method == "awq":
+        label = f"int{q.get('bits', 4)}-g{q.get('group_size')}"
+    elif method == "bitsandbytes":
+        label = q.get("bnb_4bit_quant_type", "fp4") if q.get("load_in_4bit") else "int8"
+    else:
+        label = str(method)
+    return {n: kept if _named(n, skip) else label for n in names}
+
+
+def module_table(path: str | Path) -> str | None:
+    """The format of every decoder linear, a row per run of layers that agree ("0-3  int4-g128 ..."), or
+    None when the checkpoint is unquantized or every linear has one format."""
+    from qwen2q.architecture import LINEAR_NAMES, LINEARS, layer_prefix
+    from qwen2q.evals.table import Column, format_table
+
+    path = check_model_dir(path)
+    c = Qwen2Config.from_file(path / "config.json")
+    if not c.quantization_config:
+        return None
+    names = [layer_prefix(i) + n for i in range(c.num_hidden_layers) for n in LINEARS]
+    labels = module_formats(c.quantization_config, names, SHORT_DTYPES.get(c.dtype, c.dtype))
+    if len(set(labels.values())) <= 1:
+        return None
+    rows, start = [], 0
+    per_layer = [[labels[layer_prefix(i) + n] for n in LINEARS] for i in range(c.num_hidden_layers)]
+    for i in range(1, c.num_hidden_layers + 1):
+        if i == c.num_hidden_layers or per_layer[i] != per_layer[start]:
+            rows.append(dict(zip(("layers", *LINEAR_NAMES),
+                                 (str(start) if i - 1 == start else f"{start}-{i - 1}", *per_layer[start]))))
+            start = i
+    return format_table([Column(h.removesuffix("_proj"), h) for h in ("layers", *LINEAR_NAMES)], rows)

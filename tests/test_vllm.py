@@ -51,7 +51,12 @@ LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4",
            # weights only: W8A16 fails with "Quant type (uint8b128) not supported by CPUWNA16".)
            "compressed-tensors-mixed": Recipe((
                Rule("*.mlp.down_proj", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False}),
-               Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True})))}
+               Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True}))),
+           # qwen2q.mixed to a KL budget, from the 4-bit choices vLLM's CPU kernels take, and bf16 (config groups
+           # for int4 g128 and g32, the bf16 groups in "ignore"): calibrated, unlike the others
+           "mixed-kl-budget": None}
+MIXED_CHOICES = "int4-g128,int4-g32,bf16"
+MIXED_BUDGET = {"qwen2q:tiny": 3e-4, "qwen2.5-coder-0.5b": 0.03}
 ROWS: list[dict] = []  # the table printed at the end
 
 
@@ -94,7 +99,14 @@ def eval_ids(tokenizer: Tokenizer) -> tuple[str, torch.Tensor]:
 @pytest.mark.parametrize("name, src, seq_len, n_windows", models(), ids=[m[0] for m in models()])
 def test_vllm_scores_and_decodes_our_int4_like_qwen2q(vllm_python, tmp_path, layout, name, src, seq_len, n_windows):
     dst = tmp_path / f"int4-{layout}"
-    quantize(src, dst, LAYOUTS[layout], progress=False)
+    if LAYOUTS[layout] is None:
+        from qwen2q.mixed import quantize_mixed
+
+        mixed = quantize_mixed(src, dst, kl_budget=MIXED_BUDGET[name], choices=MIXED_CHOICES, progress=False,
+                               log=lambda line: None)
+        assert len(set(mixed.assignment.values())) > 1, mixed.assignment
+    else:
+        quantize(src, dst, LAYOUTS[layout], progress=False)
     m = qwen2q.load(dst, dtype="bfloat16")
     text_name, ids = eval_ids(m.tokenizer)
     cut = windows(ids, seq_len, n_windows)

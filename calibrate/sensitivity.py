@@ -1,0 +1,251 @@
+r"""How much one module's quantization moves the model: a second-order estimate of the KL increase.
+
+Quantizing linear W [N, K] alone changes its output by dy = dW x for each token's input x.  For a small
+change, the model's KL against its unquantized self grows by the quadratic form of its Fisher
+information (the first-order term vanishes at the unquantized point):
+
+    KL  ~=  1/2 E_tokens[ sum_j  F_j  dy_j^2 ],    F_j = E_{t ~ p}[ (d log p_t / d y_j)^2 ]
+
+with p the model's own next-token distribution.  We keep the Fisher's diagonal over output channels j
+(and token positions), and take the gradient energy and the output error as uncorrelated across tokens:
+
+    predicted KL(module, choice)  =  1/2 sum_j  F_j  (dW H dW^T)_jj / T
+
+F_j: mean over Fisher tokens of the squared gradient of the summed log-likelihood of tokens sampled
+from the model itself, at output channel j (`output_fisher`, one backward pass, layer by layer).
+H = X^T X over the T calibration tokens that reach the module in the unquantized model (as GPTQ
+uses it), dW = Q(W) - W with Q the choice's own rounding: GPTQ onto the format's grid where it has one,
+else its round-to-nearest (`choice_errors`, one forward pass, layer by layer).  AWQ's scale search is
+left out of the estimate (it would cost one search per choice); it only lowers the real error.
+
+The model's KL for several quantized modules is predicted as the sum of theirs (additivity: the
+cross terms of different modules' errors average out to first order).  `qwen2q.mixed` checks the sum
+against a measured KL of the result and corrects it.
+
+Memory: like AWQ's calibration, one decoder layer's weights and the calibration activations
+(N x L x hidden, fp32) on the device at a time; the Fisher pass also keeps every layer's input for its
+Fisher tokens (layers x tokens x hidden fp32) in host memory, 352 MB for Qwen2-0.5B with 4096 tokens.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from qwen2q.architecture import INPUT_READER, LINEAR_INPUT, LINEARS, layer_prefix
+from qwen2q.calibrate.gptq import gptq_round, inverse_factor
+from qwen2q.calibrate.pipeline import _Recorder, forward_precision, load_layer, run_layer
+from qwen2q.checkpoint import TensorIndex
+from qwen2q.errors import Qwen2qError
+from qwen2q.model import RMSNorm
+from qwen2q.recipe import Choice
+from qwen2q.rope import RotaryEmbedding
+
+LOGIT_CHUNK = 128  # positions turned into fp32 log-probabilities at a time
+
+
+def _rotary(config, seq_len: int, device):
+    rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    return rotary(torch.arange(seq_len, device=device)[None], torch.float32, seq_end=seq_len)
+
+
+def output_head(index: TensorIndex, config, device, compute_dtype: str = "bfloat16") -> tuple[RMSNorm, torch.Tensor]:
+    """The final norm (fp32 weight) and the output projection [vocab, hidden]: in the checkpoint's dtype (the
+    logits computed as inference computes them), or fp32 when `compute_dtype` is "float32"."""
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps).to(device)
+    norm.weight.data = index.get("model.norm.weight").to(device, torch.float32)
+    name = "lm_head.weight" if "lm_head.weight" in index and not config.tie_word_embeddings else "model.embed_tokens.weight"
+    return norm, index.get(name).to(device, torch.float32 if compute_dtype == "float32" else None)
+
+
+def log_probs(norm: RMSNorm, head: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probabilities [T, vocab] of final hidden states h [T, hidden] (fp32)."""
+    logits = norm(h) @ head.t().float() if head.dtype == torch.float32 else (norm(h).to(head.dtype) @ head.t())
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def output_fisher(index: TensorIndex, config, ids: torch.Tensor, device: torch.device, compute_dtype: str = "bfloat16",
+                  seed: int = 0, progress: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """{decoder linear's full name: F fp32 [out_features]}: mean over the tokens of ids int64 [n, L] of the
+    squared gradient, at that linear's output, of sum_t log p(s_t), s_t drawn from the model's own p at
+    position t (fixed seed).  progress() is called once per layer of each pass (2 x layers calls)."""
+    n, seq_len = ids.shape
+    cos, sin = _rotary(config, seq_len, device)
+    precision = forward_precision(device, compute_dtype)
+    x = index.get("model.embed_tokens.weight")[ids].to(device, torch.float32)
+    inputs = []
+    with torch.no_grad():
+        for i in range(config.num_hidden_layers):
+            layer = load_layer(index, config, i, device)
+            index.release()
+            inputs.append(x.cpu())
+            with forward_precision(device, compute_dtype):
+                x = run_layer(layer, x, cos, sin).float()
+            if progress:
+                progress()
+    norm, head = output_head(index, config, device, compute_dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    grad = torch.empty_like(x)
+    for b in range(n):
+        for s in range(0, seq_len, LOGIT_CHUNK):
+            h = x[b, s : s + LOGIT_CHUNK].detach().requires_grad_()
+            with torch.enable_grad():
+                lp = log_probs(norm, head, h)
+                drawn = torch.multinomial(lp.detach().exp(), 1, generator=generator)
+                lp.gather(-1, drawn).sum().backward()
+            grad[b, s : s + LOGIT_CHUNK] = h.grad
+    del head, x
+    fisher: dict[str, torch.Tensor] = {}
+    for i in reversed(range(config.num_hidden_layers)):
+        layer = load_layer(index, config, i, device)
+        index.release()
+        layer.requires_grad_(False)
+        sums = {name: torch.zeros(layer.get_submodule(name).out_features, device=device) for name in LINEARS}
+
+        def keep(name):
+            def add(g):  # returns None: the gradient flows on unchanged
+                sums[name].add_(g.float().pow(2).reshape(-1, g.shape[-1]).sum(0))
+
+            def hook(module, args, out):
+                out.register_hook(add)
+            return hook
+
+        hooks = [layer.get_submodule(name).register_forward_hook(keep(name)) for name in LINEARS]
+        try:
+            for b in range(n):
+                xb = inputs[i][b : b + 1].to(device).requires_grad_()
+                with torch.enable_grad(), precision:
+                    y = layer(xb, cos, sin)
+                y.float().backward(grad[b : b + 1])
+                grad[b : b + 1] = xb.grad
+        finally:
+            for h in hooks:
+                h.remove()
+        inputs[i] = None
+        for name in LINEARS:
+            fisher[layer_prefix(i) + name] = (sums[name] / (n * seq_len)).cpu()
+        if not all(torch.isfinite(f).all() for f in sums.values()):
+            raise Qwen2qError(f"layer {i}: the Fisher pass gave NaN/Inf gradients")
+        if progress:
+            progress()
+    return fisher
+
+
+def quantization_error(weight: torch.Tensor, gram: torch.Tensor, choice: Choice | None, factor=None) -> torch.Tensor:
+    """dW = Q(W) - W fp32 [N, K] for weight fp32 [N, K] with its input's gram X^T X fp32 [K, K]: GPTQ onto
+    the choice's grid where its format has one (factor: `inverse_factor(gram)`, if already computed),
+    else its round-to-nearest; zero for None (kept)."""
+    if choice is None:
+        return torch.zeros_like(weight)
+    grid = choice.format.grid(choice.params, weight.shape[1])
+    if grid is not None and choice.algorithm.rounding == "gptq":
+        q, _ = gptq_round(weight, gram, grid, factor=factor)
+    else:
+        q = choice.format.fake_quantize(weight, choice.params)
+    return q - weight
+
+
+def predicted_kl(delta: torch.Tensor, gram: torch.Tensor, tokens: int, fisher: torch.Tensor) -> float:
+    """1/2 sum_j F_j (dW H dW^T)_jj / T for dW fp32 [N, K], H fp32 [K, K], F fp32 [N]."""
+    per_row = ((delta @ gram) * delta).sum(1) / tokens
+    return 0.5 * float((fisher.to(per_row.device) * per_row).sum())
+
+
+def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.device,
+                  options: Mapping[str, Mapping[str, Choice | None]], fisher: Mapping[str, torch.Tensor],
+                  compute_dtype: str = "bfloat16", progress: Callable[[], None] | None = None,
+                  held: torch.Tensor | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """({decoder linear's full name: {option name: predicted KL}}, {option name: measured KL}).
+
+    The first: every option `options` gives each linear ({name: {option name: its Choice, or None to keep
+    it}}), the unquantized model's activations over ids int64 [N, L] feeding each layer.  The second,
+    with `held` windows int64 [h, L]: the KL against the source, measured on them, of the model with every
+    linear quantized as that option by the same rounding (a uniform trial per option, which calibrates
+    the predictions' scale: `qwen2q.mixed`); empty without.  progress() is called once per layer."""
+    n, seq_len = ids.shape
+    cos, sin = _rotary(config, seq_len, device)
+    embed = index.get("model.embed_tokens.weight")
+    x = embed[ids].to(device, torch.float32)
+    trial_options = [o for o, c in next(iter(options.values())).items() if c is not None] if held is not None else []
+    streams = {o: embed[held].to(device, torch.float32) for o in [None, *trial_options]} if held is not None else {}
+    out: dict[str, dict[str, float]] = {}
+    for i in range(config.num_hidden_layers):
+        layer = load_layer(index, config, i, device)
+        index.release()
+        recorders = {kind: _Recorder(gram=True) for kind in INPUT_READER}
+        hooks = [layer.get_submodule(INPUT_READER[k]).register_forward_pre_hook(r) for k, r in recorders.items()]
+        try:
+            with forward_precision(device, compute_dtype):
+                x = run_layer(layer, x, cos, sin).float()  # the next layer's input, unquantized
+        finally:
+            for h in hooks:
+                h.remove()
+        if not torch.isfinite(x).all():
+            raise Qwen2qError(f"layer {i}: the unquantized layer's output has NaN/Inf")
+        weights = {name: layer.get_submodule(name).weight.data.float() for name in LINEARS}
+        factors = {kind: inverse_factor(recorders[kind].gram) for kind in dict.fromkeys(LINEAR_INPUT.values())}
+        for name in LINEARS:
+            out[layer_prefix(i) + name] = {}
+        option_names = list(dict.fromkeys(o for name in LINEARS for o in options[layer_prefix(i) + name]))
+        for option in option_names:  # one option at a time: one layer's worth of trial weights held
+            trial = {}
+            for name in LINEARS:
+                full, kind = layer_prefix(i) + name, LINEAR_INPUT[name]
+                if option not in options[full]:
+                    continue
+                r = recorders[kind]
+                try:
+                    delta = quantization_error(weights[name], r.gram, options[full][option], factors[kind])
+                except ValueError as e:
+                    raise Qwen2qError(f"{full} as {option}: {e}") from None
+                out[full][option] = predicted_kl(delta, r.gram, r.count, fisher[full])
+                trial[name] = weights[name] + delta
+            if option in streams:
+                _run_trial(layer, streams, option, trial, cos, sin, device, compute_dtype)
+        del factors
+        if streams:
+            _run_trial(layer, streams, None, {}, cos, sin, device, compute_dtype)
+        if progress:
+            progress()
+    measured = {}
+    if held is not None:
+        norm, head = output_head(index, config, device, compute_dtype)
+        measured = {o: mean_kl(norm, head, streams[None], streams[o]) for o in trial_options}
+        index.release()
+    return out, measured
+
+
+def _run_trial(layer, streams, option, trial, cos, sin, device, compute_dtype) -> None:
+    """Move held-out stream `streams[option]` through `layer` with its linears holding `trial` ({linear:
+    quantized weight}; the others, and every one for the source stream, keep theirs)."""
+    originals = {name: layer.get_submodule(name).weight.data for name in trial}
+    try:
+        for name, w in trial.items():
+            layer.get_submodule(name).weight.data = w
+        with forward_precision(device, compute_dtype):
+            streams[option] = run_layer(layer, streams[option], cos, sin).float()
+    finally:
+        for name, w in originals.items():
+            layer.get_submodule(name).weight.data = w
+
+
+@torch.no_grad()
+def mean_kl(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(source || other) of the next-token distributions from final hidden states fp32 [h, L, hidden],
+    at the positions `qwen2q.evals.drift` scores (each window's first L - 1)."""
+    total, count = 0.0, 0
+    for b in range(source.shape[0]):
+        for s in range(0, source.shape[1] - 1, LOGIT_CHUNK):
+            end = min(s + LOGIT_CHUNK, source.shape[1] - 1)
+            lp, lq = log_probs(norm, head, source[b, s:end]), log_probs(norm, head, other[b, s:end])
+            total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
+            count += end - s
+    return total / count
+
+
+def fisher_samples(n: int, seq_len: int, tokens: int) -> list[int]:
+    """Indices of ceil(tokens / seq_len) samples (at most n) spread evenly over n."""
+    k = max(1, min(n, math.ceil(tokens / seq_len)))
+    return sorted(set(torch.linspace(0, n - 1, k).round().long().tolist()))

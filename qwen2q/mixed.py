@@ -1,0 +1,381 @@
+"""Mixed precision to a quality budget: the smallest checkpoint whose KL against the source stays under a
+number the user gives (`--kl-budget`), or the least KL at a given size (`--target-bits`).
+
+1. Profile (once per model, reusable with `--profile`): for every module group that must share a format
+   (`GROUPS`: q/k/v, o, gate/up, down of each layer; vLLM fuses q/k/v and gate/up) and every option
+   (`--choices`: int4 g128/g64/g32, int8, nf4, bf16), the predicted KL increase when that group alone
+   takes that option (`qwen2q.calibrate.sensitivity`) and its stored size.
+2. Allocate: the assignment of least size whose predicted KL (the sum over groups) is under the budget,
+   or of least predicted KL within the size (`qwen2q.calibrate.allocate`), exact and deterministic.
+3. Quantize the assignment (a recipe with a rule per linear: AWQ + GPTQ for int4, GPTQ for int8, AWQ
+   scales for NF4) and measure the result's KL against the source on held-out calibration windows
+   before anything is installed.  Over budget: the predictions are scaled by measured / predicted,
+   the allocation is solved again with no group allowed to go down, and the result is re-made and
+   re-measured (at most `ATTEMPTS` times).
+
+Output: compressed-tensors (default; config groups per format, bf16 groups in "ignore", so vLLM and
+qwen2q load it) or qwen2q's own mixed layout (`layout="native"`: AutoAWQ / bitsandbytes tensors, the only
+one that takes nf4).  Beside the weights, `qwen2q_mixed.json` records the profile, the assignment and
+the predicted KL; config.json's `qwen2q` note records the budget and the measured KL.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen2q._version import __version__
+from qwen2q.architecture import LINEARS, layer_prefix, linear_shapes
+from qwen2q.errors import OverBudget, Qwen2qError
+from qwen2q.quantizers import registry
+from qwen2q.recipe import ALGORITHMS, DEFAULT_SKIP, Choice, Recipe, Rule
+
+GROUPS = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn.o": ("self_attn.o_proj",),
+          "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"), "mlp.down": ("mlp.down_proj",)}
+OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8", "nf4", "bf16")
+DEFAULT_CHOICES = ("int4-g128", "int4-g32", "int8", "bf16")
+LAYOUTS = ("compressed-tensors", "native")
+PROFILE_FILE = "qwen2q_mixed.json"
+PROFILE_VERSION = 1
+ATTEMPTS = 4  # quantize-and-measure rounds before giving up
+FIRST_AIM = 0.9  # the first allocation aims at this fraction of the KL budget (the predictions are estimates)
+HOLDOUT = 16  # held-out calibration windows the result's KL is measured on
+PROFILE_TOKENS = 16384  # calibration tokens (spread over the samples) whose statistics the choices' errors use
+
+
+def option_rule(option: str, layout: str) -> tuple[str, dict, str] | None:
+    """(format, params, algorithm) of `option` in `layout`; None for bf16 (kept as the source stores it)."""
+    if option == "bf16":
+        return None
+    if option.startswith("int4-g"):
+        group = int(option[len("int4-g"):])
+        if layout == "compressed-tensors":  # AWQ's asymmetric grid, written as W4A16 pack-quantized
+            return "ct-pack", {"bits": 4, "group_size": group, "symmetric": False}, "awq-gptq"
+        return "awq-gemm", {"group_size": group}, "awq-gptq"
+    if option == "int8":
+        if layout == "compressed-tensors":
+            return "ct-pack", {"bits": 8, "group_size": 0, "symmetric": True}, "gptq"
+        return "bnb-int8", {}, "gptq"
+    if option == "nf4":
+        if layout == "compressed-tensors":
+            raise Qwen2qError("nf4 has no compressed-tensors form: drop it from --choices, or write --format native "
+                              "(which only qwen2q reads)")
+        return "bnb-nf4", {}, "awq-scales"
+    raise Qwen2qError(f"unknown choice {option!r}; choose from {', '.join(OPTIONS)}")
+
+
+def parse_choices(text: str | Sequence[str], layout: str) -> tuple[str, ...]:
+    """The options of "--choices int4-g128,int8,bf16" (or a sequence), checked against `layout`, in the
+    order given; at least one."""
+    items = [c.strip() for c in (text.split(",") if isinstance(text, str) else text) if c.strip()]
+    if not items:
+        raise Qwen2qError(f"--choices names no option; choose from {', '.join(OPTIONS)}")
+    if len(set(items)) != len(items):
+        raise Qwen2qError(f"--choices names an option twice: {','.join(items)}")
+    for item in items:
+        option_rule(item, layout)  # raises for an unknown one, or nf4 in compressed-tensors
+    return tuple(items)
+
+
+def choice_of(option: str, layout: str) -> Choice | None:
+    rule = option_rule(option, layout)
+    if rule is None:
+        return None
+    fmt, params, algorithm = rule
+    return Choice(registry.get(fmt), registry.get(fmt).params(**params), ALGORITHMS[algorithm])
+
+
+def stored_bytes(option: str, layout: str, out_features: int, in_features: int, source_bytes: int) -> int | None:
+    """Bytes one linear [out, in] stores as `option` (biases aside); None when its format cannot hold it."""
+    rule = option_rule(option, layout)
+    if rule is None:
+        return out_features * in_features * source_bytes
+    fmt = registry.get(rule[0])
+    try:
+        specs = fmt.stored_tensors("w", out_features, in_features, fmt.params(**rule[1]))
+    except ValueError:
+        return None
+    total = 0
+    for spec in specs.values():
+        if spec.shapes is not None:
+            total += int(torch.Size(spec.shapes[0]).numel()) * torch.empty((), dtype=spec.dtypes[0]).element_size()
+    return total
+
+
+@dataclasses.dataclass
+class Profile:
+    """What step 1 measured: per linear, each option's predicted KL and stored bytes."""
+
+    model: dict[str, Any]  # the source's shape, to refuse a profile of another model
+    calibration: str
+    choices: tuple[str, ...]
+    layout: str
+    kl: dict[str, dict[str, float]]  # {linear full name: {option: predicted KL}}
+    size: dict[str, dict[str, int]]  # {linear full name: {option: bytes}}
+    seconds: float
+    uniform: dict[str, float] = dataclasses.field(default_factory=dict)  # {option: measured KL, all linears so}
+
+    def correction(self, option: str) -> float:
+        """measured / predicted KL of the uniform trial of `option` (1.0 without one): the factor its
+        predictions are scaled by, which takes in what the estimate leaves out (the Fisher's off-diagonal,
+        errors compounding across layers) at the scale of a whole model."""
+        predicted = sum(row[option] for row in self.kl.values() if option in row)
+        measured = self.uniform.get(option)
+        return measured / predicted if measured is not None and predicted > 0 else 1.0
+
+    def group_table(self, layers: int) -> tuple[list[str], list[list[float]], list[list[float]]]:
+        """(group names "model.layers.3.mlp.down", sizes [groups][choices], predicted KL [groups][choices],
+        each option's scaled by its `correction`); an option a group's format cannot hold is NaN (never chosen)."""
+        names, sizes, kls = [], [], []
+        for i in range(layers):
+            for group, members in GROUPS.items():
+                names.append(layer_prefix(i) + group)
+                full = [layer_prefix(i) + m for m in members]
+                sizes.append([sum(self.size[n][c] for n in full) if all(self.size[n].get(c) is not None for n in full)
+                              else float("nan") for c in self.choices])
+                kls.append([self.correction(c) * sum(self.kl[n][c] for n in full) if all(c in self.kl[n] for n in full)
+                            else float("nan") for c in self.choices])
+        return names, sizes, kls
+
+    def to_dict(self) -> dict:
+        return {"version": PROFILE_VERSION, "qwen2q": __version__, "model": self.model, "calibration": self.calibration,
+                "choices": list(self.choices), "layout": self.layout, "seconds": self.seconds,
+                "predicted_kl": self.kl, "bytes": self.size, "uniform_measured_kl": self.uniform,
+                "correction": {c: self.correction(c) for c in self.choices}}
+
+    @classmethod
+    def read(cls, path, model: dict, choices: Sequence[str], layout: str) -> "Profile":
+        """A profile saved by an earlier run (its output's qwen2q_mixed.json, or that file's copy), checked to
+        be of this model, with every option of `choices` and the same layout."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / PROFILE_FILE
+        try:
+            d = json.loads(path.read_text())
+            profile = d["profile"] if "profile" in d else d
+            if profile.get("version") != PROFILE_VERSION:
+                raise ValueError(f"profile version {profile.get('version')}, this qwen2q reads {PROFILE_VERSION}")
+            kl, size = profile["predicted_kl"], profile["bytes"]
+            got = cls(profile["model"], profile["calibration"], tuple(profile["choices"]), profile["layout"],
+                      {n: {c: float(v) for c, v in row.items()} for n, row in kl.items()},
+                      {n: {c: (None if v is None else int(v)) for c, v in row.items()} for n, row in size.items()},
+                      float(profile["seconds"]), {c: float(v) for c, v in profile.get("uniform_measured_kl", {}).items()})
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise Qwen2qError(f"--profile {path}: not a qwen2q mixed-precision profile ({e})") from None
+        if got.model != model:
+            raise Qwen2qError(f"--profile {path} was measured on another model ({got.model.get('name')}, "
+                              f"{got.model.get('layers')} layers); measure this one without --profile")
+        missing = [c for c in choices if c not in got.choices]
+        if missing or got.layout != layout:
+            raise Qwen2qError(f"--profile {path} holds {','.join(got.choices)} in {got.layout}; this run needs "
+                              f"{','.join(choices)} in {layout}: measure again without --profile")
+        return dataclasses.replace(got, choices=tuple(choices))
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One quantize-and-measure round."""
+
+    predicted_kl: float
+    measured_kl: float | None
+    bits_per_weight: float
+    seconds: float
+
+
+@dataclasses.dataclass
+class MixedReport:
+    """What a mixed-precision run did.  `report`: the final conversion's (`qwen2q.quantization.Report`);
+    `assignment`: {group name: option}; `bits_per_weight`: stored bytes of every decoder linear (bf16
+    ones included) over their weights."""
+
+    report: Any
+    budget: str  # "kl <= 0.02" or "4.50 bits per weight"
+    assignment: dict[str, str]
+    predicted_kl: float
+    measured_kl: float
+    bits_per_weight: float
+    attempts: list[Attempt]
+    profile_seconds: float  # 0 when the profile was read from a file
+    seconds: float
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for option in self.assignment.values():
+            out[option] = out.get(option, 0) + 1
+        return out
+
+
+def model_key(src: Path, config) -> dict:
+    return {"name": src.name, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
+            "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size}
+
+
+def measure_profile(src: Path, config, files, choices, layout, settings, device, progress: bool) -> Profile:
+    """Step 1: the Fisher pass, then every option's error, layer by layer (`qwen2q.calibrate.sensitivity`)."""
+    from tqdm import tqdm
+
+    from qwen2q.calibrate.pipeline import calibration_ids
+    from qwen2q.calibrate.sensitivity import choice_errors, fisher_samples, output_fisher
+    from qwen2q.checkpoint import TensorIndex
+
+    start = time.perf_counter()
+    ids, described = calibration_ids(src, settings)
+    n = ids.shape[0] - settings.holdout  # the held-out windows: only ever measured on, never fitted to
+    index = TensorIndex(files)
+    layers = config.num_hidden_layers
+    bar = tqdm(total=3 * layers, desc="profile", unit="layer", disable=not progress, leave=False)
+    try:
+        fisher_ids = ids[fisher_samples(n, ids.shape[1], settings.search_tokens)]
+        fisher = output_fisher(index, config, fisher_ids, device, settings.compute_dtype, progress=bar.update)
+        options = {layer_prefix(i) + name: {c: choice_of(c, layout) for c in choices}
+                   for i in range(layers) for name in LINEARS}
+        error_ids = ids[fisher_samples(n, ids.shape[1], PROFILE_TOKENS)]
+        kl, uniform = choice_errors(index, config, error_ids, device, options, fisher, settings.compute_dtype,
+                                    progress=bar.update, held=ids[n:])
+    finally:
+        bar.close()
+        index.release()
+    source_bytes = index.get("model.embed_tokens.weight").element_size()
+    shapes = linear_shapes(config)
+    size = {layer_prefix(i) + name: {c: stored_bytes(c, layout, *shapes[name][:2], source_bytes) for c in choices}
+            for i in range(layers) for name in LINEARS}
+    return Profile(model_key(src, config), described, tuple(choices), layout, kl, size, time.perf_counter() - start,
+                   uniform)
+
+
+def recipe_for(assignment: Mapping[str, str], layout: str) -> Recipe:
+    """A rule per quantized linear (its full name), bf16 groups' linears in `skip`."""
+    rules, keep = [], []
+    for group, option in assignment.items():
+        prefix, kind = group.rsplit(".", 2)[0], ".".join(group.rsplit(".", 2)[1:])
+        for member in GROUPS[kind]:
+            name = f"{prefix}.{member}"
+            rule = option_rule(option, layout)
+            if rule is None:
+                keep.append(name)
+            else:
+                rules.append(Rule(name, rule[0], rule[1], rule[2]))
+    if not rules:
+        raise Qwen2qError("the budget leaves every module in bf16: nothing to quantize (raise the budget)")
+    return Recipe(tuple(rules), skip=(*DEFAULT_SKIP, *keep))
+
+
+def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: float | None = None,
+                   choices: str | Sequence[str] = DEFAULT_CHOICES, layout: str = "compressed-tensors",
+                   calibration=None, profile=None, device: str = "cpu", force: bool = False,
+                   max_shard_bytes: int | None = None, allow_pickle: bool = False, progress: bool = True,
+                   log=print) -> MixedReport:
+    """Quantize checkpoint `src` into `dst` with a format per module group: the smallest under `kl_budget`
+    (mean KL against the source, per token, on held-out calibration windows), or the least predicted KL
+    at `target_bits` bits per decoder-linear weight.  calibration: `CalibrationSettings` (samples, text,
+    search tokens: AWQ's; rounding and act order are the options'); profile: a previous run's output
+    directory or its qwen2q_mixed.json, to skip step 1.  log(line) reports each step."""
+    from qwen2q.calibrate.allocate import allocate, totals
+    from qwen2q.calibrate.pipeline import CalibrationSettings
+    from qwen2q.destination import check_destination
+    from qwen2q.devices import parse_device
+    from qwen2q.quantization import quantize, read_source
+    from qwen2q.writer import DEFAULT_SHARD_BYTES
+
+    start = time.perf_counter()
+    if (kl_budget is None) == (target_bits is None):
+        raise Qwen2qError("give one of --kl-budget and --target-bits")
+    if kl_budget is not None and not (0 < kl_budget < float("inf")):
+        raise Qwen2qError(f"--kl-budget must be a positive number, not {kl_budget}")
+    if layout not in LAYOUTS:
+        raise Qwen2qError(f"unknown output format {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    choices = parse_choices(choices, layout)
+    settings = calibration or CalibrationSettings()
+    if settings.rounding is not None or settings.act_order:
+        raise Qwen2qError("--rounding and --act-order do not go with mixed precision: each choice has its own "
+                          "algorithm (int4: AWQ + GPTQ, int8: GPTQ, nf4: AWQ scales)")
+    settings = dataclasses.replace(settings, holdout=settings.holdout or HOLDOUT)
+    device = parse_device(device)
+    src, config, files = read_source(src, allow_pickle=allow_pickle)
+    dst = Path(dst)
+    check_destination(src, dst, force)
+    key = model_key(src, config)
+    if profile is not None:
+        prof = Profile.read(profile, key, choices, layout)
+        profile_seconds = 0.0
+        log(f"profile: read {profile} (measured in {prof.seconds:.0f} s)")
+    else:
+        prof = measure_profile(src, config, files, choices, layout, settings, device, progress)
+        profile_seconds = prof.seconds
+        log(f"profile: {len(prof.kl)} linears x {len(choices)} choices in {prof.seconds:.0f} s")
+    for c in choices:
+        if c in prof.uniform:
+            log(f"profile: {c} everywhere: measured KL {prof.uniform[c]:.5f}, predicted x{prof.correction(c):.2f} of it")
+    names, sizes, kls = prof.group_table(config.num_hidden_layers)
+    order = sorted(range(len(choices)), key=lambda k: _mean_size(sizes, k))  # smallest first: "up" = larger
+    choices = tuple(choices[k] for k in order)
+    sizes = [[row[k] for k in order] for row in sizes]
+    kls = [[row[k] for k in order] for row in kls]
+    weights = sum(o * i for o, i, _ in linear_shapes(config).values()) * config.num_hidden_layers
+    if target_bits is not None:
+        least, most = (8 * sum(min(_finite(r)) for r in sizes) / weights, 8 * sum(max(_finite(r)) for r in sizes) / weights)
+        if not least <= target_bits:
+            raise Qwen2qError(f"--target-bits {target_bits} is below the smallest these choices allow ({least:.3f})")
+        if target_bits > most:
+            raise Qwen2qError(f"--target-bits {target_bits} is above the largest these choices allow ({most:.3f})")
+        budget_text = f"{target_bits:.3f} bits per weight"
+    else:
+        budget_text = f"KL <= {kl_budget:g}"
+    correction, floor, attempts, aim = 1.0, None, [], FIRST_AIM
+    for attempt in range(1, ATTEMPTS + 1):
+        scaled = [[v * correction for v in row] for row in kls]
+        if target_bits is not None:
+            pick = allocate(sizes, scaled, target_bits * weights / 8, by="size", floor=floor)
+        else:
+            pick = allocate(sizes, scaled, kl_budget * aim, by="kl", floor=floor)
+        size, predicted = totals(sizes, kls, pick)
+        assignment = {n: choices[k] for n, k in zip(names, pick)}
+        bits = 8 * size / weights
+        log(f"attempt {attempt}: {_counts(assignment)}; {bits:.3f} bits per weight, predicted KL {predicted:.5f}"
+            + (f" (x{correction:.2f} measured correction)" if correction != 1.0 else ""))
+        recipe = recipe_for(assignment, layout)
+        run = dataclasses.replace(settings, max_holdout_kl=kl_budget)
+        made = {"method": "mixed", "label": f"mixed to {budget_text}", "budget": budget_text, "choices": list(choices), "format": layout,
+                "predicted_kl": predicted, "attempt": attempt}
+        extras = {PROFILE_FILE: json.dumps({"profile": prof.to_dict(), "budget": budget_text,
+                                            "predicted_kl": predicted, "bits_per_weight": bits,
+                                            "assignment": assignment}, indent=1) + "\n"}
+        began = time.perf_counter()
+        try:
+            report = quantize(src, dst, recipe, run, device=str(device), force=force, allow_pickle=allow_pickle,
+                              max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, made=made,
+                              extras=extras)
+        except OverBudget as e:
+            attempts.append(Attempt(predicted, e.measured, bits, time.perf_counter() - began))
+            log(f"attempt {attempt}: measured KL {e.measured:.5f} > {kl_budget:g}: moving the worst groups up")
+            correction *= max(e.measured / max(predicted * correction, 1e-12), 1.05)
+            floor, aim = pick, FIRST_AIM
+            continue
+        attempts.append(Attempt(predicted, report.holdout_kl, bits, time.perf_counter() - began))
+        log(f"attempt {attempt}: measured KL {report.holdout_kl:.5f} on {settings.holdout} held-out windows")
+        return MixedReport(report, budget_text, assignment, predicted, report.holdout_kl, bits, attempts,
+                           profile_seconds, time.perf_counter() - start)
+    raise Qwen2qError(f"no result under KL {kl_budget:g} after {ATTEMPTS} attempts (last measured "
+                      f"{attempts[-1].measured_kl:.5f}); nothing was written: raise the budget or add a larger choice")
+
+
+def _finite(row):
+    return [v for v in row if v == v]
+
+
+def _mean_size(sizes, k) -> float:
+    values = [row[k] for row in sizes if row[k] == row[k]]
+    return sum(values) / max(len(values), 1)
+
+
+def _counts(assignment: Mapping[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for option in assignment.values():
+        counts[option] = counts.get(option, 0) + 1
+    return ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))

@@ -1,0 +1,302 @@
+"""Mixed precision to a quality budget (`qwen2q.mixed`, `qwen2q.calibrate.sensitivity`, `.allocate`).
+
+Oracles: brute force for the knapsack; a float64 einsum for the predicted-KL formula; qwen2q's own eval
+path (`qwen2q.evals.drift.compare`, the loaded checkpoint against the source) for the KL measured while
+quantizing; real single-module quantizations of the embedded model for the sensitivity estimate and the
+additivity assumption; the checkpoint loaders for the written files.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+import qwen2q
+from qwen2q.calibrate.allocate import allocate, totals
+from qwen2q.calibrate.pipeline import CalibrationSettings
+from qwen2q.calibrate.sensitivity import predicted_kl
+from qwen2q.errors import Qwen2qError
+from qwen2q.evals.data import pydoc_topics
+from qwen2q.files import DEFAULT_MODEL
+from qwen2q.mixed import GROUPS, PROFILE_FILE, Profile, quantize_mixed
+from qwen2q.quantization import quantize
+from qwen2q.tokenizer import Tokenizer
+
+SAMPLES, HELD, SEQ = 12, 4, 128
+
+
+# -- the knapsack -----------------------------------------------------------------------------------
+
+def _brute(sizes, kls, budget, by):
+    best = None
+    for pick in itertools.product(*(range(len(r)) for r in sizes)):
+        size, kl = totals(sizes, kls, pick)
+        weight, cost = (kl, size) if by == "kl" else (size, kl)
+        if weight <= budget and (best is None or cost < best):
+            best = cost
+    return best
+
+
+@pytest.mark.parametrize("by", ["kl", "size"])
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_is_optimal_up_to_one_unit_per_group(seed, by):
+    """Never better than the true optimum, never worse than the optimum of a budget one unit per group
+    tighter (each option's amount is rounded up to whole units), always within the budget."""
+    rng = random.Random(seed)
+    groups, options = rng.randint(2, 6), rng.randint(2, 4)
+    sizes = [sorted(rng.uniform(1, 100) for _ in range(options)) for _ in range(groups)]
+    kls = [sorted((rng.uniform(0, 0.01) for _ in range(options)), reverse=True) for _ in range(groups)]
+    weights = kls if by == "kl" else sizes
+    budget = rng.uniform(sum(map(min, weights)), sum(map(max, weights)))  # feasible, and not trivially
+    resolution = 2000
+    pick = allocate(sizes, kls, budget, by=by, resolution=resolution)
+    size, kl = totals(sizes, kls, pick)
+    weight, cost = (kl, size) if by == "kl" else (size, kl)
+    assert weight <= budget * (1 + 1e-12)
+    optimum, tighter = _brute(sizes, kls, budget, by), _brute(sizes, kls, budget * (1 - groups / resolution), by)
+    assert cost >= optimum - 1e-9
+    if tighter is not None:
+        assert cost <= tighter + 1e-9
+    assert allocate(sizes, kls, budget, by=by, resolution=resolution) == pick  # deterministic
+
+
+def test_allocation_floor_and_infeasible():
+    sizes = [[1, 2, 4], [1, 2, 4]]
+    kls = [[0.5, 0.2, 0.0], [0.4, 0.1, 0.0]]
+    assert allocate(sizes, kls, 1.0) == [0, 0]
+    assert allocate(sizes, kls, 1.0, floor=[1, 0]) == [1, 0]
+    assert allocate(sizes, kls, 0.0) == [2, 2]
+    with pytest.raises(Qwen2qError, match="fits in 1 bytes"):
+        allocate(sizes, kls, 1.0, by="size")
+    nan = float("nan")
+    assert allocate([[1, nan, 4]], [[0.5, 0.0, 0.0]], 0.1) == [2]  # NaN: an option this group cannot take
+
+
+def test_predicted_kl_formula_against_float64_einsum():
+    torch.manual_seed(0)
+    n, k, t = 24, 40, 300
+    delta, x, fisher = torch.randn(n, k) * 1e-2, torch.randn(t, k), torch.rand(n)
+    expected = 0.5 * torch.einsum("j,tj->", fisher.double(), (x.double() @ delta.double().t()) ** 2).item() / t
+    assert predicted_kl(delta, x.t() @ x, t, fisher) == pytest.approx(expected, rel=1e-4)
+
+
+# -- on the embedded model ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ids():
+    tokens = Tokenizer(DEFAULT_MODEL).encode(pydoc_topics().text)
+    return torch.tensor(tokens[: (SAMPLES + HELD) * SEQ]).view(SAMPLES + HELD, SEQ)
+
+
+def settings(ids, compute_dtype="float32"):
+    """fp32 forwards: in bf16, two runs whose inputs differ at all differ by bf16's rounding noise too, a KL
+    floor of ~1e-5 on this model, as large as what quantizing one module here adds."""
+    return CalibrationSettings(ids=ids, search_tokens=4 * SEQ, holdout=HELD, compute_dtype=compute_dtype)
+
+
+@pytest.fixture(scope="module")
+def first(ids, tmp_path_factory):
+    """One mixed run: its report, where it wrote and its profile."""
+    dst = tmp_path_factory.mktemp("mixed") / "kl"
+    report = quantize_mixed(DEFAULT_MODEL, dst, kl_budget=2e-4, calibration=settings(ids), progress=False,
+                            log=lambda line: None)
+    return report, dst
+
+
+def groups_kl(ids, tmp_path, groups: list[str], group_size: int) -> float:
+    """The measured held-out KL when only `groups` (e.g. "model.layers.1.mlp.down") are quantized, to int4
+    in groups of `group_size` by GPTQ alone: the rounding the estimate models (AWQ's scale search, which
+    the options add, also rounds the norms and linears it folds its scales into)."""
+    from qwen2q.recipe import Recipe, Rule
+
+    rules = tuple(Rule(f"{g.rsplit('.', 2)[0]}.{m}", "ct-pack", {"bits": 4, "group_size": group_size,
+                                                                 "symmetric": False}, "gptq")
+                  for g in groups for m in GROUPS[".".join(g.rsplit(".", 2)[1:])])
+    dst = tmp_path / "-".join(groups)
+    return quantize(DEFAULT_MODEL, dst, Recipe(rules, skip=("lm_head",)), settings(ids), progress=False).holdout_kl
+
+
+def test_kl_measured_while_quantizing_equals_the_eval_of_the_written_checkpoint(ids, tmp_path):
+    """holdout_kl (two layer-by-layer streams inside the quantize pass) against `drift.compare` on the
+    loaded checkpoint and the source, fp32 throughout: the same number by an independent path."""
+    from qwen2q.evals.drift import compare
+    from qwen2q.qconfig import QuantConfig
+
+    recipe, _ = QuantConfig("awq", layout="compressed-tensors").recipe(), None
+    report = quantize(DEFAULT_MODEL, tmp_path / "q", recipe, settings(ids, compute_dtype="float32"), progress=False)
+    ref = qwen2q.load(DEFAULT_MODEL, dtype="float32").model
+    cand = qwen2q.load(tmp_path / "q", dtype="float32").model
+    cand.eval()
+    with torch.no_grad():
+        measured = compare(ref, cand, ids[SAMPLES:].reshape(-1), SEQ)["kl"]
+    assert report.holdout_kl == pytest.approx(measured, rel=0.02)
+    assert report.holdout_kl > 0
+
+
+def test_profile_predicts_each_groups_kl_within_a_factor_of_three(first, ids, tmp_path):
+    """The second-order estimate against the real KL of quantizing one group alone (int4 g128: AWQ +
+    GPTQ, which the estimate leaves AWQ's scale search out of), for a group of each kind."""
+    report, dst = first
+    profile = json.loads((dst / PROFILE_FILE).read_text())["profile"]
+    rows = []
+    for group in ("model.layers.0.attn.qkv", "model.layers.1.attn.o", "model.layers.2.mlp.gate_up",
+                  "model.layers.3.mlp.down"):
+        prefix, kind = group.rsplit(".", 2)[0], ".".join(group.rsplit(".", 2)[1:])
+        predicted = sum(profile["predicted_kl"][f"{prefix}.{m}"]["int4-g128"] for m in GROUPS[kind])
+        rows.append((group, predicted, groups_kl(ids, tmp_path, [group], 128)))
+    for group, predicted, measured in rows:
+        assert measured / 3 < predicted < measured * 3, rows
+
+
+def test_additivity_of_group_kls(ids, tmp_path):
+    """The assumption the allocation rests on: the KL of several quantized groups is about the sum of
+    each one's alone (here within 35%)."""
+    groups = ["model.layers.0.mlp.down", "model.layers.1.attn.qkv", "model.layers.2.mlp.gate_up",
+              "model.layers.3.attn.o"]
+    alone = [groups_kl(ids, tmp_path, [g], 32) for g in groups]
+    together = groups_kl(ids, tmp_path, groups, 32)
+    assert together == pytest.approx(sum(alone), rel=0.35), (alone, together)
+
+
+def test_kl_budget_result_meets_the_budget_loads_and_is_deterministic(first, ids, tmp_path):
+    report, dst = first
+    assert report.measured_kl <= 2e-4
+    assert len(set(report.assignment.values())) > 1  # mixed: the budget is between the choices' extremes
+    config = json.loads((dst / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and len(q["config_groups"]) >= 1
+    assert config["qwen2q"]["method"] == "mixed" and config["qwen2q"]["holdout_kl"] == report.measured_kl
+    m = qwen2q.load(dst, dtype="float32")
+    kept = [n for n, o in report.assignment.items() if o == "bf16"]
+    for group, option in report.assignment.items():
+        prefix, kind = group.rsplit(".", 2)[0], ".".join(group.rsplit(".", 2)[1:])
+        module = m.model.get_submodule(f"{prefix}.{GROUPS[kind][0]}")
+        assert (type(module).__name__ == "Linear") == (option == "bf16"), (group, option, type(module))
+    again = quantize_mixed(DEFAULT_MODEL, tmp_path / "again", kl_budget=2e-4, calibration=settings(ids),
+                           profile=dst, progress=False, log=lambda line: None)
+    assert again.assignment == report.assignment and again.profile_seconds == 0
+    looser = quantize_mixed(DEFAULT_MODEL, tmp_path / "looser", kl_budget=1e-3, calibration=settings(ids),
+                            profile=dst, progress=False, log=lambda line: None)
+    assert looser.bits_per_weight < report.bits_per_weight and looser.measured_kl <= 1e-3
+    assert kept or report.bits_per_weight < 16
+
+
+def test_target_bits(first, ids, tmp_path):
+    _, dst = first
+    r = quantize_mixed(DEFAULT_MODEL, tmp_path / "bits", target_bits=5.0, calibration=settings(ids), profile=dst,
+                       progress=False, log=lambda line: None)
+    assert 4.15 < r.bits_per_weight <= 5.0
+    assert r.report.holdout_kl == r.measured_kl > 0
+
+
+def test_over_budget_moves_groups_up_and_leaves_nothing_behind(first, ids, tmp_path):
+    """A profile that predicts 20x too little (uniform trials included): the first result measures over the budget, is discarded
+    unwritten, and the next attempt, with the predictions scaled by measured / predicted, meets it."""
+    _, dst = first
+    data = json.loads((dst / PROFILE_FILE).read_text())
+    for row in [*data["profile"]["predicted_kl"].values(), data["profile"]["uniform_measured_kl"]]:
+        for option in row:
+            row[option] /= 20
+    fake = tmp_path / "optimistic.json"
+    fake.write_text(json.dumps(data))
+    lines = []
+    r = quantize_mixed(DEFAULT_MODEL, tmp_path / "out", kl_budget=2e-4, calibration=settings(ids), profile=fake,
+                       progress=False, log=lines.append)
+    assert len(r.attempts) >= 2 and r.attempts[0].measured_kl > 2e-4 >= r.measured_kl, lines
+    assert r.attempts[-1].bits_per_weight > r.attempts[0].bits_per_weight
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimistic.json", "out"]
+
+
+def test_native_layout_with_nf4(first, ids, tmp_path):
+    """--format native may use nf4: the checkpoint is qwen2q's mixed layout and loads in qwen2q."""
+    r = quantize_mixed(DEFAULT_MODEL, tmp_path / "native", target_bits=4.6, choices="nf4,int4-g128,int8,bf16",
+                       layout="native", calibration=settings(ids), progress=False, log=lambda line: None)
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    formats = set(r.assignment.values())
+    assert config["quantization_config"]["quant_method"] == ("qwen2q-mixed" if len(formats - {"bf16"}) > 1
+                                                             else config["quantization_config"]["quant_method"])
+    qwen2q.load(tmp_path / "native", dtype="float32")
+
+
+def test_errors_are_one_line(ids, tmp_path, first):
+    _, dst = first
+    with pytest.raises(Qwen2qError, match="nf4 has no compressed-tensors form"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="nf4,bf16", calibration=settings(ids))
+    with pytest.raises(Qwen2qError, match="unknown choice 'int3'"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int3,bf16", calibration=settings(ids))
+    with pytest.raises(Qwen2qError, match="one of --kl-budget and --target-bits"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, target_bits=4.5)
+    with pytest.raises(Qwen2qError, match="below the smallest"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", target_bits=3.0, calibration=settings(ids), profile=dst)
+    with pytest.raises(Qwen2qError, match="holds int4-g128,int4-g32,int8,bf16 in compressed-tensors"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int4-g64,bf16",
+                       calibration=settings(ids), profile=dst)
+    other = json.loads((dst / PROFILE_FILE).read_text())
+    other["profile"]["model"]["layers"] = 99
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(Qwen2qError, match="measured on another model"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, calibration=settings(ids),
+                       profile=tmp_path / "other.json")
+    assert not (tmp_path / "x").exists()
+
+
+def test_profile_round_trips(first):
+    _, dst = first
+    key = json.loads((dst / PROFILE_FILE).read_text())["profile"]["model"]
+    p = Profile.read(dst, key, ("int4-g128", "bf16"), "compressed-tensors")
+    assert p.choices == ("int4-g128", "bf16") and len(p.kl) == 4 * 7
+
+
+def test_info_shows_the_format_of_each_linear(first):
+    from qwen2q.info import module_table
+
+    report, dst = first
+    table = module_table(dst)
+    assert table is not None and table.splitlines()[0].split() == ["layers", "q", "k", "v", "o", "gate", "up", "down"]
+    shown = {}
+    for line in table.splitlines()[1:]:
+        cells = line.split()
+        first_layer, last_layer = (int(x) for x in (cells[0].split("-") * 2)[:2])
+        for i in range(first_layer, last_layer + 1):
+            shown[f"model.layers.{i}.attn.qkv"], shown[f"model.layers.{i}.attn.o"] = cells[1], cells[4]
+            shown[f"model.layers.{i}.mlp.gate_up"], shown[f"model.layers.{i}.mlp.down"] = cells[5], cells[7]
+    assert shown == report.assignment
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["--kl-budget", "0.01", "--target-bits", "4.5"], "not both"),
+    (["--choices", "int8,bf16", "-m", "int8"], "--choices goes with --kl-budget or --target-bits"),
+    (["--kl-budget", "0.01", "-m", "awq"], "--method does not go with --kl-budget"),
+    (["--kl-budget", "0.01", "--choices", "nf4,bf16"], "nf4 has no compressed-tensors form"),
+    (["--kl-budget", "0.01", "--choices", "int3"], "unknown choice 'int3'"),
+    (["--kl-budget", "0.01", "--rounding", "nearest"], "--rounding does not go with"),
+    (["--target-bits", "4.5", "--profile", "/nonexistent/qwen2q_mixed.json"], "not a qwen2q mixed-precision profile"),
+])
+def test_cli_refuses_bad_mixed_options_in_one_line(tmp_path, args, needle):
+    from cli_support import one_line_error, run_cli
+
+    one_line_error(run_cli("quantize", "qwen2q:tiny", tmp_path / "out", *args), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_kl_budget_end_to_end(tmp_path):
+    """`qwen2q quantize --kl-budget`: the report names the budget, the choices and the measured KL;
+    `qwen2q info` shows the format of each linear."""
+    from cli_support import run_cli
+
+    text = tmp_path / "calib.txt"
+    text.write_text(pydoc_topics().text)
+    r = run_cli("quantize", "qwen2q:tiny", tmp_path / "out", "--kl-budget", "0.001", "--calib-data", text,
+                "--calib-samples", "8", "--calib-seq-len", "64", "--search-tokens", "128")
+    assert r.returncode == 0, r.stderr
+    assert "profile:" in r.stderr and "attempt 1: measured KL" in r.stderr
+    assert any(line.split() == ["budget", "KL", "<=", "0.001"] for line in r.stdout.splitlines())
+    kl_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("KL "))
+    assert float(kl_line.split()[1]) <= 0.001
+    info = run_cli("info", tmp_path / "out")
+    assert info.returncode == 0 and "compressed-tensors" in info.stdout
