@@ -30,10 +30,10 @@ def dev():
 
 
 def _register() -> None:
-    from qwen2q_dev.research import compare_peers, paired
+    from qwen2q_dev.research import compare_peers, paired, size_vs_kl
     from qwen2q_dev.tools import bench_cpu, bench_kernels, gpu_check, random_checkpoint, train_tiny
 
-    for module in (compare_peers, paired, random_checkpoint, train_tiny, bench_kernels, bench_cpu, gpu_check):
+    for module in (compare_peers, paired, size_vs_kl, random_checkpoint, train_tiny, bench_kernels, bench_cpu, gpu_check):
         dev.add_command(module.command)
 
 

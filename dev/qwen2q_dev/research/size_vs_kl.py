@@ -1,0 +1,128 @@
+"""Size against KL of mixed-precision results and uniform formats, from one `qwen2q eval --json` run.
+
+\b
+    qwen2q eval mixed-0.01=DIR mixed-0.02=DIR mixed-0.05=DIR nf4=DIR int4=DIR awq=DIR int8=DIR \\
+        -r SOURCE --dataset wikitext2 --seq-len 512 --max-windows 128 --json EVAL.json
+    python dev size-vs-kl EVAL.json --plot evals/results/size_vs_kl.png [--json OUT]
+
+Rows whose name starts with "mixed" form the mixed curve; the others are uniform points.  Size: the
+checkpoint's weight files on disk.  The two questions of mixed precision, answered on the mixed curve
+(linear in log KL between its points, not extrapolated):
+
+    at the size of uniform awq:  the mixed KL there, against awq's KL
+    at the KL of uniform int8:   the mixed size there, against int8's size
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from qwen2q.cli_options import json_option
+from qwen2q.errors import Qwen2qError
+from qwen2q.evals.table import Column, format_table
+
+MIB = 2**20
+
+
+def read(path: Path) -> tuple[dict, list[dict], list[dict]]:
+    """(settings, mixed rows sorted by size, uniform rows) of an eval JSON with a reference."""
+    try:
+        result = json.loads(Path(path).read_text())
+        rows = [r for r in result["rows"] if r.get("kl") is not None]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Qwen2qError(f"{path}: not a `qwen2q eval --json` result with a reference ({e})") from None
+    mixed = sorted((r for r in rows if r["name"].startswith("mixed")), key=lambda r: r["size_bytes"])
+    uniform = [r for r in rows if not r["name"].startswith("mixed")]
+    if not mixed:
+        raise Qwen2qError(f"{path}: no row named mixed*")
+    return result["settings"], mixed, uniform
+
+
+def kl_at_size(mixed: list[dict], size: float) -> float | None:
+    """The mixed curve's KL at `size` (log-linear between neighbours), None outside it."""
+    for a, b in zip(mixed, mixed[1:]):
+        if a["size_bytes"] <= size <= b["size_bytes"]:
+            t = (size - a["size_bytes"]) / (b["size_bytes"] - a["size_bytes"])
+            return math.exp((1 - t) * math.log(a["kl"]) + t * math.log(b["kl"]))
+    return None
+
+
+def size_at_kl(mixed: list[dict], kl: float) -> float | None:
+    """The mixed curve's size at `kl`, None outside it."""
+    for a, b in zip(mixed, mixed[1:]):
+        lo, hi = sorted((a["kl"], b["kl"]))
+        if lo <= kl <= hi:
+            t = (math.log(kl) - math.log(a["kl"])) / (math.log(b["kl"]) - math.log(a["kl"]))
+            return (1 - t) * a["size_bytes"] + t * b["size_bytes"]
+    return None
+
+
+def claims(mixed: list[dict], uniform: list[dict]) -> list[dict]:
+    by_name = {r["name"]: r for r in uniform}
+    out = []
+    if "awq" in by_name:
+        awq = by_name["awq"]
+        kl = kl_at_size(mixed, awq["size_bytes"])
+        out.append({"question": "KL at the size of uniform awq", "uniform": awq["kl"], "mixed": kl,
+                    "holds": kl is not None and kl < awq["kl"]})
+    if "int8" in by_name:
+        int8 = by_name["int8"]
+        size = size_at_kl(mixed, int8["kl"])
+        out.append({"question": "MiB at the KL of uniform int8", "uniform": int8["size_bytes"] / MIB,
+                    "mixed": None if size is None else size / MIB,
+                    "holds": size is not None and size < int8["size_bytes"]})
+    return out
+
+
+def draw(settings: dict, mixed: list[dict], uniform: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([r["size_bytes"] / MIB for r in mixed], [r["kl"] for r in mixed], "o-", color="tab:blue",
+            label="qwen2q mixed (KL budget)")
+    for r in mixed:
+        ax.annotate(r["name"], (r["size_bytes"] / MIB, r["kl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.scatter([r["size_bytes"] / MIB for r in uniform], [r["kl"] for r in uniform], color="tab:red", marker="s",
+               label="uniform")
+    for r in uniform:
+        ax.annotate(r["name"], (r["size_bytes"] / MIB, r["kl"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoint size (MiB)")
+    ax.set_ylabel("mean KL(bf16 || quantized) per token")
+    ax.set_title(f"{Path(settings.get('reference') or '').name}: {settings['dataset']}, {settings['windows']} x "
+                 f"{settings['seq_len']} tokens", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("size-vs-kl", help=__doc__)
+@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Draw the PNG here.")
+@json_option
+def command(result, plot_path, json_out):
+    settings, mixed, uniform = read(Path(result))
+    rows = [{"name": r["name"], "mib": r["size_bytes"] / MIB, "kl": r["kl"], "ppl": r.get("ppl")} for r in mixed + uniform]
+    click.echo(format_table([Column("checkpoint", "name"), Column("MiB", "mib", "{:.1f}"), Column("KL", "kl", "{:.5f}"),
+                             Column("ppl", "ppl", "{:.3f}")], rows))
+    found = claims(mixed, uniform)
+    click.echo(format_table([Column("question", "question"), Column("uniform", "uniform", "{:.5g}"),
+                             Column("mixed", "mixed", "{:.5g}"), Column("holds", "holds")], found))
+    if plot_path:
+        draw(settings, mixed, uniform, Path(plot_path))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"settings": settings, "rows": rows, "claims": found}, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qwen2q_dev.cli import run_command
+
+    return run_command(command, argv)

@@ -1,0 +1,45 @@
+"""dev size-vs-kl: the two mixed-precision questions read off an eval result, checked by hand here."""
+import json
+import math
+
+import dev_modules  # noqa: F401  (puts dev/ on sys.path)
+from dev_modules import exit_status
+from qwen2q_dev.research import size_vs_kl
+
+MIB = 2**20
+
+
+def _eval(tmp_path, rows):
+    settings = {"dataset": "wikitext2", "seq_len": 512, "windows": 128, "reference": "/m/src"}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"settings": settings, "rows": [{"name": "reference", "size_bytes": 1}] + rows}))
+    return path
+
+
+def test_claims_interpolate_the_mixed_curve_in_log_kl(tmp_path):
+    rows = [{"name": "mixed-0.05", "size_bytes": 700 * MIB, "kl": 0.04},
+            {"name": "mixed-0.02", "size_bytes": 760 * MIB, "kl": 0.01},
+            {"name": "awq", "size_bytes": 730 * MIB, "kl": 0.03},
+            {"name": "int8", "size_bytes": 900 * MIB, "kl": 0.02}]
+    _, mixed, uniform = size_vs_kl.read(_eval(tmp_path, rows))
+    found = {c["question"]: c for c in size_vs_kl.claims(mixed, uniform)}
+    at_awq = found["KL at the size of uniform awq"]
+    assert math.isclose(at_awq["mixed"], math.sqrt(0.04 * 0.01))  # halfway in size: the geometric mean
+    assert at_awq["holds"]  # 0.02 < 0.03
+    at_int8 = found["MiB at the KL of uniform int8"]
+    assert math.isclose(at_int8["mixed"], 700 + 60 * 0.5)  # log 0.02 is halfway between log 0.04 and log 0.01
+    assert at_int8["holds"]
+
+
+def test_outside_the_curve_is_not_claimed_and_the_command_draws(tmp_path):
+    rows = [{"name": "mixed-a", "size_bytes": 800 * MIB, "kl": 0.01, "ppl": 10.0},
+            {"name": "mixed-b", "size_bytes": 850 * MIB, "kl": 0.005, "ppl": 9.9},
+            {"name": "awq", "size_bytes": 730 * MIB, "kl": 0.03, "ppl": 11.0}]
+    path = _eval(tmp_path, rows)
+    _, mixed, uniform = size_vs_kl.read(path)
+    (claim,) = size_vs_kl.claims(mixed, uniform)
+    assert claim["mixed"] is None and not claim["holds"]
+    assert exit_status(size_vs_kl.main, [str(path), "--plot", str(tmp_path / "p.png"), "--json",
+                                         str(tmp_path / "o.json")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "o.json").read_text())["claims"][0]["holds"] is False
