@@ -371,6 +371,11 @@ def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path
             ("time", f"{report.seconds:.1f} s (profile {report.profile_seconds:.1f} s, "
                      f"{len(report.attempts)} quantize-and-measure attempt{'s' * (len(report.attempts) > 1)})")]
     _print_report(report.report, rows)
+    from qwen2q.info import module_table
+
+    table = module_table(report.report.dst)
+    if table is not None:
+        click.echo("\nformat of each decoder linear:\n" + table)
 
 
 def _print_report(report, mixed: list[tuple[str, str]] | None = None) -> None:

@@ -2,7 +2,6 @@
 import json
 import math
 
-import dev_modules  # noqa: F401  (puts dev/ on sys.path)
 from dev_modules import exit_status
 from qwen2q_dev.research import size_vs_kl
 

@@ -8,7 +8,10 @@ Opt-in: `-m vllm` with QWEN2Q_VLLM_PYTHON naming the python of a venv that has v
 For the embedded model, and for the real Qwen2.5-Coder-0.5B when QWEN2Q_REAL_MODEL names it, qwen2q writes
 an int4 g128 checkpoint in AutoAWQ's GEMM layout and in compressed-tensors pack-quantized W4A16 layout, and a
 mixed compressed-tensors one (down_proj in groups of 32, the rest in groups of 128: two config groups), all
-round-to-nearest (the layout, not the calibration, is under test).  vLLM scores the same windows
+round-to-nearest (the layout, not the calibration, is under test); and a `--kl-budget` mixed-precision
+result (`qwen2q.mixed`, choices int4 g128 / g32 and bf16: config groups plus bf16 modules in "ignore"),
+made here for the embedded model and, for the real one, read from QWEN2Q_REAL_MIXED (a mixed run of the
+real model takes ~40 minutes on CPU).  vLLM scores the same windows
 (`prompt_logprobs`, each window on its own) that `qwen2q.evals.perplexity` scores, and decodes greedily.
 
 Tolerance: vLLM's perplexity within 1% of qwen2q's.  The weights are the same integers, but vLLM computes
@@ -43,6 +46,7 @@ pytestmark = pytest.mark.vllm
 SCRIPT = Path(__file__).resolve().parents[1] / "dev/qwen2q_dev/research/peers/vllm_score.py"
 PYTHON = os.environ.get("QWEN2Q_VLLM_PYTHON")
 REAL = os.environ.get("QWEN2Q_REAL_MODEL")
+REAL_MIXED = os.environ.get("QWEN2Q_REAL_MIXED")  # a `quantize --kl-budget` output of REAL with 4-bit and bf16 choices
 TOLERANCE = 0.01  # relative perplexity difference (module docstring)
 AGREE = 4  # greedy tokens that must match from the start
 LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4", layout="compressed-tensors"),
@@ -99,7 +103,11 @@ def eval_ids(tokenizer: Tokenizer) -> tuple[str, torch.Tensor]:
 @pytest.mark.parametrize("name, src, seq_len, n_windows", models(), ids=[m[0] for m in models()])
 def test_vllm_scores_and_decodes_our_int4_like_qwen2q(vllm_python, tmp_path, layout, name, src, seq_len, n_windows):
     dst = tmp_path / f"int4-{layout}"
-    if LAYOUTS[layout] is None:
+    if LAYOUTS[layout] is None and name != "qwen2q:tiny":  # a mixed run of a real model takes ~40 min on CPU
+        if not REAL_MIXED or not Path(REAL_MIXED).is_dir():
+            pytest.skip("QWEN2Q_REAL_MIXED does not name a mixed-precision output of the real model")
+        dst = Path(REAL_MIXED)
+    elif LAYOUTS[layout] is None:
         from qwen2q.mixed import quantize_mixed
 
         mixed = quantize_mixed(src, dst, kl_budget=MIXED_BUDGET[name], choices=MIXED_CHOICES, progress=False,
