@@ -300,3 +300,23 @@ def test_cli_kl_budget_end_to_end(tmp_path):
     assert float(kl_line.split()[1]) <= 0.001
     info = run_cli("info", tmp_path / "out")
     assert info.returncode == 0 and "compressed-tensors" in info.stdout
+
+
+def test_module_formats_reads_each_config_kind():
+    """`qwen2q info`'s per-linear labels from the configs qwen2q writes (and the peers' single-format ones)."""
+    from qwen2q.info import module_formats
+
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ct = {"quant_method": "compressed-tensors", "ignore": ["lm_head", "re:^(.*\\.)?model\\.layers\\.1\\.mlp\\.down_proj(\\..*)?$"],
+          "config_groups": {"group_0": {"targets": ["model.layers.0.mlp.down_proj"],
+                                        "weights": {"num_bits": 8, "strategy": "channel"}},
+                            "group_1": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group",
+                                                                           "group_size": 32}}}}
+    assert module_formats(ct, names, "bf16") == dict(zip(names, ["int4-g32", "int8", "bf16"]))
+    mixed = {"quant_method": "qwen2q-mixed", "modules_to_not_convert": ["lm_head"], "groups": [
+        {"format": "bnb-nf4", "config": {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                         "bnb_4bit_quant_type": "nf4"}, "modules": [names[0]]},
+        {"format": "awq-gemm", "config": {"quant_method": "awq", "bits": 4, "group_size": 128}, "modules": [names[2]]}]}
+    assert module_formats(mixed, names, "bf16") == dict(zip(names, ["nf4", "bf16", "int4-g128"]))
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 64, "modules_to_not_convert": ["down_proj"]}
+    assert module_formats(awq, names, "fp16") == dict(zip(names, ["int4-g64", "fp16", "fp16"]))
