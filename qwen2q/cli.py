@@ -369,13 +369,19 @@ def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path
                    f"(predicted {report.predicted_kl:.5f})"),
             ("bits / weight", f"{report.bits_per_weight:.3f} (every decoder linear, bf16 ones included)"),
             ("time", f"{report.seconds:.1f} s (profile {report.profile_seconds:.1f} s, "
-                     f"{len(report.attempts)} quantize-and-measure attempt{'s' * (len(report.attempts) > 1)})")]
+                     f"{_passes(report.attempts)})")]
     _print_report(report.report, rows)
     from qwen2q.info import module_table
 
     table = module_table(report.report.dst)
     if table is not None:
         click.echo("\nformat of each decoder linear:\n" + table)
+
+
+def _passes(attempts) -> str:
+    """"2 trial passes, 1 final pass": how many times a mixed run made its assignment."""
+    counts = {kind: sum(a.kind == kind for a in attempts) for kind in ("trial", "final")}
+    return ", ".join(f"{n} {kind} pass{'es' * (n != 1)}" for kind, n in counts.items() if n)
 
 
 def _print_report(report, mixed: list[tuple[str, str]] | None = None) -> None:

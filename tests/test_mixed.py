@@ -193,8 +193,9 @@ def test_target_bits(first, ids, tmp_path):
 
 
 def test_over_budget_moves_groups_up_and_leaves_nothing_behind(first, ids, tmp_path):
-    """A profile that predicts 20x too little (uniform trials included): the first result measures over the budget, is discarded
-    unwritten, and the next attempt, with the predictions scaled by measured / predicted, meets it."""
+    """A profile that predicts 20x too little (uniform trials included): the first trial measures over the
+    budget, and the next attempt, with the predictions scaled by measured / predicted, meets it after one
+    final pass; nothing but the result is written."""
     _, dst = first
     data = json.loads((dst / PROFILE_FILE).read_text())
     for row in [*data["profile"]["predicted_kl"].values(), data["profile"]["uniform_measured_kl"]]:
@@ -206,8 +207,56 @@ def test_over_budget_moves_groups_up_and_leaves_nothing_behind(first, ids, tmp_p
     r = quantize_mixed(DEFAULT_MODEL, tmp_path / "out", kl_budget=2e-4, calibration=settings(ids), profile=fake,
                        progress=False, log=lines.append)
     assert len(r.attempts) >= 2 and r.attempts[0].measured_kl > 2e-4 >= r.measured_kl, lines
+    assert r.attempts[0].kind == "trial" and r.attempts[-1].kind == "final"  # the trial caught it: one AWQ pass
+    assert [a.kind for a in r.attempts].count("final") == 1, lines
     assert r.attempts[-1].bits_per_weight > r.attempts[0].bits_per_weight
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optimistic.json", "out"]
+
+
+def test_final_pass_over_budget_is_discarded_and_made_again(first, ids, tmp_path, monkeypatch):
+    """With every trial let through, the same optimistic profile fails in the final (AWQ) pass instead:
+    the result is discarded unwritten (OverBudget before install) and the next attempt meets the budget."""
+    import qwen2q.mixed as mixed
+
+    _, dst = first
+    data = json.loads((dst / PROFILE_FILE).read_text())
+    for row in [*data["profile"]["predicted_kl"].values(), data["profile"]["uniform_measured_kl"]]:
+        for option in row:
+            row[option] /= 20
+    fake = tmp_path / "optimistic.json"
+    fake.write_text(json.dumps(data))
+    monkeypatch.setattr(mixed, "TRIAL_AIM", 1e9)
+    r = quantize_mixed(DEFAULT_MODEL, tmp_path / "out", kl_budget=2e-4, calibration=settings(ids), profile=fake,
+                       progress=False, log=lambda line: None)
+    finals = [a for a in r.attempts if a.kind == "final"]
+    assert len(finals) >= 2 and finals[0].measured_kl > 2e-4 >= r.measured_kl == finals[-1].measured_kl
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimistic.json", "out"]
+
+
+def test_trial_kl_is_the_kl_of_the_checkpoint_it_stands_for(first, ids, tmp_path):
+    """trial_kl (GPTQ alone, nothing written) against `drift.compare` of the checkpoint the trial recipe
+    writes (fp32 throughout; the embedded model's 12 samples are fewer than TRIAL_SAMPLES, so both use
+    all of them): the same number, and the trial wrote nothing."""
+    from qwen2q.checkpoint import weight_files
+    from qwen2q.config import Qwen2Config
+    from qwen2q.evals.drift import compare
+    from qwen2q.mixed import recipe_for, trial_kl, trial_recipe
+
+    report, _ = first
+    recipe = recipe_for(report.assignment, "compressed-tensors")
+    plan = trial_recipe(recipe)
+    assert {r.algorithm for r in plan.rules} <= {"gptq", "rtn"} and len(plan.rules) == len(recipe.rules)
+    config = Qwen2Config.from_file(DEFAULT_MODEL / "config.json")
+    before = sorted(tmp_path.iterdir())
+    kl = trial_kl(DEFAULT_MODEL, config, weight_files(DEFAULT_MODEL), recipe, settings(ids), torch.device("cpu"),
+                  progress=False)
+    assert sorted(tmp_path.iterdir()) == before
+    quantize(DEFAULT_MODEL, tmp_path / "trial", plan, settings(ids), progress=False)
+    ref = qwen2q.load(DEFAULT_MODEL, dtype="float32").model
+    cand = qwen2q.load(tmp_path / "trial", dtype="float32").model
+    with torch.no_grad():
+        measured = compare(ref, cand.eval(), ids[SAMPLES:].reshape(-1), SEQ)["kl"]
+    assert kl == pytest.approx(measured, rel=0.02) and kl > 0
 
 
 def test_native_layout_with_nf4(first, ids, tmp_path):
