@@ -60,7 +60,12 @@ class CalibrationSettings:
     # held-out windows (after the samples in the text; with `ids`, its last rows) that run through both the
     # source and the quantized layers, for the result's KL against the source (`LayerCalibrator.holdout_kl`)
     holdout: int = 0
-    max_holdout_kl: float | None = None  # a measured KL above this aborts the run before anything is installed
+    # the text the held-out windows are cut from (file, folder or hub id, its first `holdout` x seq_len
+    # tokens); None: the calibration text, after the samples
+    holdout_source: str | None = None
+    # the held-out KL's 95% upper bound (`sensitivity.upper_bound`) above this aborts the run before anything
+    # is installed
+    max_holdout_kl: float | None = None
 
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -263,7 +268,14 @@ def calibration_ids(src, settings: CalibrationSettings) -> tuple[torch.Tensor, s
             raise Qwen2qError(f"{ids.shape[0]} given samples leave none to calibrate on after {settings.holdout} "
                               "held-out windows")
         return ids, f"given tokens: {ids.shape[0] - settings.holdout} x {ids.shape[1]}"
-    ids, described = calibration_tokens(Tokenizer(src), settings.source, settings.samples + settings.holdout,
+    tokenizer = Tokenizer(src)
+    if settings.holdout and settings.holdout_source is not None:
+        ids, described = calibration_tokens(tokenizer, settings.source, settings.samples, settings.seq_len,
+                                            settings.chat_template)
+        held, held_described = calibration_tokens(tokenizer, settings.holdout_source, settings.holdout,
+                                                  settings.seq_len, settings.chat_template)
+        return torch.cat([ids, held]), f"{described} (held-out windows: {held_described})"
+    ids, described = calibration_tokens(tokenizer, settings.source, settings.samples + settings.holdout,
                                         settings.seq_len, settings.chat_template)
     if settings.holdout:
         described = described.replace(f"{ids.shape[0]} x", f"{settings.samples} x", 1) + \
@@ -320,12 +332,17 @@ class LayerCalibrator:
             raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
         return result
 
-    def holdout_kl(self) -> float:
-        """Mean KL(source || quantized) of the next-token distributions over the held-out windows, at the
+    def holdout_kls(self) -> list[float]:
+        """Each held-out window's mean KL(source || quantized) of the next-token distributions, at the
         positions `qwen2q.evals.drift` scores (each window's first L - 1), once every layer has run."""
-        from qwen2q.calibrate.sensitivity import mean_kl, output_head
+        from qwen2q.calibrate.sensitivity import output_head, window_kls
 
         norm, head = output_head(self.index, self.config, self.device, self.settings.compute_dtype)
-        kl = mean_kl(norm, head, self.held_source, self.held_quantized)
+        kls = window_kls(norm, head, self.held_source, self.held_quantized)
         self.index.release()
-        return kl
+        return kls
+
+    def holdout_kl(self) -> float:
+        """The mean over every scored held-out position (`holdout_kls`)."""
+        kls = self.holdout_kls()
+        return sum(kls) / len(kls)

@@ -232,17 +232,40 @@ def _run_trial(layer, streams, option, trial, cos, sin, device, compute_dtype) -
 
 
 @torch.no_grad()
-def mean_kl(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean KL(source || other) of the next-token distributions from final hidden states fp32 [h, L, hidden],
-    at the positions `qwen2q.evals.drift` scores (each window's first L - 1)."""
-    total, count = 0.0, 0
+def window_kls(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> list[float]:
+    """Each window's mean KL(source || other) of the next-token distributions from final hidden states fp32
+    [h, L, hidden], at the positions `qwen2q.evals.drift` scores (each window's first L - 1)."""
+    out = []
     for b in range(source.shape[0]):
+        total = 0.0
         for s in range(0, source.shape[1] - 1, LOGIT_CHUNK):
             end = min(s + LOGIT_CHUNK, source.shape[1] - 1)
             lp, lq = log_probs(norm, head, source[b, s:end]), log_probs(norm, head, other[b, s:end])
             total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
-            count += end - s
-    return total / count
+        out.append(total / (source.shape[1] - 1))
+    return out
+
+
+def mean_kl(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean KL(source || other) over every scored position of the windows (`window_kls`)."""
+    kls = window_kls(norm, head, source, other)
+    return sum(kls) / len(kls)
+
+
+UPPER_Z = 1.645  # one-sided 95% normal quantile
+
+
+def upper_bound(window_values: list[float], z: float = UPPER_Z) -> float:
+    """The mean of per-window values plus z standard errors (the one-sided 95% bound of the mean over
+    windows of that text, per the central limit theorem): what a budget is checked against, so a result
+    that passes on a few held-out windows also holds, 95 times in 100, on the text they were drawn from.
+    One window: its value."""
+    n = len(window_values)
+    mean = sum(window_values) / n
+    if n < 2:
+        return mean
+    variance = sum((v - mean) ** 2 for v in window_values) / (n - 1)
+    return mean + z * math.sqrt(variance / n)
 
 
 def fisher_samples(n: int, seq_len: int, tokens: int) -> list[int]:

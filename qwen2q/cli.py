@@ -229,8 +229,12 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
                    "and an algorithm (rtn, awq, awq-gptq, awq-scales, gptq), so one checkpoint may hold several "
                    "formats; see the README.")
 @click.option("--kl-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KL",
-              help="Mixed precision: the smallest checkpoint whose KL against SRC (mean per token, measured on "
-                   "held-out calibration windows) stays under KL, a format per module group from --choices.")
+              help="Mixed precision: the smallest checkpoint whose KL against SRC (mean per token; its 95% upper "
+                   "bound over 16 held-out windows of the calibration text, or of --kl-data) stays under KL, a "
+                   "format per module group from --choices.")
+@click.option("--kl-data", default=None, metavar="FILE|DIR|HUB_ID",
+              help="Mixed precision: the text the KL budget must hold on (a sample of what the model will read; "
+                   "its first 16 windows are measured).  [default: held-out windows of the calibration text]")
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="BITS",
               help="Mixed precision: the least predicted KL at BITS bits per decoder-linear weight.")
 @click.option("--choices", default=None, metavar="LIST",
@@ -277,7 +281,7 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
-def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, choices, profile_path, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, kl_data, choices, profile_path, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
              allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
@@ -313,9 +317,9 @@ def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, choices
                                f"name it: qwen2q quantize {EMBEDDED} {src} ...")
     max_shard_bytes = _parse_size(max_shard_size)
     if kl_budget is not None or target_bits is not None:
-        _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path, layout, max_shard_bytes)
+        _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, layout, max_shard_bytes)
         return
-    given = [f for f, v in (("--choices", choices), ("--profile", profile_path)) if v is not None]
+    given = [f for f, v in (("--choices", choices), ("--profile", profile_path), ("--kl-data", kl_data)) if v is not None]
     if given:
         raise Qwen2qError(f"{given[0]} goes with --kl-budget or --target-bits")
     layout = layout or "native"
@@ -342,7 +346,8 @@ MIXED_REFUSES = ("method", "recipe_file", "group_size", "skip", "rounding", "act
                  "allow_non_finite")
 
 
-def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path, layout, max_shard_bytes) -> None:
+def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, layout,
+                    max_shard_bytes) -> None:
     """--kl-budget / --target-bits: `qwen2q.mixed.quantize_mixed`, then its report."""
     from qwen2q.calibrate.pipeline import CalibrationSettings
     from qwen2q.mixed import DEFAULT_CHOICES, quantize_mixed
@@ -360,12 +365,12 @@ def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, choices, profile_path
                                       p["search_tokens"], compute_dtype=p["calib_dtype"])
     report = quantize_mixed(_model_path(src), dst, kl_budget=kl_budget, target_bits=target_bits,
                             choices=choices or DEFAULT_CHOICES, layout=layout or "compressed-tensors",
-                            calibration=calibration, profile=profile_path, device=p["device"], force=p["force"],
+                            calibration=calibration, kl_data=kl_data, profile=profile_path, device=p["device"], force=p["force"],
                             max_shard_bytes=max_shard_bytes, allow_pickle=p["allow_pickle"],
                             log=lambda line: click.echo(line, err=True))
     rows = [("budget", report.budget),
             ("choices", ", ".join(f"{n} {o}" for o, n in sorted(report.counts().items()))),
-            ("KL", f"{report.measured_kl:.5f} measured on held-out calibration windows "
+            ("KL", f"{report.measured_kl:.5f} measured on held-out windows, 95% upper bound {report.kl_bound:.5f} "
                    f"(predicted {report.predicted_kl:.5f})"),
             ("bits / weight", f"{report.bits_per_weight:.3f} (every decoder linear, bf16 ones included)"),
             ("time", f"{report.seconds:.1f} s (profile {report.profile_seconds:.1f} s, "

@@ -19,6 +19,7 @@ class CheckpointError(Qwen2qError):
 class OverBudget(Qwen2qError):
     """A quantized result measured over its quality budget (held-out KL above the limit); nothing was installed."""
 
-    def __init__(self, measured: float, limit: float):
-        super().__init__(f"the result's held-out KL {measured:.5f} is over the limit {limit:.5f}; nothing was written")
-        self.measured, self.limit = measured, limit
+    def __init__(self, measured: float, bound: float, limit: float):
+        super().__init__(f"the result's held-out KL {measured:.5f} (95% upper bound {bound:.5f}) is over the limit "
+                         f"{limit:.5f}; nothing was written")
+        self.measured, self.bound, self.limit = measured, bound, limit

@@ -65,7 +65,9 @@ def recorded_method(c: Qwen2Config) -> str | None:
     if note.get("format"):
         text += f" as {note['format']}"
     if note.get("holdout_kl") is not None:
-        text += f", KL {note['holdout_kl']:.5f} on held-out calibration windows"
+        text += f", KL {note['holdout_kl']:.5f} on held-out windows"
+        if note.get("holdout_kl_bound") is not None:
+            text += f" (95% bound {note['holdout_kl_bound']:.5f})"
     if note.get("rounding"):
         text += f", {note['rounding']} rounding" + (", act order" if note.get("act_order") else "")
     if note.get("awq_scales"):

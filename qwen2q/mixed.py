@@ -9,8 +9,10 @@ number the user gives (`--kl-budget`), or the least KL at a given size (`--targe
    or of least predicted KL within the size (`qwen2q.calibrate.allocate`), exact and deterministic.
 3. Trial (`--kl-budget` only): make the assignment the cheap way (GPTQ alone, no AWQ scale search, on
    `TRIAL_SAMPLES` samples; about a tenth of the final pass's time) and measure its KL against the
-   source on held-out calibration windows.  Over `TRIAL_AIM` x the budget: the predictions are scaled by
-   measured / predicted, the allocation is solved again with no group allowed to go down, and the trial
+   source on `HOLDOUT` held-out windows: of the calibration text after its samples, or of `--kl-data`,
+   the text the budget must hold on.  The budget is checked against the mean's one-sided 95% upper
+   bound over those windows (KL varies from window to window, and the budget is about the text, not
+   these 16 windows of it).  Over `TRIAL_AIM` x the budget: the predictions are scaled by bound / predicted, the allocation is solved again with no group allowed to go down, and the trial
    is re-made (at most `ATTEMPTS` times).  The predictions add up each group's error alone; a mixed
    assignment measured 1.24x its prediction on Qwen2.5-Coder-0.5B (the groups the allocation moves down
    are those whose predictions are lowest), so it is the trial, not the prediction, that is trusted.
@@ -192,10 +194,11 @@ class Attempt:
     "final" pass."""
 
     predicted_kl: float
-    measured_kl: float | None
+    measured_kl: float | None  # mean over the held-out windows
     bits_per_weight: float
     seconds: float
     kind: str = "final"
+    kl_bound: float | None = None  # its one-sided 95% upper bound, what the budget is checked against
 
 
 @dataclasses.dataclass
@@ -209,6 +212,7 @@ class MixedReport:
     assignment: dict[str, str]
     predicted_kl: float
     measured_kl: float
+    kl_bound: float  # measured_kl's one-sided 95% upper bound over the held-out windows
     bits_per_weight: float
     attempts: list[Attempt]
     profile_seconds: float  # 0 when the profile was read from a file
@@ -284,14 +288,14 @@ def trial_recipe(recipe: Recipe) -> Recipe:
                                                    for r in recipe.rules))
 
 
-def trial_kl(src: Path, config, files, recipe: Recipe, settings, device, progress: bool) -> float:
-    """Mean KL against the source, on `settings.holdout` held-out calibration windows, of the model made by
+def trial_kl(src: Path, config, files, recipe: Recipe, settings, device, progress: bool) -> tuple[float, float]:
+    """(mean KL, its 95% upper bound) against the source, on `settings.holdout` held-out windows, of the model made by
     `trial_recipe(recipe)` from `TRIAL_SAMPLES` calibration samples spread over `settings.samples`, layer by
     layer as the final pass goes (each quantized layer's output feeds the next); nothing is written."""
     from tqdm import tqdm
 
     from qwen2q.calibrate.pipeline import LayerCalibrator, calibration_ids
-    from qwen2q.calibrate.sensitivity import fisher_samples
+    from qwen2q.calibrate.sensitivity import fisher_samples, upper_bound
     from qwen2q.checkpoint import TensorIndex
 
     ids, _ = calibration_ids(src, settings)
@@ -308,21 +312,24 @@ def trial_kl(src: Path, config, files, recipe: Recipe, settings, device, progres
         for i in tqdm(range(config.num_hidden_layers), desc="trial", unit="layer", disable=not progress, leave=False):
             calibrator.layer(i)
             index.release()
-        return calibrator.holdout_kl()
+        kls = calibrator.holdout_kls()
+        return sum(kls) / len(kls), upper_bound(kls)
     finally:
         index.release()
 
 
 def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: float | None = None,
                    choices: str | Sequence[str] = DEFAULT_CHOICES, layout: str = "compressed-tensors",
-                   calibration=None, profile=None, device: str = "cpu", force: bool = False,
+                   calibration=None, kl_data=None, profile=None, device: str = "cpu", force: bool = False,
                    max_shard_bytes: int | None = None, allow_pickle: bool = False, progress: bool = True,
                    log=print) -> MixedReport:
     """Quantize checkpoint `src` into `dst` with a format per module group: the smallest under `kl_budget`
     (mean KL against the source, per token, on held-out calibration windows), or the least predicted KL
     at `target_bits` bits per decoder-linear weight.  calibration: `CalibrationSettings` (samples, text,
-    search tokens: AWQ's; rounding and act order are the options'); profile: a previous run's output
-    directory or its qwen2q_mixed.json, to skip step 1.  log(line) reports each step."""
+    search tokens: AWQ's; rounding and act order are the options'); kl_data: the text (file, folder or hub
+    id) the budget holds on, whose first `HOLDOUT` windows the KL is measured on (None: held-out windows of
+    the calibration text after its samples); profile: a previous run's output directory or its
+    qwen2q_mixed.json, to skip step 1.  log(line) reports each step."""
     from qwen2q.calibrate.allocate import allocate, totals
     from qwen2q.calibrate.pipeline import CalibrationSettings
     from qwen2q.destination import check_destination
@@ -342,7 +349,8 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     if settings.rounding is not None or settings.act_order:
         raise Qwen2qError("--rounding and --act-order do not go with mixed precision: each choice has its own "
                           "algorithm (int4: AWQ + GPTQ, int8: GPTQ, nf4: AWQ scales)")
-    settings = dataclasses.replace(settings, holdout=settings.holdout or HOLDOUT)
+    settings = dataclasses.replace(settings, holdout=settings.holdout or HOLDOUT,
+                                   holdout_source=kl_data if kl_data is not None else settings.holdout_source)
     device = parse_device(device)
     src, config, files = read_source(src, allow_pickle=allow_pickle)
     dst = Path(dst)
@@ -395,13 +403,13 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
 
         if kl_budget is not None:
             began = time.perf_counter()
-            trial = trial_kl(src, config, files, recipe, settings, device, progress)
-            attempts.append(Attempt(predicted, trial, bits, time.perf_counter() - began, "trial"))
+            trial, bound = trial_kl(src, config, files, recipe, settings, device, progress)
+            attempts.append(Attempt(predicted, trial, bits, time.perf_counter() - began, "trial", bound))
             log(f"attempt {attempt}: trial (GPTQ alone, {TRIAL_SAMPLES} samples) measured KL {trial:.5f} "
-                f"in {attempts[-1].seconds:.0f} s")
-            if trial > kl_budget * TRIAL_AIM:
-                log(f"attempt {attempt}: trial over {TRIAL_AIM:g} x {kl_budget:g}: moving the worst groups up")
-                over(trial)
+                f"(95% bound {bound:.5f}) in {attempts[-1].seconds:.0f} s")
+            if bound > kl_budget * TRIAL_AIM:
+                log(f"attempt {attempt}: trial's bound over {TRIAL_AIM:g} x {kl_budget:g}: moving the worst groups up")
+                over(bound)
                 continue
         run = dataclasses.replace(settings, max_holdout_kl=kl_budget)
         made = {"method": "mixed", "label": f"mixed to {budget_text}", "budget": budget_text, "choices": list(choices), "format": layout,
@@ -416,14 +424,17 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
                               max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES, progress=progress, made=made,
                               extras=extras)
         except OverBudget as e:
-            attempts.append(Attempt(predicted, e.measured, bits, time.perf_counter() - began))
-            log(f"attempt {attempt}: measured KL {e.measured:.5f} > {kl_budget:g}: moving the worst groups up")
-            over(e.measured)
+            attempts.append(Attempt(predicted, e.measured, bits, time.perf_counter() - began, "final", e.bound))
+            log(f"attempt {attempt}: measured KL {e.measured:.5f}, 95% bound {e.bound:.5f} > {kl_budget:g}: "
+                "moving the worst groups up")
+            over(e.bound)
             continue
-        attempts.append(Attempt(predicted, report.holdout_kl, bits, time.perf_counter() - began))
-        log(f"attempt {attempt}: measured KL {report.holdout_kl:.5f} on {settings.holdout} held-out windows")
-        return MixedReport(report, budget_text, assignment, predicted, report.holdout_kl, bits, attempts,
-                           profile_seconds, time.perf_counter() - start)
+        attempts.append(Attempt(predicted, report.holdout_kl, bits, time.perf_counter() - began, "final",
+                                report.holdout_kl_bound))
+        log(f"attempt {attempt}: measured KL {report.holdout_kl:.5f} (95% bound {report.holdout_kl_bound:.5f}) on "
+            f"{settings.holdout} held-out windows")
+        return MixedReport(report, budget_text, assignment, predicted, report.holdout_kl, report.holdout_kl_bound,
+                           bits, attempts, profile_seconds, time.perf_counter() - start)
     raise Qwen2qError(f"no result under KL {kl_budget:g} after {ATTEMPTS} attempts (last measured "
                       f"{attempts[-1].measured_kl:.5f}); nothing was written: raise the budget or add a larger choice")
 

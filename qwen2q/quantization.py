@@ -55,6 +55,7 @@ class Report:
     peak_device_bytes: int | None = None  # CUDA only
     alphas: list | None = None  # the scale search's chosen exponents per layer, when calibrated
     holdout_kl: float | None = None  # KL against the source on held-out calibration windows, when asked for
+    holdout_kl_bound: float | None = None  # its one-sided 95% upper bound over windows (`sensitivity.upper_bound`)
 
     @property
     def bits_per_weight(self) -> float:
@@ -213,8 +214,8 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
     defaults when None; with method "nf4" it adds AWQ's scale search).  force: replace `dst` if it is a
     checkpoint qwen2q wrote.  made: what config.json's `qwen2q` note records of how the file was made, in
     place of the recipe's rules (`qwen2q.mixed` names its budget); extras: {file name: text} written beside
-    the weights.  Raises `Qwen2qError` (one line) for anything the user can fix; `OverBudget` when
-    `calibration.max_holdout_kl` is exceeded (nothing is installed).
+    the weights.  Raises `Qwen2qError` (one line) for anything the user can fix; `OverBudget` when the held-out KL's
+    upper bound exceeds `calibration.max_holdout_kl` (nothing is installed).
     """
     from tqdm import tqdm
 
@@ -259,9 +260,13 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
             index.release()  # unmap what this layer read, so RSS does not grow layer by layer
             q_elems, q_bytes = q_elems + elems, q_bytes + size
         if calibrator is not None and settings.holdout:
-            note["holdout_kl"] = calibrator.holdout_kl()
-            if settings.max_holdout_kl is not None and note["holdout_kl"] > settings.max_holdout_kl:
-                raise OverBudget(note["holdout_kl"], settings.max_holdout_kl)  # the partial output is discarded
+            from qwen2q.calibrate.sensitivity import upper_bound
+
+            kls = calibrator.holdout_kls()
+            note["holdout_kl"], note["holdout_kl_bound"] = sum(kls) / len(kls), upper_bound(kls)
+            if settings.max_holdout_kl is not None and note["holdout_kl_bound"] > settings.max_holdout_kl:
+                raise OverBudget(note["holdout_kl"], note["holdout_kl_bound"],
+                                 settings.max_holdout_kl)  # the partial output is discarded
         written = quantized_config(config, plan, shorthand, src, **note)
         if made is not None:
             written["qwen2q"] = {"version": __version__, **{k: v for k, v in made.items() if k != "label"},
@@ -271,6 +276,7 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
     extra = {}
     if calibrator is not None:
         extra = {"calibration": note["calibration"], "alphas": calibrator.alphas, "holdout_kl": note.get("holdout_kl"),
+                 "holdout_kl_bound": note.get("holdout_kl_bound"),
                  "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     return Report(dst=dst, method=label, seconds=time.perf_counter() - start,
                   bytes_before=sum(f.stat().st_size for f in files),

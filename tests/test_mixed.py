@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -248,8 +249,9 @@ def test_trial_kl_is_the_kl_of_the_checkpoint_it_stands_for(first, ids, tmp_path
     assert {r.algorithm for r in plan.rules} <= {"gptq", "rtn"} and len(plan.rules) == len(recipe.rules)
     config = Qwen2Config.from_file(DEFAULT_MODEL / "config.json")
     before = sorted(tmp_path.iterdir())
-    kl = trial_kl(DEFAULT_MODEL, config, weight_files(DEFAULT_MODEL), recipe, settings(ids), torch.device("cpu"),
-                  progress=False)
+    kl, bound = trial_kl(DEFAULT_MODEL, config, weight_files(DEFAULT_MODEL), recipe, settings(ids),
+                         torch.device("cpu"), progress=False)
+    assert bound > kl
     assert sorted(tmp_path.iterdir()) == before
     quantize(DEFAULT_MODEL, tmp_path / "trial", plan, settings(ids), progress=False)
     ref = qwen2q.load(DEFAULT_MODEL, dtype="float32").model
@@ -257,6 +259,37 @@ def test_trial_kl_is_the_kl_of_the_checkpoint_it_stands_for(first, ids, tmp_path
     with torch.no_grad():
         measured = compare(ref, cand.eval(), ids[SAMPLES:].reshape(-1), SEQ)["kl"]
     assert kl == pytest.approx(measured, rel=0.02) and kl > 0
+
+
+def test_upper_bound_is_the_mean_plus_z_standard_errors():
+    """Against the standard library's statistics: mean + z(0.95) * stdev / sqrt(n); one window: itself."""
+    import statistics
+
+    from qwen2q.calibrate.sensitivity import upper_bound
+
+    rng = random.Random(0)
+    values = [rng.lognormvariate(-4, 0.5) for _ in range(16)]
+    expected = statistics.mean(values) + statistics.NormalDist().inv_cdf(0.95) * statistics.stdev(values) / 4
+    assert upper_bound(values) == pytest.approx(expected, rel=1e-3)
+    assert upper_bound([0.02]) == 0.02 and upper_bound([0.01, 0.01]) == pytest.approx(0.01)
+
+
+def test_kl_data_gives_the_held_out_windows(tmp_path):
+    """With holdout_source, the held-out rows are the first windows of that text (the tokenizer's own
+    encoding of it), the samples still the calibration text's."""
+    from qwen2q.calibrate.pipeline import calibration_ids
+
+    text = re.sub(r"\n\s*\n", "\n", pydoc_topics().text)  # one document per file: no blank lines
+    (tmp_path / "calib.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "target.txt").write_text(text[len(text) // 2 :])
+    got, described = calibration_ids(DEFAULT_MODEL, CalibrationSettings(
+        source=str(tmp_path / "calib.txt"), samples=3, seq_len=SEQ, holdout=2, holdout_source=str(tmp_path / "target.txt")))
+    tok = Tokenizer(DEFAULT_MODEL)
+    target = tok.encode(text[len(text) // 2 :] + "\n\n")
+    calib = tok.encode(text[: len(text) // 2] + "\n\n")
+    assert got.shape == (5, SEQ) and "held-out windows" in described and "target.txt" in described
+    assert got[3:].reshape(-1).tolist() == target[: 2 * SEQ]
+    assert got[:3].reshape(-1).tolist() == calib[: 3 * SEQ]
 
 
 def test_native_layout_with_nf4(first, ids, tmp_path):
@@ -325,6 +358,8 @@ def test_info_shows_the_format_of_each_linear(first):
     (["--kl-budget", "0.01", "--choices", "int3"], "unknown choice 'int3'"),
     (["--kl-budget", "0.01", "--rounding", "nearest"], "--rounding does not go with"),
     (["--target-bits", "4.5", "--profile", "/nonexistent/qwen2q_mixed.json"], "not a qwen2q mixed-precision profile"),
+    (["-m", "int8", "--kl-data", "x.txt"], "--kl-data goes with --kl-budget or --target-bits"),
+    (["--kl-budget", "0.01", "--kl-data", "/nonexistent/text.txt"], "/nonexistent/text.txt"),
 ])
 def test_cli_refuses_bad_mixed_options_in_one_line(tmp_path, args, needle):
     from cli_support import one_line_error, run_cli
@@ -340,13 +375,16 @@ def test_cli_kl_budget_end_to_end(tmp_path):
 
     text = tmp_path / "calib.txt"
     text.write_text(pydoc_topics().text)
+    target = tmp_path / "target.txt"
+    target.write_text(pydoc_topics().text[::-1])  # another text: the budget holds on it, not on the calibration text
     r = run_cli("quantize", "qwen2q:tiny", tmp_path / "out", "--kl-budget", "0.001", "--calib-data", text,
-                "--calib-samples", "8", "--calib-seq-len", "64", "--search-tokens", "128")
+                "--calib-samples", "8", "--calib-seq-len", "64", "--search-tokens", "128", "--kl-data", target)
     assert r.returncode == 0, r.stderr
-    assert "profile:" in r.stderr and "attempt 1: measured KL" in r.stderr
+    assert "profile:" in r.stderr and "trial (GPTQ alone" in r.stderr and "measured KL" in r.stderr
+    assert "target.txt" in json.loads((tmp_path / "out" / "config.json").read_text())["qwen2q"]["calibration"]
     assert any(line.split() == ["budget", "KL", "<=", "0.001"] for line in r.stdout.splitlines())
     kl_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("KL "))
-    assert float(kl_line.split()[1]) <= 0.001
+    assert float(kl_line.split()[1]) < float(kl_line.split("upper bound")[1].split()[0]) <= 0.001
     info = run_cli("info", tmp_path / "out")
     assert info.returncode == 0 and "compressed-tensors" in info.stdout
 
