@@ -8,9 +8,9 @@ from qwen2q_dev.research import size_vs_kl
 MIB = 2**20
 
 
-def _eval(tmp_path, rows):
-    settings = {"dataset": "wikitext2", "seq_len": 512, "windows": 128, "reference": "/m/src"}
-    path = tmp_path / "eval.json"
+def _eval(tmp_path, rows, name="eval.json", windows=128):
+    settings = {"dataset": "wikitext2", "seq_len": 512, "windows": windows, "reference": "/m/src"}
+    path = tmp_path / name
     path.write_text(json.dumps({"settings": settings, "rows": [{"name": "reference", "size_bytes": 1}] + rows}))
     return path
 
@@ -42,3 +42,14 @@ def test_outside_the_curve_is_not_claimed_and_the_command_draws(tmp_path):
                                          str(tmp_path / "o.json")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert json.loads((tmp_path / "o.json").read_text())["claims"][0]["holds"] is False
+
+
+def test_runs_of_the_same_text_pool_and_others_are_refused(tmp_path):
+    first = _eval(tmp_path, [{"name": "awq", "size_bytes": 730 * MIB, "kl": 0.03}], "uniform.json")
+    second = _eval(tmp_path, [{"name": "mixed-0.05", "size_bytes": 700 * MIB, "kl": 0.04},
+                              {"name": "mixed-0.02", "size_bytes": 760 * MIB, "kl": 0.01}], "mixed.json")
+    _, mixed, uniform = size_vs_kl.read(first, second)
+    assert [r["name"] for r in mixed] == ["mixed-0.05", "mixed-0.02"] and [r["name"] for r in uniform] == ["awq"]
+    other = _eval(tmp_path, [{"name": "mixed-x", "size_bytes": 1, "kl": 0.1}], "other.json", windows=32)
+    assert exit_status(size_vs_kl.main, [str(first), str(other)]) != 0
+    assert exit_status(size_vs_kl.main, [str(second), str(second)]) != 0

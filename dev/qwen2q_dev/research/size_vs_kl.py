@@ -1,9 +1,10 @@
-"""Size against KL of mixed-precision results and uniform formats, from one `qwen2q eval --json` run.
+"""Size against KL of mixed-precision results and uniform formats, from `qwen2q eval --json` runs (one, or
+several of the same text, windows and reference, their rows pooled).
 
 \b
     qwen2q eval mixed-0.01=DIR mixed-0.02=DIR mixed-0.05=DIR nf4=DIR int4=DIR awq=DIR int8=DIR \\
         -r SOURCE --dataset wikitext2 --seq-len 512 --max-windows 128 --json EVAL.json
-    python dev size-vs-kl EVAL.json --plot evals/results/size_vs_kl.png [--json OUT]
+    python dev size-vs-kl EVAL.json [MORE.json ...] --plot evals/results/size_vs_kl.png [--json OUT]
 
 Rows whose name starts with "mixed" form the mixed curve; the others are uniform points.  Size: the
 checkpoint's weight files on disk.  The two questions of mixed precision, answered on the mixed curve
@@ -27,18 +28,36 @@ from qwen2q.evals.table import Column, format_table
 MIB = 2**20
 
 
-def read(path: Path) -> tuple[dict, list[dict], list[dict]]:
-    """(settings, mixed rows sorted by size, uniform rows) of an eval JSON with a reference."""
-    try:
-        result = json.loads(Path(path).read_text())
-        rows = [r for r in result["rows"] if r.get("kl") is not None]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Qwen2qError(f"{path}: not a `qwen2q eval --json` result with a reference ({e})") from None
+SAME = ("dataset", "source", "seq_len", "windows", "scored_tokens", "reference")  # what pooled runs must share
+
+
+def read(*paths: Path) -> tuple[dict, list[dict], list[dict]]:
+    """(settings, mixed rows sorted by size, uniform rows) of eval JSONs with a reference, pooled; runs that
+    scored other text, windows or reference, or two rows of one name, are refused."""
+    settings, rows = None, []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+            got = [r for r in result["rows"] if r.get("kl") is not None]
+            these = result["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Qwen2qError(f"{path}: not a `qwen2q eval --json` result with a reference ({e})") from None
+        if settings is None:
+            settings = these
+        differ = [k for k in SAME if these.get(k) != settings.get(k)]
+        if differ:
+            raise Qwen2qError(f"{path}: scored with another {differ[0]} ({these.get(differ[0])!r}, not "
+                              f"{settings.get(differ[0])!r}) than {paths[0]}")
+        rows += got
+    names = [r["name"] for r in rows]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise Qwen2qError(f"row {twice[0]!r} is in more than one result: name the runs apart (NAME=MODEL)")
     mixed = sorted((r for r in rows if r["name"].startswith("mixed")), key=lambda r: r["size_bytes"])
     uniform = [r for r in rows if not r["name"].startswith("mixed")]
     if not mixed:
-        raise Qwen2qError(f"{path}: no row named mixed*")
-    return result["settings"], mixed, uniform
+        raise Qwen2qError(f"{', '.join(map(str, paths))}: no row named mixed*")
+    return settings, mixed, uniform
 
 
 def kl_at_size(mixed: list[dict], size: float) -> float | None:
@@ -105,11 +124,11 @@ def draw(settings: dict, mixed: list[dict], uniform: list[dict], path: Path) -> 
 
 
 @click.command("size-vs-kl", help=__doc__)
-@click.argument("result", type=click.Path(exists=True, dir_okay=False))
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Draw the PNG here.")
 @json_option
-def command(result, plot_path, json_out):
-    settings, mixed, uniform = read(Path(result))
+def command(results, plot_path, json_out):
+    settings, mixed, uniform = read(*map(Path, results))
     rows = [{"name": r["name"], "mib": r["size_bytes"] / MIB, "kl": r["kl"], "ppl": r.get("ppl")} for r in mixed + uniform]
     click.echo(format_table([Column("checkpoint", "name"), Column("MiB", "mib", "{:.1f}"), Column("KL", "kl", "{:.5f}"),
                              Column("ppl", "ppl", "{:.3f}")], rows))
