@@ -193,17 +193,23 @@ def test_target_bits(first, ids, tmp_path):
     assert r.report.holdout_kl == r.measured_kl > 0
 
 
-def test_over_budget_moves_groups_up_and_leaves_nothing_behind(first, ids, tmp_path):
-    """A profile that predicts 20x too little (uniform trials included): the first trial measures over the
-    budget, and the next attempt, with the predictions scaled by measured / predicted, meets it after one
-    final pass; nothing but the result is written."""
-    _, dst = first
+def optimistic_profile(dst, tmp_path):
+    """A copy of `dst`'s profile predicting 20x too little KL (uniform trials included): tmp_path/optimistic.json."""
     data = json.loads((dst / PROFILE_FILE).read_text())
     for row in [*data["profile"]["predicted_kl"].values(), data["profile"]["uniform_measured_kl"]]:
         for option in row:
             row[option] /= 20
     fake = tmp_path / "optimistic.json"
     fake.write_text(json.dumps(data))
+    return fake
+
+
+def test_over_budget_moves_groups_up_and_leaves_nothing_behind(first, ids, tmp_path):
+    """A profile that predicts 20x too little (uniform trials included): the first trial measures over the
+    budget, and the next attempt, with the predictions scaled by measured / predicted, meets it after one
+    final pass; nothing but the result is written."""
+    _, dst = first
+    fake = optimistic_profile(dst, tmp_path)
     lines = []
     r = quantize_mixed(DEFAULT_MODEL, tmp_path / "out", kl_budget=2e-4, calibration=settings(ids), profile=fake,
                        progress=False, log=lines.append)
@@ -220,12 +226,7 @@ def test_final_pass_over_budget_is_discarded_and_made_again(first, ids, tmp_path
     import qwen2q.mixed as mixed
 
     _, dst = first
-    data = json.loads((dst / PROFILE_FILE).read_text())
-    for row in [*data["profile"]["predicted_kl"].values(), data["profile"]["uniform_measured_kl"]]:
-        for option in row:
-            row[option] /= 20
-    fake = tmp_path / "optimistic.json"
-    fake.write_text(json.dumps(data))
+    fake = optimistic_profile(dst, tmp_path)
     monkeypatch.setattr(mixed, "TRIAL_AIM", 1e9)
     r = quantize_mixed(DEFAULT_MODEL, tmp_path / "out", kl_budget=2e-4, calibration=settings(ids), profile=fake,
                        progress=False, log=lambda line: None)
