@@ -8,14 +8,15 @@ number the user gives (`--kl-budget`), or the least KL at a given size (`--targe
 2. Allocate: the assignment of least size whose predicted KL (the sum over groups) is under the budget,
    or of least predicted KL within the size (`qwen2q.calibrate.allocate`), exact and deterministic.
 3. Trial (`--kl-budget` only): make the assignment the cheap way (GPTQ alone, no AWQ scale search, on
-   `TRIAL_SAMPLES` samples; about a tenth of the final pass's time) and measure its KL against the
-   source on `HOLDOUT` held-out windows: of the calibration text after its samples, or of `--kl-data`,
-   the text the budget must hold on.  The budget is checked against the mean's one-sided 95% upper
-   bound over those windows (KL varies from window to window, and the budget is about the text, not
-   these 16 windows of it).  Over `TRIAL_AIM` x the budget: the predictions are scaled by bound / predicted, the allocation is solved again with no group allowed to go down, and the trial
-   is re-made (at most `ATTEMPTS` times).  The predictions add up each group's error alone; a mixed
-   assignment measured 1.24x its prediction on Qwen2.5-Coder-0.5B (the groups the allocation moves down
-   are those whose predictions are lowest), so it is the trial, not the prediction, that is trusted.
+   `TRIAL_SAMPLES` samples; nothing written) and measure its KL against the source on `HOLDOUT`
+   held-out windows: of the calibration text after its samples, or of `--kl-data`, the text the budget
+   must hold on.  The budget is checked against the mean's one-sided 95% upper bound over those
+   windows (KL varies from window to window, and the budget is about the text, not these 16 windows of
+   it).  Over `TRIAL_AIM` x the budget: the predictions are scaled by bound / predicted, the allocation
+   is solved again with no group allowed to go down, and the trial is re-made (at most `ATTEMPTS` times).
+   The predictions add up each group's error alone; a mixed assignment measured 1.24x its prediction on
+   Qwen2.5-Coder-0.5B (the groups the allocation moves down are those whose predictions are lowest), so
+   it is the trial, not the prediction, that is trusted.
 4. Quantize the assignment (a recipe with a rule per linear: AWQ + GPTQ for int4, GPTQ for int8, AWQ
    scales for NF4) and measure the result's KL on the same held-out windows before anything is
    installed.  Over budget (rare after a passing trial): corrected and re-allocated as in step 3, and
@@ -324,9 +325,9 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
                    max_shard_bytes: int | None = None, allow_pickle: bool = False, progress: bool = True,
                    log=print) -> MixedReport:
     """Quantize checkpoint `src` into `dst` with a format per module group: the smallest under `kl_budget`
-    (mean KL against the source, per token, on held-out calibration windows), or the least predicted KL
-    at `target_bits` bits per decoder-linear weight.  calibration: `CalibrationSettings` (samples, text,
-    search tokens: AWQ's; rounding and act order are the options'); kl_data: the text (file, folder or hub
+    (mean KL against the source per token, its 95% upper bound over the held-out windows), or the least
+    predicted KL at `target_bits` bits per decoder-linear weight.  calibration: `CalibrationSettings`
+    (samples, text, search tokens: AWQ's; rounding and act order are the options'); kl_data: the text (file, folder or hub
     id) the budget holds on, whose first `HOLDOUT` windows the KL is measured on (None: held-out windows of
     the calibration text after its samples); profile: a previous run's output directory or its
     qwen2q_mixed.json, to skip step 1.  log(line) reports each step."""
@@ -383,6 +384,7 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     else:
         budget_text = f"KL <= {kl_budget:g}"
     correction, floor, attempts = 1.0, None, []
+    trial_settings = None  # the calibration and held-out tokens, read once for every trial
     for attempt in range(1, ATTEMPTS + 1):
         scaled = [[v * correction for v in row] for row in kls]
         if target_bits is not None:
@@ -403,7 +405,11 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
 
         if kl_budget is not None:
             began = time.perf_counter()
-            trial, bound = trial_kl(src, config, files, recipe, settings, device, progress)
+            if trial_settings is None:
+                from qwen2q.calibrate.pipeline import calibration_ids
+
+                trial_settings = dataclasses.replace(settings, ids=calibration_ids(src, settings)[0])
+            trial, bound = trial_kl(src, config, files, recipe, trial_settings, device, progress)
             attempts.append(Attempt(predicted, trial, bits, time.perf_counter() - began, "trial", bound))
             log(f"attempt {attempt}: trial (GPTQ alone, {TRIAL_SAMPLES} samples) measured KL {trial:.5f} "
                 f"(95% bound {bound:.5f}) in {attempts[-1].seconds:.0f} s")
