@@ -24,12 +24,14 @@ against a measured KL of the result and corrects it.
 
 Memory: like AWQ's calibration, one decoder layer's weights and the calibration activations
 (N x L x hidden, fp32) on the device at a time; the Fisher pass also keeps every layer's input for its
-Fisher tokens (layers x tokens x hidden fp32) in host memory, 352 MB for Qwen2-0.5B with 4096 tokens.
+Fisher tokens (layers x tokens x hidden fp32) in host memory, 352 MB for Qwen2-0.5B with 4096 tokens;
+the uniform trials keep a stream of held-out windows per kind and option (13 x 8 windows x 512 tokens x
+hidden fp32: 190 MB for Qwen2-0.5B, 1.7 GB for 72B's hidden size).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,20 +158,27 @@ def predicted_kl(delta: torch.Tensor, gram: torch.Tensor, tokens: int, fisher: t
 def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.device,
                   options: Mapping[str, Mapping[str, Choice | None]], fisher: Mapping[str, torch.Tensor],
                   compute_dtype: str = "bfloat16", progress: Callable[[], None] | None = None,
-                  held: torch.Tensor | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """({decoder linear's full name: {option name: predicted KL}}, {option name: measured KL}).
+                  held: torch.Tensor | None = None, kinds: Mapping[str, Sequence[str]] | None = None,
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """({decoder linear's full name: {option name: predicted KL}}, {kind: {option name: measured KL}}).
 
     The first: every option `options` gives each linear ({name: {option name: its Choice, or None to keep
     it}}), the unquantized model's activations over ids int64 [N, L] feeding each layer.  The second,
-    with `held` windows int64 [h, L]: the KL against the source, measured on them, of the model with every
-    linear quantized as that option by the same rounding (a uniform trial per option, which calibrates
-    the predictions' scale: `qwen2q.mixed`); empty without.  progress() is called once per layer."""
+    with `held` windows int64 [h, L]: for each kind of module (`kinds`: {kind: its linears' names within a
+    layer, e.g. ("mlp.down_proj",)}; default one kind "all" of every linear) and option, the KL against the
+    source, measured on those windows, of the model with that kind's linears in every layer quantized as
+    that option by the same rounding (a uniform trial per kind and option, which calibrates the scale of
+    that kind's predictions: `qwen2q.mixed`); empty without `held`.  Each trial is a stream of the held
+    windows through the layers beside the source's: (kinds x options + 1) x h x L x hidden fp32 in memory.
+    progress() is called once per layer."""
     n, seq_len = ids.shape
     cos, sin = _rotary(config, seq_len, device)
     embed = index.get("model.embed_tokens.weight")
     x = embed[ids].to(device, torch.float32)
+    kinds = dict(kinds) if kinds is not None else {"all": tuple(LINEARS)}
     trial_options = [o for o, c in next(iter(options.values())).items() if c is not None] if held is not None else []
-    streams = {o: embed[held].to(device, torch.float32) for o in [None, *trial_options]} if held is not None else {}
+    trials = [(k, o) for k in kinds for o in trial_options]
+    streams = {key: embed[held].to(device, torch.float32) for key in [None, *trials]} if held is not None else {}
     out: dict[str, dict[str, float]] = {}
     for i in range(config.num_hidden_layers):
         layer = load_layer(index, config, i, device)
@@ -202,30 +211,33 @@ def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.d
                     raise Qwen2qError(f"{full} as {option}: {e}") from None
                 out[full][option] = predicted_kl(delta, r.gram, r.count, fisher[full])
                 trial[name] = weights[name] + delta
-            if option in streams:
-                _run_trial(layer, streams, option, trial, cos, sin, device, compute_dtype)
+            for kind, members in kinds.items():
+                if (kind, option) in streams:
+                    _run_trial(layer, streams, (kind, option), {m: trial[m] for m in members if m in trial},
+                               cos, sin, device, compute_dtype)
         del factors
         if streams:
             _run_trial(layer, streams, None, {}, cos, sin, device, compute_dtype)
         if progress:
             progress()
-    measured = {}
+    measured: dict[str, dict[str, float]] = {}
     if held is not None:
         norm, head = output_head(index, config, device, compute_dtype)
-        measured = {o: mean_kl(norm, head, streams[None], streams[o]) for o in trial_options}
+        for kind, option in trials:
+            measured.setdefault(kind, {})[option] = mean_kl(norm, head, streams[None], streams[(kind, option)])
         index.release()
     return out, measured
 
 
-def _run_trial(layer, streams, option, trial, cos, sin, device, compute_dtype) -> None:
-    """Move held-out stream `streams[option]` through `layer` with its linears holding `trial` ({linear:
+def _run_trial(layer, streams, key, trial, cos, sin, device, compute_dtype) -> None:
+    """Move held-out stream `streams[key]` through `layer` with its linears holding `trial` ({linear:
     quantized weight}; the others, and every one for the source stream, keep theirs)."""
     originals = {name: layer.get_submodule(name).weight.data for name in trial}
     try:
         for name, w in trial.items():
             layer.get_submodule(name).weight.data = w
         with forward_precision(device, compute_dtype):
-            streams[option] = run_layer(layer, streams[option], cos, sin).float()
+            streams[key] = run_layer(layer, streams[key], cos, sin).float()
     finally:
         for name, w in originals.items():
             layer.get_submodule(name).weight.data = w

@@ -4,7 +4,9 @@ number the user gives (`--kl-budget`), or the least KL at a given size (`--targe
 1. Profile (once per model, reusable with `--profile`): for every module group that must share a format
    (`GROUPS`: q/k/v, o, gate/up, down of each layer; vLLM fuses q/k/v and gate/up) and every option
    (`--choices`: int4 g128/g64/g32, int8, nf4, bf16), the predicted KL increase when that group alone
-   takes that option (`qwen2q.calibrate.sensitivity`) and its stored size.
+   takes that option (`qwen2q.calibrate.sensitivity`) and its stored size.  A uniform trial per kind of
+   group and option (that kind in every layer so, on `KIND_TRIAL_WINDOWS` held-out windows) measures what
+   the predictions of that kind add up to, and scales them (`Profile.correction`).
 2. Allocate: the assignment of least size whose predicted KL (the sum over groups) is under the budget,
    or of least predicted KL within the size (`qwen2q.calibrate.allocate`), exact and deterministic.
 3. Trial (`--kl-budget` only): make the assignment the cheap way (GPTQ alone, no AWQ scale search, on
@@ -54,6 +56,7 @@ PROFILE_VERSION = 1
 ATTEMPTS = 4  # quantize-and-measure rounds before giving up
 FIRST_AIM = 0.9  # each allocation aims at this fraction of the KL budget (the predictions are estimates)
 HOLDOUT = 16  # held-out calibration windows the result's KL is measured on
+KIND_TRIAL_WINDOWS = 8  # the first of them, that the profile's uniform trial of each kind and option runs on
 PROFILE_TOKENS = 16384  # calibration tokens (spread over the samples) whose statistics the choices' errors use
 TRIAL_SAMPLES = 32  # calibration samples (spread over them) the trial pass's GPTQ statistics use
 TRIAL_AIM = 0.95  # a trial passes at this fraction of the budget (the final pass has AWQ and 4x the samples)
@@ -130,14 +133,22 @@ class Profile:
     kl: dict[str, dict[str, float]]  # {linear full name: {option: predicted KL}}
     size: dict[str, dict[str, int]]  # {linear full name: {option: bytes}}
     seconds: float
-    uniform: dict[str, float] = dataclasses.field(default_factory=dict)  # {option: measured KL, all linears so}
+    # the uniform trials, {kind (a `GROUPS` key; "all", every linear, in profiles of earlier versions):
+    # {option: measured KL of the model with that kind's linears in every layer so}}
+    uniform: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
-    def correction(self, option: str) -> float:
-        """measured / predicted KL of the uniform trial of `option` (1.0 without one): the factor its
-        predictions are scaled by, which takes in what the estimate leaves out (the Fisher's off-diagonal,
-        errors compounding across layers) at the scale of a whole model."""
-        predicted = sum(row[option] for row in self.kl.values() if option in row)
-        measured = self.uniform.get(option)
+    def correction(self, option: str, kind: str = "all") -> float:
+        """measured / predicted KL of the uniform trial of `option` on the linears of `kind` (a `GROUPS` key),
+        or on every linear for a profile without per-kind trials (1.0 without either): the factor that kind's
+        predictions are scaled by.  It takes in what the estimate leaves out (the Fisher's off-diagonal,
+        errors compounding across layers) at the scale of a whole model, and per kind, since the estimate
+        misjudges kinds by different factors (on Qwen2.5-Coder-0.5B, q/k/v's KL fell far less than predicted)."""
+        if kind not in self.uniform:
+            kind = "all"
+        measured = self.uniform.get(kind, {}).get(option)
+        members = set(GROUPS[kind]) if kind in GROUPS else None
+        predicted = sum(row[option] for name, row in self.kl.items()
+                        if option in row and (members is None or _linear(name) in members))
         return measured / predicted if measured is not None and predicted > 0 else 1.0
 
     def group_table(self, layers: int) -> tuple[list[str], list[list[float]], list[list[float]]]:
@@ -150,15 +161,15 @@ class Profile:
                 full = [layer_prefix(i) + m for m in members]
                 sizes.append([sum(self.size[n][c] for n in full) if all(self.size[n].get(c) is not None for n in full)
                               else float("nan") for c in self.choices])
-                kls.append([self.correction(c) * sum(self.kl[n][c] for n in full) if all(c in self.kl[n] for n in full)
+                kls.append([self.correction(c, group) * sum(self.kl[n][c] for n in full) if all(c in self.kl[n] for n in full)
                             else float("nan") for c in self.choices])
         return names, sizes, kls
 
     def to_dict(self) -> dict:
         return {"version": PROFILE_VERSION, "qwen2q": __version__, "model": self.model, "calibration": self.calibration,
                 "choices": list(self.choices), "layout": self.layout, "seconds": self.seconds,
-                "predicted_kl": self.kl, "bytes": self.size, "uniform_measured_kl": self.uniform,
-                "correction": {c: self.correction(c) for c in self.choices}}
+                "predicted_kl": self.kl, "bytes": self.size, "uniform_measured_kl_by_kind": self.uniform,
+                "correction": {k: {c: self.correction(c, k) for c in self.choices} for k in self.uniform}}
 
     @classmethod
     def read(cls, path, model: dict, choices: Sequence[str], layout: str) -> "Profile":
@@ -176,7 +187,7 @@ class Profile:
             got = cls(profile["model"], profile["calibration"], tuple(profile["choices"]), profile["layout"],
                       {n: {c: float(v) for c, v in row.items()} for n, row in kl.items()},
                       {n: {c: (None if v is None else int(v)) for c, v in row.items()} for n, row in size.items()},
-                      float(profile["seconds"]), {c: float(v) for c, v in profile.get("uniform_measured_kl", {}).items()})
+                      float(profile["seconds"]), _uniform_trials(profile))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise Qwen2qError(f"--profile {path}: not a qwen2q mixed-precision profile ({e})") from None
         if got.model != model:
@@ -226,6 +237,20 @@ class MixedReport:
         return out
 
 
+def _linear(name: str) -> str:
+    """"self_attn.q_proj" for "model.layers.3.self_attn.q_proj"."""
+    return name.split(".", 3)[3]
+
+
+def _uniform_trials(profile: Mapping) -> dict[str, dict[str, float]]:
+    """A saved profile's uniform trials, {kind: {option: KL}}; one kind "all" from an earlier qwen2q's
+    per-option trials ("uniform_measured_kl": {option: KL})."""
+    if "uniform_measured_kl_by_kind" in profile:
+        return {k: {c: float(v) for c, v in row.items()} for k, row in profile["uniform_measured_kl_by_kind"].items()}
+    old = {c: float(v) for c, v in profile.get("uniform_measured_kl", {}).items()}
+    return {"all": old} if old else {}
+
+
 def model_key(src: Path, config) -> dict:
     return {"name": src.name, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
             "intermediate": config.intermediate_size, "heads": config.num_attention_heads,
@@ -253,7 +278,7 @@ def measure_profile(src: Path, config, files, choices, layout, settings, device,
                    for i in range(layers) for name in LINEARS}
         error_ids = ids[fisher_samples(n, ids.shape[1], PROFILE_TOKENS)]
         kl, uniform = choice_errors(index, config, error_ids, device, options, fisher, settings.compute_dtype,
-                                    progress=bar.update, held=ids[n:])
+                                    progress=bar.update, held=ids[n:n + KIND_TRIAL_WINDOWS], kinds=GROUPS)
     finally:
         bar.close()
         index.release()
@@ -365,9 +390,9 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
         prof = measure_profile(src, config, files, choices, layout, settings, device, progress)
         profile_seconds = prof.seconds
         log(f"profile: {len(prof.kl)} linears x {len(choices)} choices in {prof.seconds:.0f} s")
-    for c in choices:
-        if c in prof.uniform:
-            log(f"profile: {c} everywhere: measured KL {prof.uniform[c]:.5f}, predicted x{prof.correction(c):.2f} of it")
+    for kind, row in prof.uniform.items():
+        log(f"profile: uniform trials of {'every linear' if kind == 'all' else kind}: " + ", ".join(
+            f"{c} KL {row[c]:.5f} (x{prof.correction(c, kind):.2f} the prediction)" for c in choices if c in row))
     names, sizes, kls = prof.group_table(config.num_hidden_layers)
     order = sorted(range(len(choices)), key=lambda k: _mean_size(sizes, k))  # smallest first: "up" = larger
     choices = tuple(choices[k] for k in order)
