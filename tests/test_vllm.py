@@ -46,7 +46,7 @@ pytestmark = pytest.mark.vllm
 SCRIPT = Path(__file__).resolve().parents[1] / "dev/qwen2q_dev/research/peers/vllm_score.py"
 PYTHON = os.environ.get("QWEN2Q_VLLM_PYTHON")
 REAL = os.environ.get("QWEN2Q_REAL_MODEL")
-REAL_MIXED = os.environ.get("QWEN2Q_REAL_MIXED")  # a `quantize --kl-budget` output of REAL with 4-bit and bf16 choices
+REAL_MIXED = os.environ.get("QWEN2Q_REAL_MIXED")  # a mixed output of REAL (--kl-budget or --target-bits) with 4-bit and bf16 choices
 TOLERANCE = 0.01  # relative perplexity difference (module docstring)
 AGREE = 4  # greedy tokens that must match from the start
 LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4", layout="compressed-tensors"),
