@@ -3,7 +3,7 @@ number the user gives (`--kl-budget`), or the least KL at a given size (`--targe
 
 1. Profile (once per model, reusable with `--profile`): for every module group that must share a format
    (`GROUPS`: q/k/v, o, gate/up, down of each layer; vLLM fuses q/k/v and gate/up) and every option
-   (`--choices`: int4 g128/g64/g32, int8, nf4, bf16), the predicted KL increase when that group alone
+   (`--choices`: int4 per channel or in groups of 128/64/32, int8, nf4, bf16), the predicted KL increase when that group alone
    takes that option (`qwen2q.calibrate.sensitivity`) and its stored size.  A uniform trial per kind of
    group and option (that kind in every layer so, on `KIND_TRIAL_WINDOWS` held-out windows) measures what
    the predictions of that kind add up to, and scales them (`Profile.correction`).
@@ -48,7 +48,7 @@ from qwen2q.recipe import ALGORITHMS, DEFAULT_SKIP, Choice, Recipe, Rule
 
 GROUPS = {"attn.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "attn.o": ("self_attn.o_proj",),
           "mlp.gate_up": ("mlp.gate_proj", "mlp.up_proj"), "mlp.down": ("mlp.down_proj",)}
-OPTIONS = ("int4-g128", "int4-g64", "int4-g32", "int8", "nf4", "bf16")
+OPTIONS = ("int4-ch", "int4-g128", "int4-g64", "int4-g32", "int8", "nf4", "bf16")
 DEFAULT_CHOICES = ("int4-g128", "int4-g32", "int8", "bf16")
 LAYOUTS = ("compressed-tensors", "native")
 PROFILE_FILE = "qwen2q_mixed.json"
@@ -67,6 +67,11 @@ def option_rule(option: str, layout: str) -> tuple[str, dict, str] | None:
     """(format, params, algorithm) of `option` in `layout`; None for bf16 (kept as the source stores it)."""
     if option == "bf16":
         return None
+    if option == "int4-ch":  # one scale and zero per output row: the smallest int4 (~4.02 bits at K = 896)
+        if layout == "compressed-tensors":
+            return "ct-pack", {"bits": 4, "group_size": 0, "symmetric": False}, "awq-gptq"
+        raise Qwen2qError("int4-ch has no native form (AutoAWQ's layout takes groups): drop it from --choices, or "
+                          "write --format compressed-tensors")
     if option.startswith("int4-g"):
         group = int(option[len("int4-g"):])
         if layout == "compressed-tensors":  # AWQ's asymmetric grid, written as W4A16 pack-quantized
@@ -171,10 +176,21 @@ class Profile:
                 "predicted_kl": self.kl, "bytes": self.size, "uniform_measured_kl_by_kind": self.uniform,
                 "correction": {k: {c: self.correction(c, k) for c in self.choices} for k in self.uniform}}
 
+    def merged(self, other: "Profile", choices: Sequence[str]) -> "Profile":
+        """This profile with `other`'s options added (both of one model, calibration and layout), holding
+        `choices`; the seconds add up."""
+        return dataclasses.replace(
+            self, choices=tuple(choices), seconds=self.seconds + other.seconds,
+            kl={n: {**row, **other.kl[n]} for n, row in self.kl.items()},
+            size={n: {**row, **other.size[n]} for n, row in self.size.items()},
+            uniform={k: {**self.uniform.get(k, {}), **other.uniform.get(k, {})}
+                     for k in dict.fromkeys([*self.uniform, *other.uniform])})
+
     @classmethod
-    def read(cls, path, model: dict, choices: Sequence[str], layout: str) -> "Profile":
+    def read(cls, path, model: dict, choices: Sequence[str], layout: str, partial: bool = False) -> "Profile":
         """A profile saved by an earlier run (its output's qwen2q_mixed.json, or that file's copy), checked to
-        be of this model, with every option of `choices` and the same layout."""
+        be of this model, with every option of `choices` (partial: those of them it holds, at least one) and
+        the same layout."""
         path = Path(path)
         if path.is_dir():
             path = path / PROFILE_FILE
@@ -193,11 +209,11 @@ class Profile:
         if got.model != model:
             raise Qwen2qError(f"--profile {path} was measured on another model ({got.model.get('name')}, "
                               f"{got.model.get('layers')} layers); measure this one without --profile")
-        missing = [c for c in choices if c not in got.choices]
-        if missing or got.layout != layout:
+        held = tuple(c for c in choices if c in got.choices)
+        if got.layout != layout or not held or (len(held) < len(choices) and not partial):
             raise Qwen2qError(f"--profile {path} holds {','.join(got.choices)} in {got.layout}; this run needs "
                               f"{','.join(choices)} in {layout}: measure again without --profile")
-        return dataclasses.replace(got, choices=tuple(choices))
+        return dataclasses.replace(got, choices=held)
 
 
 @dataclasses.dataclass
@@ -383,9 +399,21 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     check_destination(src, dst, force)
     key = model_key(src, config)
     if profile is not None:
-        prof = Profile.read(profile, key, choices, layout)
+        prof = Profile.read(profile, key, choices, layout, partial=True)
         profile_seconds = 0.0
         log(f"profile: read {profile} (measured in {prof.seconds:.0f} s)")
+        missing = [c for c in choices if c not in prof.choices]
+        if missing:  # measured now on the profile's own calibration, and added to it
+            from qwen2q.calibrate.pipeline import calibration_ids
+
+            described = calibration_ids(src, settings)[1]
+            if described != prof.calibration:
+                raise Qwen2qError(f"--profile {profile} lacks {','.join(missing)} and was measured on other "
+                                  f"calibration text ({prof.calibration}; this run's: {described}): measure "
+                                  "again without --profile")
+            extra = measure_profile(src, config, files, missing, layout, settings, device, progress)
+            prof, profile_seconds = prof.merged(extra, choices), extra.seconds
+            log(f"profile: {','.join(missing)} measured in {extra.seconds:.0f} s and added")
     else:
         prof = measure_profile(src, config, files, choices, layout, settings, device, progress)
         profile_seconds = prof.seconds

@@ -226,6 +226,72 @@ def test_target_bits(first, ids, tmp_path):
     assert r.report.holdout_kl == r.measured_kl > 0
 
 
+def test_a_profile_lacking_a_choice_measures_that_choice_and_adds_it(first, ids, tmp_path):
+    """--profile without int4-ch, run with int4-ch among the choices: int4-ch is measured on the same
+    calibration (its predictions and uniform trials equal those of a profile of int4-ch alone) and added,
+    the profile's own options kept as they were.  Below the size of int4 g128 everywhere, the allocation
+    takes int4-ch for some groups, and the written linears hold the bytes the profile counts for them."""
+    from safetensors import safe_open
+
+    from qwen2q.devices import parse_device
+    from qwen2q.mixed import measure_profile
+    from qwen2q.quantization import read_source
+
+    _, dst = first
+    old = json.loads((dst / PROFILE_FILE).read_text())["profile"]
+    src, config, files = read_source(DEFAULT_MODEL)
+    alone = measure_profile(src, config, files, ("int4-ch",), "compressed-tensors", settings(ids), parse_device("cpu"),
+                            progress=False)
+    g128 = sum(row["int4-g128"] for row in old["bytes"].values())
+    weights = sum(4 * row["bf16"] for row in old["bytes"].values()) / 8  # bf16: 2 bytes, 16 bits a weight
+    target = 8 * (g128 + sum(alone.size[n]["int4-ch"] for n in alone.size)) / 2 / weights  # between all-ch and all-g128
+    lines: list[str] = []
+    r = quantize_mixed(DEFAULT_MODEL, tmp_path / "ch", target_bits=target, choices="int4-ch,int4-g128,int4-g32,bf16",
+                       calibration=settings(ids), profile=dst, progress=False, log=lines.append)
+    assert any(line.startswith("profile: int4-ch measured in") for line in lines), lines
+    new = json.loads((tmp_path / "ch" / PROFILE_FILE).read_text())["profile"]
+    assert new["choices"] == ["int4-ch", "int4-g128", "int4-g32", "bf16"] and 0 < r.profile_seconds
+    for name, row in new["predicted_kl"].items():
+        assert {c: row[c] for c in ("int4-g128", "int4-g32", "bf16")} == \
+            {c: old["predicted_kl"][name][c] for c in ("int4-g128", "int4-g32", "bf16")}
+        assert row["int4-ch"] == pytest.approx(alone.kl[name]["int4-ch"], rel=1e-6)
+        assert new["bytes"][name]["int4-ch"] == alone.size[name]["int4-ch"]
+    for kind in GROUPS:
+        assert new["uniform_measured_kl_by_kind"][kind]["int4-g128"] == old["uniform_measured_kl_by_kind"][kind]["int4-g128"]
+        assert new["uniform_measured_kl_by_kind"][kind]["int4-ch"] == pytest.approx(alone.uniform[kind]["int4-ch"], rel=1e-6)
+    assert r.bits_per_weight <= target and "int4-ch" in r.assignment.values()
+    assert len(set(r.assignment.values())) > 1, r.assignment
+    stored = {}
+    for f in (tmp_path / "ch").glob("*.safetensors"):
+        with safe_open(f, "pt") as t:
+            for key in t.keys():
+                if not key.endswith(".bias"):
+                    stored[key.rsplit(".", 1)[0]] = stored.get(key.rsplit(".", 1)[0], 0) + t.get_tensor(key).nbytes
+    grouped = [g for g, o in r.assignment.items() if o == "int4-ch"]
+    for group in grouped:
+        prefix, kind = group.rsplit(".", 2)[0], ".".join(group.rsplit(".", 2)[1:])
+        for member in GROUPS[kind]:
+            name = f"{prefix}.{member}"
+            assert stored[name] == new["bytes"][name]["int4-ch"], name
+            n, k = stored_shape(tmp_path / "ch", name)  # 4-bit codes, an fp16 scale and a 4-bit zero a row
+            assert stored[name] == n * k // 2 + 2 * n + n // 2 + 16, name
+    loaded = qwen2q.load(tmp_path / "ch", dtype="float32").model
+    with torch.no_grad():
+        assert torch.isfinite(loaded(ids[:1])).all()
+
+
+def stored_shape(dst, name: str) -> tuple[int, int]:
+    """[N, K] of linear `name` as its compressed-tensors weight_shape records it."""
+    from safetensors import safe_open
+
+    for f in dst.glob("*.safetensors"):
+        with safe_open(f, "pt") as t:
+            if f"{name}.weight_shape" in t.keys():
+                n, k = t.get_tensor(f"{name}.weight_shape").tolist()
+                return n, k
+    raise KeyError(name)
+
+
 def optimistic_profile(dst, tmp_path):
     """A copy of `dst`'s profile predicting 20x too little KL (uniform trials included): tmp_path/optimistic.json."""
     data = json.loads((dst / PROFILE_FILE).read_text())
@@ -348,8 +414,14 @@ def test_errors_are_one_line(ids, tmp_path, first):
     with pytest.raises(Qwen2qError, match="below the smallest"):
         quantize_mixed(DEFAULT_MODEL, tmp_path / "x", target_bits=3.0, calibration=settings(ids), profile=dst)
     with pytest.raises(Qwen2qError, match="holds int4-g128,int4-g32,int8,bf16 in compressed-tensors"):
-        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int4-g64,bf16",
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int4-g128,bf16", layout="native",
                        calibration=settings(ids), profile=dst)
+    with pytest.raises(Qwen2qError, match="int4-ch has no native form"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int4-ch,bf16", layout="native",
+                       calibration=settings(ids))
+    with pytest.raises(Qwen2qError, match="lacks int4-g64 and was measured on other calibration text"):
+        quantize_mixed(DEFAULT_MODEL, tmp_path / "x", kl_budget=0.01, choices="int4-g64,bf16",
+                       calibration=settings(ids[1:]), profile=dst)
     other = json.loads((dst / PROFILE_FILE).read_text())
     other["profile"]["model"]["layers"] = 99
     (tmp_path / "other.json").write_text(json.dumps(other))

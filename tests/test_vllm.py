@@ -7,7 +7,8 @@ Opt-in: `-m vllm` with QWEN2Q_VLLM_PYTHON naming the python of a venv that has v
 
 For the embedded model, and for the real Qwen2.5-Coder-0.5B when QWEN2Q_REAL_MODEL names it, qwen2q writes
 an int4 g128 checkpoint in AutoAWQ's GEMM layout and in compressed-tensors pack-quantized W4A16 layout, and a
-mixed compressed-tensors one (down_proj in groups of 32, the rest in groups of 128: two config groups), all
+mixed compressed-tensors one (down_proj in groups of 32, o_proj per channel, the rest in groups of 128: three
+config groups), all
 round-to-nearest (the layout, not the calibration, is under test); and a `--kl-budget` mixed-precision
 result (`qwen2q.mixed`, choices int4 g128 / g32 and bf16: config groups plus bf16 modules in "ignore"),
 made here for the embedded model and, for the real one, read from QWEN2Q_REAL_MIXED (a mixed run of the
@@ -50,11 +51,13 @@ REAL_MIXED = os.environ.get("QWEN2Q_REAL_MIXED")  # a mixed output of REAL (--kl
 TOLERANCE = 0.01  # relative perplexity difference (module docstring)
 AGREE = 4  # greedy tokens that must match from the start
 LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4", layout="compressed-tensors"),
-           # two parameter sets in one compressed-tensors config (its config groups): down_proj W4A16 asymmetric
-           # in groups of 32, the rest W4A16 symmetric in groups of 128.  (vLLM 0.32's CPU kernels take 4-bit
-           # weights only: W8A16 fails with "Quant type (uint8b128) not supported by CPUWNA16".)
+           # three parameter sets in one compressed-tensors config (its config groups): down_proj W4A16
+           # asymmetric in groups of 32, o_proj W4A16 asymmetric per channel (mixed precision's int4-ch), the
+           # rest W4A16 symmetric in groups of 128.  (vLLM 0.32's CPU kernels take 4-bit weights only: W8A16
+           # fails with "Quant type (uint8b128) not supported by CPUWNA16".)
            "compressed-tensors-mixed": Recipe((
                Rule("*.mlp.down_proj", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False}),
+               Rule("*.self_attn.o_proj", "ct-pack", {"bits": 4, "group_size": 0, "symmetric": False}),
                Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True}))),
            # qwen2q.mixed to a KL budget, from the 4-bit choices vLLM's CPU kernels take, and bf16 (config groups
            # for int4 g128 and g32, the bf16 groups in "ignore"): calibrated, unlike the others

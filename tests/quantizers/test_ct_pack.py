@@ -18,7 +18,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
 FMT = ct_pack.FORMAT
-CASES = [(4, 128, False), (4, 32, True), (8, 0, True), (8, 64, False)]
+CASES = [(4, 128, False), (4, 32, True), (4, 0, False), (8, 0, True), (8, 64, False)]  # 0: channel strategy
 
 
 @pytest.mark.parametrize("bits", [4, 8])
