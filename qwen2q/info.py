@@ -133,8 +133,11 @@ def _named(name: str, patterns) -> bool:
 
 
 def _ct_label(w: dict) -> str:
+    """"int4-g128" (groups), "int4-ch" (one scale per row: mixed precision's choice) or "int8" (per row)."""
     label = f"int{w.get('num_bits')}"
-    return label + (f"-g{w.get('group_size')}" if w.get("strategy") == "group" else "")
+    if w.get("strategy") == "group":
+        return label + f"-g{w.get('group_size')}"
+    return label + ("-ch" if w.get("strategy") == "channel" and w.get("num_bits") != 8 else "")
 
 
 def module_formats(q: dict, names: list[str], kept: str) -> dict[str, str]:
