@@ -104,7 +104,7 @@ def draw(settings: dict, mixed: list[dict], uniform: list[dict], path: Path) -> 
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot([r["size_bytes"] / MIB for r in mixed], [r["kl"] for r in mixed], "o-", color="tab:blue",
-            label="qwen2q mixed (KL budget)")
+            label="qwen2q mixed (--kl-budget or --target-bits)")
     for r in mixed:
         ax.annotate(r["name"], (r["size_bytes"] / MIB, r["kl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.scatter([r["size_bytes"] / MIB for r in uniform], [r["kl"] for r in uniform], color="tab:red", marker="s",
