@@ -239,7 +239,8 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
               help="Mixed precision: the least predicted KL at BITS bits per decoder-linear weight.")
 @click.option("--choices", default=None, metavar="LIST",
               help="Mixed precision: the formats a module group may take, from int4-ch (one scale per row; "
-                   "compressed-tensors only), int4-g128, int4-g64, int4-g32, int8, nf4 (--format native only), bf16.  [default: int4-g128,int4-g32,int8,bf16]")
+                   "compressed-tensors only), int4-g128, int4-g64, int4-g32, int8, nf4 (--format native only), "
+                   "bf16.  [default: int4-g128,int4-g32,int8,bf16]")
 @click.option("--profile", "profile_path", type=click.Path(), default=None, metavar="DIR|FILE",
               help="Mixed precision: reuse the sensitivity profile of an earlier mixed run (its output directory "
                    "or qwen2q_mixed.json) instead of measuring it again; choices it lacks are measured and added.")

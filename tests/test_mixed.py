@@ -234,6 +234,7 @@ def test_a_profile_lacking_a_choice_measures_that_choice_and_adds_it(first, ids,
     from safetensors import safe_open
 
     from qwen2q.devices import parse_device
+    from qwen2q.info import module_table
     from qwen2q.mixed import measure_profile
     from qwen2q.quantization import read_source
 
@@ -275,8 +276,6 @@ def test_a_profile_lacking_a_choice_measures_that_choice_and_adds_it(first, ids,
             assert stored[name] == new["bytes"][name]["int4-ch"], name
             n, k = stored_shape(tmp_path / "ch", name)  # 4-bit codes, an fp16 scale and a 4-bit zero a row
             assert stored[name] == n * k // 2 + 2 * n + n // 2 + 16, name
-    from qwen2q.info import module_table
-
     rows = [line.split() for line in module_table(tmp_path / "ch").splitlines()[1:]]
     assert sum(row.count("int4-ch") for row in rows) > 0, rows  # info names the choice as --choices does
     loaded = qwen2q.load(tmp_path / "ch", dtype="float32").model
