@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from qwen2q.architecture import LINEAR_INPUT, LINEARS, SCALE_GROUPS
+from qwen2q.architecture import HEAD, LINEAR_INPUT, LINEARS, SCALE_GROUPS
 from qwen2q.architecture import INPUT_READER as HOOKED
 from qwen2q.calibrate.awq import NO_CLIP, apply_clip, fold_scales, search_clip, search_scales
 from qwen2q.calibrate.data import calibration_tokens
@@ -306,6 +306,7 @@ class LayerCalibrator:
         self.held_ids = ids[ids.shape[0] - held :] if held else None
         self.held_source = self.held_quantized = embed[self.held_ids].to(device, torch.float32) if held else None
         self.alphas: list[dict] = []
+        self.quantized_head: torch.Tensor | None = None  # lm_head as `head` stored it, fp32 [vocab, hidden]
 
     def layer(self, i: int) -> tuple[dict, int, int]:
         """Layer i's checkpoint tensors, quantized weights and their stored bytes (`quantize_layer`)."""
@@ -332,13 +333,45 @@ class LayerCalibrator:
             raise Qwen2qError(f"layer {i}: quantized layer output has NaN/Inf; stopping")
         return result
 
+    @torch.no_grad()
+    def head(self, choice: Choice) -> tuple[dict, int, int]:
+        """lm_head's checkpoint tensors in `choice`'s format, once every layer has run: GPTQ-rounded (when
+        the choice's algorithm rounds so; AWQ's scale search is left out: no op before lm_head but the final
+        norm) through the gram of the final norm's output over the calibration activations as the
+        quantized layers leave them, else rounded to nearest.  `holdout_kls` then scores the quantized
+        stream through it.  Returns (tensors on the CPU, quantized weights, their stored bytes)."""
+        from qwen2q.calibrate.sensitivity import output_head
+
+        norm, weight = output_head(self.index, self.config, self.device, "float32")
+        self.index.release()
+        fmt, params = choice.format, choice.params
+        grid = fmt.grid(params, weight.shape[1])
+        if grid is not None and choice.algorithm.rounding == "gptq":
+            gram = torch.zeros(weight.shape[1], weight.shape[1], device=self.device)
+            for b in range(self.x.shape[0]):
+                h = norm(self.x[b])
+                gram += h.t() @ h
+            try:
+                rounded, grids = gptq_round(weight, gram, grid, choice.algorithm.act_order)
+            except ValueError as e:
+                raise Qwen2qError(f"{HEAD}: {e}") from None
+            q = grid.encode(rounded, grids)
+        else:
+            q = fmt.quantize(weight.to(self.source_dtype) if fmt.rounds_source_dtype else weight, params)
+        stored = fmt.to_state_dict(q, HEAD)
+        self.quantized_head = fmt.dequantize(q, torch.float32)
+        return ({k: v.cpu() for k, v in stored.items()}, weight.numel(),
+                sum(t.numel() * t.element_size() for t in stored.values()))
+
     def holdout_kls(self) -> list[float]:
         """Each held-out window's mean KL(source || quantized) of the next-token distributions, at the
-        positions `qwen2q.evals.drift` scores (each window's first L - 1), once every layer has run."""
+        positions `qwen2q.evals.drift` scores (each window's first L - 1), once every layer (and `head`,
+        when lm_head is quantized) has run."""
         from qwen2q.calibrate.sensitivity import output_head, window_kls
 
         norm, head = output_head(self.index, self.config, self.device, self.settings.compute_dtype)
-        kls = window_kls(norm, head, self.held_source, self.held_quantized)
+        other = None if self.quantized_head is None else self.quantized_head.to(head.dtype)
+        kls = window_kls(norm, head, self.held_source, self.held_quantized, other)
         self.index.release()
         return kls
 

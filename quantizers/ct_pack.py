@@ -260,7 +260,8 @@ class CompressedTensorsPack(Format):
                       else 0, "symmetric": bool(w.get("symmetric"))}
             self.check_params(params)
             out.append((params, targets))
-        return out, tuple(config.get("ignore") or ()) + ("lm_head",)
+        named_head = any("lm_head" in targets for _, targets in out)  # a quantized lm_head (qwen2q's mixed output)
+        return out, tuple(config.get("ignore") or ()) + (() if named_head else ("lm_head",))
 
 
 FORMAT = CompressedTensorsPack()

@@ -9,6 +9,10 @@ dimension D, the decoder linears of layer i (`model.layers.{i}.` + name) are:
     self_attn.k_proj  [m*D, H] + bias      mlp.gate_proj     [I, H]
     self_attn.v_proj  [m*D, H] + bias      mlp.up_proj       [I, H]
                                            mlp.down_proj     [H, I]
+
+and, after the final norm, the output projection `lm_head` [V, H] (`HEAD`).  It is stored, and can be
+quantized, only when it does not share the embedding table (`head_is_separate`): qwen2q's mixed precision
+may give it a format like any decoder linear; every other recipe keeps it.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 LINEAR_NAMES = tuple(name.rpartition(".")[2] for name in LINEARS)  # q_proj, ..., down_proj
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+HEAD = "lm_head"
 
 # The activation each linear reads, by kind: the attention input (after input_layernorm), the attention
 # output (o_proj's input), the MLP input (after post_attention_layernorm), and down_proj's input.
@@ -54,6 +59,18 @@ SCALE_GROUPS = (
     ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
     ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 )
+
+
+def head_is_separate(config: Qwen2Config) -> bool:
+    """Whether lm_head is a tensor of its own (tie_word_embeddings false), and so may take a format."""
+    return not config.tie_word_embeddings
+
+
+def quantizable_linears(config: Qwen2Config) -> list[str]:
+    """Every linear a recipe may give a format, by full name: the decoder linears layer by layer, then
+    lm_head when it is separate."""
+    return [layer_prefix(i) + name for i in range(config.num_hidden_layers) for name in LINEARS] + \
+        ([HEAD] if head_is_separate(config) else [])
 
 
 def layer_prefix(i: int) -> str:

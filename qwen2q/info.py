@@ -174,9 +174,10 @@ def module_formats(q: dict, names: list[str], kept: str) -> dict[str, str]:
 
 
 def module_table(path: str | Path) -> str | None:
-    """The format of every decoder linear, a row per run of layers that agree ("0-3  int4-g128 ..."), or
-    None when the checkpoint is unquantized or every linear has one format."""
-    from qwen2q.architecture import LINEAR_NAMES, LINEARS, layer_prefix
+    """The format of every decoder linear, a row per run of layers that agree ("0-3  int4-g128 ..."), then
+    lm_head's ("lm_head: int8") when it has its own tensor, or None when the checkpoint is unquantized or
+    every linear has one format."""
+    from qwen2q.architecture import HEAD, LINEAR_NAMES, LINEARS, head_is_separate, layer_prefix
     from qwen2q.evals.table import Column, format_table
 
     path = check_model_dir(path)
@@ -184,7 +185,11 @@ def module_table(path: str | Path) -> str | None:
     if not c.quantization_config:
         return None
     names = [layer_prefix(i) + n for i in range(c.num_hidden_layers) for n in LINEARS]
-    labels = module_formats(c.quantization_config, names, SHORT_DTYPES.get(c.dtype, c.dtype))
+    head = [HEAD] if head_is_separate(c) else []
+    kept = SHORT_DTYPES.get(c.dtype, c.dtype)
+    labels = module_formats(c.quantization_config, names + head, kept)
+    if head and c.quantization_config.get("quant_method") != "compressed-tensors":
+        labels[HEAD] = kept  # only a compressed-tensors config group may name lm_head (qwen2q's mixed output)
     if len(set(labels.values())) <= 1:
         return None
     rows, start = [], 0
@@ -194,4 +199,5 @@ def module_table(path: str | Path) -> str | None:
             rows.append(dict(zip(("layers", *LINEAR_NAMES),
                                  (str(start) if i - 1 == start else f"{start}-{i - 1}", *per_layer[start]))))
             start = i
-    return format_table([Column(h.removesuffix("_proj"), h) for h in ("layers", *LINEAR_NAMES)], rows)
+    table = format_table([Column(h.removesuffix("_proj"), h) for h in ("layers", *LINEAR_NAMES)], rows)
+    return table + "".join(f"\n{HEAD}: {labels[HEAD]}" for _ in head)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qwen2q import kernels
-from qwen2q.architecture import LINEAR_NAMES as QUANTIZABLE
+from qwen2q.architecture import HEAD, LINEAR_NAMES
 from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.quantizers.format import Format
 
@@ -127,15 +127,19 @@ def module_class(fmt: Format) -> type[QuantLinear]:
     return type(fmt.module_name, (QuantLinear,), {"FORMAT": fmt, "__doc__": QuantLinear.__doc__})
 
 
+QUANTIZABLE = (*LINEAR_NAMES, HEAD)
+
+
 def swap_linears(model: nn.Module, scheme, dtype: torch.dtype) -> list[QuantLinear]:
-    """Replace the decoder layers' nn.Linear children with empty quantized modules of the format that
-    `scheme.format_for(name)` gives each (None: left in full precision); return them, ready for
-    `load_checkpoint_tensor`."""
+    """Replace the decoder layers' nn.Linear children (and lm_head, when it is not the embedding table)
+    with empty quantized modules of the format that `scheme.format_for(name)` gives each (None: left in
+    full precision); return them, ready for `load_checkpoint_tensor`."""
     swapped = []
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", True)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear) or child_name not in QUANTIZABLE:
+            if not isinstance(child, nn.Linear) or child_name not in QUANTIZABLE or (full == HEAD and tied):
                 continue
             chosen = scheme.format_for(full)
             if chosen is None:

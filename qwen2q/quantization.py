@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from qwen2q._version import __version__
-from qwen2q.architecture import LINEAR_WEIGHT, LINEARS, layer_prefix, linear_shapes
+from qwen2q.architecture import HEAD, LINEAR_WEIGHT, head_is_separate, layer_prefix, linear_shapes, \
+    quantizable_linears
 from qwen2q.checkpoint import TensorIndex, check_all_finite, check_model_dir, validate_checkpoint, weight_files
 from qwen2q.config import Qwen2Config
 from qwen2q.destination import check_destination
@@ -123,21 +124,16 @@ def read_source(src, allow_pickle: bool = False, allow_non_finite: bool = False
     return src, config, files
 
 
-def decoder_linears(config: Qwen2Config) -> list[str]:
-    """Every decoder linear's full name, layer by layer ("model.layers.0.self_attn.q_proj", ...)."""
-    return [layer_prefix(i) + name for i in range(config.num_hidden_layers) for name in LINEARS]
-
-
 def check_plan(recipe: Recipe, config: Qwen2Config) -> None:
-    """Refuse, before any work, a skip entry or rule that matches no decoder linear, a recipe that would
-    quantize nothing, and a linear its format cannot hold (naming it, with the --skip that avoids it)."""
-    recipe.check_plan(decoder_linears(config))
-    shapes = linear_shapes(config)
-    for name in decoder_linears(config):
+    """Refuse, before any work, a skip entry or rule that matches no linear, a recipe that would quantize
+    nothing, and a linear its format cannot hold (naming it, with the --skip that avoids it)."""
+    recipe.check_plan(quantizable_linears(config))
+    shapes = {**linear_shapes(config), HEAD: (config.vocab_size, config.hidden_size, False)}
+    for name in quantizable_linears(config):
         chosen = recipe.format_for(name)
         if chosen is None:
             continue
-        out_features, in_features, _ = shapes[name.split(".", 3)[3]]
+        out_features, in_features, _ = shapes[name if name == HEAD else name.split(".", 3)[3]]
         try:
             chosen[0].check_shape(out_features, in_features, chosen[1])
         except ValueError as e:
@@ -166,7 +162,7 @@ def passthrough(name: str, tensor: torch.Tensor, recipe: Recipe, config: Qwen2Co
 def quantized_config(config: Qwen2Config, recipe: Recipe, shorthand: QuantConfig | None, src: Path, **note) -> dict:
     """config.json for the output: the source's, plus quantization_config and a note of how it was made."""
     cfg = config.to_dict()
-    cfg["quantization_config"] = recipe.to_hf(decoder_linears(config))
+    cfg["quantization_config"] = recipe.to_hf(quantizable_linears(config))
     if shorthand is not None:
         made = {"method": shorthand.method, "source": src.name, "group_size": shorthand.params.get("group_size") or None}
         if shorthand.layout != "native":
@@ -241,8 +237,9 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
         note = _calibration_note(plan, shorthand, settings, described)
     index = TensorIndex(files)
     with CheckpointWriter(src, dst, force, max_shard_bytes) as out:
+        head_choice = plan.choice_for(HEAD) if head_is_separate(config) else None  # a quantized lm_head
         for name in index.names():
-            if not name.startswith("model.layers."):
+            if not name.startswith("model.layers.") and not (head_choice is not None and name == HEAD + ".weight"):
                 out.add(passthrough(name, index.get(name), plan, config, allow_non_finite))
         if plan.calibrated:
             calibrator = LayerCalibrator(index, config, plan.choice_for, settings, ids, device,
@@ -258,6 +255,16 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
                 tensors, elems, size = _rtn_layer(index, i, plan, config, allow_non_finite)
             out.add(tensors)
             index.release()  # unmap what this layer read, so RSS does not grow layer by layer
+            q_elems, q_bytes = q_elems + elems, q_bytes + size
+        if head_choice is not None:  # after the last layer: GPTQ reads the final norm's output
+            if calibrator is not None:
+                tensors, elems, size = calibrator.head(head_choice)
+            else:
+                tensors = quantize_linear(plan, HEAD, index.get(HEAD + ".weight"))
+                elems, size = config.vocab_size * config.hidden_size, sum(t.numel() * t.element_size()
+                                                                         for t in tensors.values())
+            out.add(tensors)
+            index.release()
             q_elems, q_bytes = q_elems + elems, q_bytes + size
         if calibrator is not None and settings.holdout:
             from qwen2q.calibrate.sensitivity import upper_bound
@@ -288,7 +295,7 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
 def _card(source_card: str | None, src: Path, plan: Recipe, label: str, config: Qwen2Config,
           q_bytes: int, q_elems: int) -> str:
     """The output's model card (`qwen2q.model_card`); `label`: how it was made, in words."""
-    formats = {plan.format_for(n)[0] for n in decoder_linears(config) if plan.format_for(n) is not None}
+    formats = {plan.format_for(n)[0] for n in quantizable_linears(config) if plan.format_for(n) is not None}
     loads_in = next(iter(formats)).loaded_by if len(formats) == 1 else \
         "qwen2q (several formats in one checkpoint: no other tool reads that layout yet)"
     return quantized_card(source_card, src.name, label, 8 * q_bytes / max(q_elems, 1), loads_in, __version__)

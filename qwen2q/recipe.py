@@ -5,7 +5,9 @@
            skip=("lm_head", "model.layers.0"))
 
 The first rule whose pattern matches a linear's full name (e.g. "model.layers.3.mlp.down_proj") decides
-it; a linear no rule matches, or one `skip` names, stays in full precision.  A pattern is an fnmatch
+it; a linear no rule matches, or one `skip` names, stays in full precision.  lm_head takes a format only
+from a rule whose pattern is exactly "lm_head" (and only when `skip` does not name it, as it does by
+default): `qwen2q.mixed` writes such rules; globs never reach it.  A pattern is an fnmatch
 glob ("*.mlp.*", "model.layers.1?.*") or, like a skip entry, a module name, a dotted suffix of one
 ("down_proj", "mlp.down_proj") or a prefix ("model.layers.3").
 
@@ -33,6 +35,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qwen2q.architecture import HEAD
 from qwen2q.config import MIXED
 from qwen2q.errors import Qwen2qError
 from qwen2q.quantizers import registry
@@ -131,10 +134,13 @@ class Recipe:
     def rule_for(self, module_name: str) -> Rule | None:
         if any(matches(module_name, s) for s in self.skip):
             return None
+        if module_name == HEAD:  # only a rule that names it exactly: no glob reaches the output projection
+            return next((r for r in self.rules if r.pattern == HEAD), None)
         return next((r for r in self.rules if matches(module_name, r.pattern)), None)
 
     def choice_for(self, module_name: str) -> Choice | None:
-        """The format, parameters and algorithm of decoder linear `module_name`; None: full precision."""
+        """The format, parameters and algorithm of linear `module_name` (a decoder linear's full name, or
+        "lm_head"); None: full precision."""
         rule = self.rule_for(module_name)
         return None if rule is None else Choice(rule.fmt, dict(rule.params), ALGORITHMS[rule.algorithm])
 

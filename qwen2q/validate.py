@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2q.architecture import NORMS, layer_prefix, linear_shapes
+from qwen2q.architecture import HEAD, NORMS, head_is_separate, layer_prefix, linear_shapes
 from qwen2q.config import Qwen2Config
 from qwen2q.errors import CheckpointError
 from qwen2q.recipe import Recipe
@@ -55,6 +55,9 @@ def expected_tensors(config: Qwen2Config, qcfg: Recipe | None = None) -> tuple[d
     """(every tensor name the checkpoint may hold -> Expect, the names among them it may leave out)."""
     v, h = config.vocab_size, config.hidden_size
     expect = {"model.embed_tokens.weight": _float(v, h), "model.norm.weight": _float(h), "lm_head.weight": _float(v, h)}
+    if qcfg is not None and head_is_separate(config) and qcfg.format_for(HEAD) is not None:  # a quantized lm_head
+        del expect["lm_head.weight"]
+        expect.update(quantized_tensors(qcfg, HEAD, v, h))
     for i in range(config.num_hidden_layers):
         p = layer_prefix(i)
         expect.update({p + norm + ".weight": _float(h) for norm in NORMS})

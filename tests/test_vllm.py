@@ -8,7 +8,8 @@ Opt-in: `-m vllm` with QWEN2Q_VLLM_PYTHON naming the python of a venv that has v
 For the embedded model, and for the real Qwen2.5-Coder-0.5B when QWEN2Q_REAL_MODEL names it, qwen2q writes
 an int4 g128 checkpoint in AutoAWQ's GEMM layout and in compressed-tensors pack-quantized W4A16 layout, and a
 mixed compressed-tensors one (down_proj in groups of 32, o_proj per channel, the rest in groups of 128: three
-config groups), all
+config groups), one whose lm_head is quantized too (a config group naming lm_head; the embedded model's
+untied copy, whose lm_head is a tensor of its own), all
 round-to-nearest (the layout, not the calibration, is under test); and a `--kl-budget` mixed-precision
 result (`qwen2q.mixed`, choices int4 g128 / g32 and bf16: config groups plus bf16 modules in "ignore"),
 made here for the embedded model and, for the real one, read from QWEN2Q_REAL_MIXED (a mixed run of the
@@ -59,6 +60,11 @@ LAYOUTS = {"awq": QuantConfig("int4"), "compressed-tensors": QuantConfig("int4",
                Rule("*.mlp.down_proj", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False}),
                Rule("*.self_attn.o_proj", "ct-pack", {"bits": 4, "group_size": 0, "symmetric": False}),
                Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True}))),
+           # lm_head quantized too (W4A16 asymmetric in groups of 32, a config group that names it), as
+           # qwen2q.mixed may write it: from an untied copy of the embedded model (its lm_head is its embedding)
+           "compressed-tensors-lm-head": Recipe((
+               Rule("lm_head", "ct-pack", {"bits": 4, "group_size": 32, "symmetric": False}),
+               Rule("*", "ct-pack", {"bits": 4, "group_size": 128, "symmetric": True})), skip=()),
            # qwen2q.mixed to a KL budget, from the 4-bit choices vLLM's CPU kernels take, and bf16 (config groups
            # for int4 g128 and g32, the bf16 groups in "ignore"): calibrated, unlike the others
            "mixed-kl-budget": None}
@@ -117,6 +123,11 @@ def test_vllm_scores_and_decodes_our_int4_like_qwen2q(vllm_python, tmp_path, lay
                                log=lambda line: None)
         assert len(set(mixed.assignment.values())) > 1, mixed.assignment
     else:
+        if layout == "compressed-tensors-lm-head" and name == "qwen2q:tiny":
+            from conftest import make_hf_checkpoint
+
+            src = tmp_path / "untied"
+            make_hf_checkpoint(src, dtype=torch.bfloat16, tie_word_embeddings=False, seed=5)
         quantize(src, dst, LAYOUTS[layout], progress=False)
     m = qwen2q.load(dst, dtype="bfloat16")
     text_name, ids = eval_ids(m.tokenizer)
