@@ -18,6 +18,9 @@ uses it), dW = Q(W) - W with Q the choice's own rounding: GPTQ onto the format's
 else its round-to-nearest (`choice_errors`, one forward pass, layer by layer).  AWQ's scale search is
 left out of the estimate (it would cost one search per choice); it only lowers the real error.
 
+lm_head needs no estimate: its error changes the logits alone, so the KL of the model with lm_head alone
+quantized is measured directly on held-out windows' final hidden states (`head_kls`).
+
 The model's KL for several quantized modules is predicted as the sum of theirs (additivity: the
 cross terms of different modules' errors average out to first order).  `qwen2q.mixed` checks the sum
 against a measured KL of the result and corrects it.
@@ -36,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from qwen2q.architecture import INPUT_READER, LINEAR_INPUT, LINEARS, layer_prefix
+from qwen2q.architecture import HEAD, INPUT_READER, LINEAR_INPUT, LINEARS, layer_prefix
 from qwen2q.calibrate.gptq import gptq_round, inverse_factor
 from qwen2q.calibrate.pipeline import _Recorder, forward_precision, load_layer, run_layer
 from qwen2q.checkpoint import TensorIndex
@@ -159,6 +162,7 @@ def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.d
                   options: Mapping[str, Mapping[str, Choice | None]], fisher: Mapping[str, torch.Tensor],
                   compute_dtype: str = "bfloat16", progress: Callable[[], None] | None = None,
                   held: torch.Tensor | None = None, kinds: Mapping[str, Sequence[str]] | None = None,
+                  head_options: Mapping[str, Choice | None] | None = None,
                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """({decoder linear's full name: {option name: predicted KL}}, {kind: {option name: measured KL}}).
 
@@ -168,7 +172,10 @@ def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.d
     layer, e.g. ("mlp.down_proj",)}; default one kind "all" of every linear) and option, the KL against the
     source, measured on those windows, of the model with that kind's linears in every layer quantized as
     that option by the same rounding (a uniform trial per kind and option, which calibrates the scale of
-    that kind's predictions: `qwen2q.mixed`); empty without `held`.  Each trial is a stream of the held
+    that kind's predictions: `qwen2q.mixed`); empty without `held`.  With `head_options` ({option name:
+    Choice or None}) and `held`, lm_head ("lm_head" in both) is measured, not estimated: the KL of the
+    model with lm_head alone rounded so (GPTQ through the gram of the final norm's output over ids), on
+    the held windows, is both its prediction and its trial (0 for None).  Each trial is a stream of the held
     windows through the layers beside the source's: (kinds x options + 1) x h x L x hidden fp32 in memory.
     progress() is called once per layer."""
     n, seq_len = ids.shape
@@ -225,8 +232,36 @@ def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.d
         norm, head = output_head(index, config, device, compute_dtype)
         for kind, option in trials:
             measured.setdefault(kind, {})[option] = mean_kl(norm, head, streams[None], streams[(kind, option)])
+        if head_options:
+            out[HEAD], measured[HEAD] = head_kls(index, config, x, streams[None], head_options, device, compute_dtype)
         index.release()
     return out, measured
+
+
+def head_kls(index: TensorIndex, config, x: torch.Tensor, held: torch.Tensor, options: Mapping[str, Choice | None],
+             device, compute_dtype: str) -> tuple[dict[str, float], dict[str, float]]:
+    """({option: KL}, {option: KL} without the kept one): the KL against the source, on held final hidden
+    states fp32 [h, L, hidden], of the model with lm_head alone quantized as each option (None: 0), rounded
+    through the gram of the final norm's output over x fp32 [n, L, hidden] (`quantization_error`)."""
+    norm32, weight = output_head(index, config, device, "float32")
+    gram = torch.zeros(weight.shape[1], weight.shape[1], device=device)
+    with torch.no_grad():
+        for b in range(x.shape[0]):
+            h = norm32(x[b])
+            gram += h.t() @ h
+    factor = inverse_factor(gram)
+    norm, head = output_head(index, config, device, compute_dtype)
+    kls, measured = {}, {}
+    for option, choice in options.items():
+        if choice is None:
+            kls[option] = 0.0
+            continue
+        try:
+            delta = quantization_error(weight, gram, choice, factor)
+        except ValueError as e:
+            raise Qwen2qError(f"{HEAD} as {option}: {e}") from None
+        kls[option] = measured[option] = mean_kl(norm, head, held, held, (weight + delta).to(head.dtype))
+    return kls, measured
 
 
 def _run_trial(layer, streams, key, trial, cos, sin, device, compute_dtype) -> None:
@@ -244,23 +279,27 @@ def _run_trial(layer, streams, key, trial, cos, sin, device, compute_dtype) -> N
 
 
 @torch.no_grad()
-def window_kls(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> list[float]:
+def window_kls(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor,
+               other_head: torch.Tensor | None = None) -> list[float]:
     """Each window's mean KL(source || other) of the next-token distributions from final hidden states fp32
-    [h, L, hidden], at the positions `qwen2q.evals.drift` scores (each window's first L - 1)."""
+    [h, L, hidden], at the positions `qwen2q.evals.drift` scores (each window's first L - 1); `other`'s
+    through `other_head` [vocab, hidden] (a quantized lm_head, in head's dtype) when given, else `head`."""
     out = []
+    other_head = head if other_head is None else other_head
     for b in range(source.shape[0]):
         total = 0.0
         for s in range(0, source.shape[1] - 1, LOGIT_CHUNK):
             end = min(s + LOGIT_CHUNK, source.shape[1] - 1)
-            lp, lq = log_probs(norm, head, source[b, s:end]), log_probs(norm, head, other[b, s:end])
+            lp, lq = log_probs(norm, head, source[b, s:end]), log_probs(norm, other_head, other[b, s:end])
             total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
         out.append(total / (source.shape[1] - 1))
     return out
 
 
-def mean_kl(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor) -> float:
+def mean_kl(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: torch.Tensor,
+            other_head: torch.Tensor | None = None) -> float:
     """Mean KL(source || other) over every scored position of the windows (`window_kls`)."""
-    kls = window_kls(norm, head, source, other)
+    kls = window_kls(norm, head, source, other, other_head)
     return sum(kls) / len(kls)
 
 

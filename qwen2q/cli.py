@@ -101,7 +101,7 @@ def info(model):
     click.echo(format_fields(describe(model or DEFAULT_MODEL)))
     table = module_table(model or DEFAULT_MODEL)
     if table is not None:
-        click.echo("\nformat of each decoder linear:\n" + table)
+        click.echo("\nformat of each linear:\n" + table)
 
 
 def _load(model, device, dtype, allow_pickle, allow_non_finite=False, cpu_cache=None):
@@ -236,7 +236,8 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
               help="Mixed precision: the text the KL budget must hold on (a sample of what the model will read; "
                    "its first 16 windows are measured).  [default: held-out windows of the calibration text]")
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="BITS",
-              help="Mixed precision: the least predicted KL at BITS bits per decoder-linear weight.")
+              help="Mixed precision: the least predicted KL at BITS bits per weight of the linears the search "
+                   "chooses for (every decoder linear, and lm_head unless it is kept).")
 @click.option("--choices", default=None, metavar="LIST",
               help="Mixed precision: the formats a module group may take, from int4-ch (one scale per row; "
                    "compressed-tensors only), int4-g128, int4-g64, int4-g32, int8, nf4 (--format native only), "
@@ -244,6 +245,9 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--profile", "profile_path", type=click.Path(), default=None, metavar="DIR|FILE",
               help="Mixed precision: reuse the sensitivity profile of an earlier mixed run (its output directory "
                    "or qwen2q_mixed.json) instead of measuring it again; choices it lacks are measured and added.")
+@click.option("--keep-lm-head", is_flag=True,
+              help="Mixed precision: keep lm_head in the source's precision.  [default: when lm_head is not the "
+                   "embedding table, it is one more group the search gives a format (compressed-tensors only)]")
 @click.option("--format", "layout", type=click.Choice(["native", "compressed-tensors"]), default=None,
               help="Output layout: native (bitsandbytes for nf4/int8, AutoAWQ GEMM for int4/awq) or compressed-tensors "
                    "pack-quantized (int4/awq: asymmetric W4A16; int8: W8A16 per channel), what llm-compressor writes "
@@ -252,7 +256,7 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
               help="Input channels per scale/zero (int4 and awq only).")
 @click.option("--skip", multiple=True, metavar="MODULE",
               help="Keep these linears in full precision (name, suffix or prefix, repeatable; must match a "
-                   "linear); lm_head is always kept.")
+                   "linear); lm_head is kept (only mixed precision may quantize it).")
 @click.option("--max-shard-size", default="4GB", show_default=True, help="Largest output shard, e.g. 500MB, 4GB.")
 @click.option("--force", is_flag=True,
               help="Replace DST if it holds a checkpoint qwen2q wrote (anything else is never replaced).")
@@ -282,7 +286,7 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--allow-non-finite", is_flag=True,
               help="nf4/int8/int4: copy NaN/Inf in the unquantized tensors (refused by default).")
 @click.pass_context
-def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, kl_data, choices, profile_path, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
+def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, kl_data, choices, profile_path, keep_lm_head, layout, group_size, skip, max_shard_size, force, allow_pickle, calib_data, calib_samples,
              calib_seq_len, chat_template, search_tokens, rounding, act_order, calib_dtype, awq_scales, device,
              allow_non_finite):
     """Quantize checkpoint SRC into the new directory DST.
@@ -318,9 +322,11 @@ def quantize(ctx, src, dst, method, recipe_file, kl_budget, target_bits, kl_data
                                f"name it: qwen2q quantize {EMBEDDED} {src} ...")
     max_shard_bytes = _parse_size(max_shard_size)
     if kl_budget is not None or target_bits is not None:
-        _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, layout, max_shard_bytes)
+        _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, keep_lm_head, layout,
+                        max_shard_bytes)
         return
-    given = [f for f, v in (("--choices", choices), ("--profile", profile_path), ("--kl-data", kl_data)) if v is not None]
+    given = [f for f, v in (("--choices", choices), ("--profile", profile_path), ("--kl-data", kl_data),
+                            ("--keep-lm-head", keep_lm_head or None)) if v is not None]
     if given:
         raise Qwen2qError(f"{given[0]} goes with --kl-budget or --target-bits")
     layout = layout or "native"
@@ -347,7 +353,7 @@ MIXED_REFUSES = ("method", "recipe_file", "group_size", "skip", "rounding", "act
                  "allow_non_finite")
 
 
-def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, layout,
+def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, profile_path, keep_lm_head, layout,
                     max_shard_bytes) -> None:
     """--kl-budget / --target-bits: `qwen2q.mixed.quantize_mixed`, then its report."""
     from qwen2q.calibrate.pipeline import CalibrationSettings
@@ -366,14 +372,16 @@ def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, pro
                                       p["search_tokens"], compute_dtype=p["calib_dtype"])
     report = quantize_mixed(_model_path(src), dst, kl_budget=kl_budget, target_bits=target_bits,
                             choices=choices or DEFAULT_CHOICES, layout=layout or "compressed-tensors",
-                            calibration=calibration, kl_data=kl_data, profile=profile_path, device=p["device"], force=p["force"],
+                            calibration=calibration, kl_data=kl_data, profile=profile_path, keep_head=keep_lm_head,
+                            device=p["device"], force=p["force"],
                             max_shard_bytes=max_shard_bytes, allow_pickle=p["allow_pickle"],
                             log=lambda line: click.echo(line, err=True))
     rows = [("budget", report.budget),
             ("choices", ", ".join(f"{n} {o}" for o, n in sorted(report.counts().items()))),
             ("KL", f"{report.measured_kl:.5f} measured on held-out windows, 95% upper bound {report.kl_bound:.5f} "
                    f"(predicted {report.predicted_kl:.5f})"),
-            ("bits / weight", f"{report.bits_per_weight:.3f} (every decoder linear, bf16 ones included)"),
+            ("bits / weight", f"{report.bits_per_weight:.3f} (every decoder linear{', and lm_head' if 'lm_head' in report.assignment else ''}, "
+                              "bf16 ones included)"),
             ("time", f"{report.seconds:.1f} s (profile {report.profile_seconds:.1f} s, "
                      f"{_passes(report.attempts)})")]
     _print_report(report.report, rows)
@@ -381,7 +389,7 @@ def _quantize_mixed(ctx, src, dst, kl_budget, target_bits, kl_data, choices, pro
 
     table = module_table(report.report.dst)
     if table is not None:
-        click.echo("\nformat of each decoder linear:\n" + table)
+        click.echo("\nformat of each linear:\n" + table)
 
 
 def _passes(attempts) -> str:

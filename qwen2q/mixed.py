@@ -6,7 +6,11 @@ number the user gives (`--kl-budget`), or the least KL at a given size (`--targe
    (`--choices`: int4 per channel or in groups of 128/64/32, int8, nf4, bf16), the predicted KL increase when that group alone
    takes that option (`qwen2q.calibrate.sensitivity`) and its stored size.  A uniform trial per kind of
    group and option (that kind in every layer so, on `KIND_TRIAL_WINDOWS` held-out windows) measures what
-   the predictions of that kind add up to, and scales them (`Profile.correction`).
+   the predictions of that kind add up to, and scales them (`Profile.correction`).  lm_head, when it is
+   not the embedding table and the layout is compressed-tensors (unless `keep_head`), is one more group:
+   its KL alone is measured, not estimated (GPTQ alone: no op before it but the final norm to fold AWQ's
+   scales into), and it is quantized after the last layer (`LayerCalibrator.head`).  On
+   Qwen2.5-Coder-0.5B it holds 28% of the weights, and int8 costs it a KL of ~0.0002.
 2. Allocate: the assignment of least size whose predicted KL (the sum over groups) is under the budget,
    or of least predicted KL within the size (`qwen2q.calibrate.allocate`), exact and deterministic.
 3. Trial (`--kl-budget` only): make the assignment the cheap way (GPTQ alone, no AWQ scale search, on
@@ -41,7 +45,7 @@ from typing import Any
 import torch
 
 from qwen2q._version import __version__
-from qwen2q.architecture import LINEARS, layer_prefix, linear_shapes
+from qwen2q.architecture import HEAD, LINEARS, head_is_separate, layer_prefix, linear_shapes
 from qwen2q.errors import OverBudget, Qwen2qError
 from qwen2q.quantizers import registry
 from qwen2q.recipe import ALGORITHMS, DEFAULT_SKIP, Choice, Recipe, Rule
@@ -149,25 +153,28 @@ class Profile:
         errors compounding across layers) at the scale of a whole model, and per kind, since the estimate
         misjudges kinds by different factors (on Qwen2.5-Coder-0.5B, q/k/v's KL fell far less than predicted)."""
         if kind not in self.uniform:
+            if kind == HEAD:
+                return 1.0
             kind = "all"
         measured = self.uniform.get(kind, {}).get(option)
-        members = set(GROUPS[kind]) if kind in GROUPS else None
+        members = set(GROUPS[kind]) if kind in GROUPS else {HEAD} if kind == HEAD else None
         predicted = sum(row[option] for name, row in self.kl.items()
-                        if option in row and (members is None or _linear(name) in members))
+                        if option in row and (_linear(name) in members if members is not None else name != HEAD))
         return measured / predicted if measured is not None and predicted > 0 else 1.0
 
-    def group_table(self, layers: int) -> tuple[list[str], list[list[float]], list[list[float]]]:
-        """(group names "model.layers.3.mlp.down", sizes [groups][choices], predicted KL [groups][choices],
-        each option's scaled by its `correction`); an option a group's format cannot hold is NaN (never chosen)."""
+    def group_table(self, layers: int, head: bool = False) -> tuple[list[str], list[list[float]], list[list[float]]]:
+        """(group names "model.layers.3.mlp.down", then "lm_head" when `head`; sizes [groups][choices],
+        predicted KL [groups][choices], each option's scaled by its `correction`); an option a group's format
+        cannot hold is NaN (never chosen)."""
         names, sizes, kls = [], [], []
-        for i in range(layers):
-            for group, members in GROUPS.items():
-                names.append(layer_prefix(i) + group)
-                full = [layer_prefix(i) + m for m in members]
-                sizes.append([sum(self.size[n][c] for n in full) if all(self.size[n].get(c) is not None for n in full)
-                              else float("nan") for c in self.choices])
-                kls.append([self.correction(c, group) * sum(self.kl[n][c] for n in full) if all(c in self.kl[n] for n in full)
-                            else float("nan") for c in self.choices])
+        groups = [(layer_prefix(i) + group, group, [layer_prefix(i) + m for m in members])
+                  for i in range(layers) for group, members in GROUPS.items()] + ([(HEAD, HEAD, [HEAD])] if head else [])
+        for name, group, full in groups:
+            names.append(name)
+            sizes.append([sum(self.size[n][c] for n in full) if all(self.size[n].get(c) is not None for n in full)
+                          else float("nan") for c in self.choices])
+            kls.append([self.correction(c, group) * sum(self.kl[n][c] for n in full) if all(c in self.kl[n] for n in full)
+                        else float("nan") for c in self.choices])
         return names, sizes, kls
 
     def to_dict(self) -> dict:
@@ -181,8 +188,8 @@ class Profile:
         `choices`; the seconds add up."""
         return dataclasses.replace(
             self, choices=tuple(choices), seconds=self.seconds + other.seconds,
-            kl={n: {**row, **other.kl[n]} for n, row in self.kl.items()},
-            size={n: {**row, **other.size[n]} for n, row in self.size.items()},
+            kl={n: {**self.kl.get(n, {}), **other.kl.get(n, {})} for n in dict.fromkeys([*self.kl, *other.kl])},
+            size={n: {**self.size.get(n, {}), **other.size.get(n, {})} for n in dict.fromkeys([*self.size, *other.size])},
             uniform={k: {**self.uniform.get(k, {}), **other.uniform.get(k, {})}
                      for k in dict.fromkeys([*self.uniform, *other.uniform])})
 
@@ -232,8 +239,8 @@ class Attempt:
 @dataclasses.dataclass
 class MixedReport:
     """What a mixed-precision run did.  `report`: the final conversion's (`qwen2q.quantization.Report`);
-    `assignment`: {group name: option}; `bits_per_weight`: stored bytes of every decoder linear (bf16
-    ones included) over their weights."""
+    `assignment`: {group name (or "lm_head"): option}; `bits_per_weight`: stored bytes of every linear the
+    search chose for (decoder linears, and lm_head when it is a group; bf16 ones included) over their weights."""
 
     report: Any
     budget: str  # "kl <= 0.02" or "4.50 bits per weight"
@@ -254,8 +261,8 @@ class MixedReport:
 
 
 def _linear(name: str) -> str:
-    """"self_attn.q_proj" for "model.layers.3.self_attn.q_proj"."""
-    return name.split(".", 3)[3]
+    """"self_attn.q_proj" for "model.layers.3.self_attn.q_proj"; "lm_head" for itself."""
+    return name if name == HEAD else name.split(".", 3)[3]
 
 
 def _uniform_trials(profile: Mapping) -> dict[str, dict[str, float]]:
@@ -273,8 +280,11 @@ def model_key(src: Path, config) -> dict:
             "kv_heads": config.num_key_value_heads, "vocab": config.vocab_size}
 
 
-def measure_profile(src: Path, config, files, choices, layout, settings, device, progress: bool) -> Profile:
-    """Step 1: the Fisher pass, then every option's error, layer by layer (`qwen2q.calibrate.sensitivity`)."""
+def measure_profile(src: Path, config, files, choices, layout, settings, device, progress: bool,
+                    linears: bool = True, head: bool = False) -> Profile:
+    """Step 1: the Fisher pass, then every option's error, layer by layer (`qwen2q.calibrate.sensitivity`),
+    for the decoder linears (`linears`) and lm_head (`head`: measured, not estimated; one forward pass
+    when it is all that is asked for)."""
     from tqdm import tqdm
 
     from qwen2q.calibrate.pipeline import calibration_ids
@@ -286,30 +296,50 @@ def measure_profile(src: Path, config, files, choices, layout, settings, device,
     n = ids.shape[0] - settings.holdout  # the held-out windows: only ever measured on, never fitted to
     index = TensorIndex(files)
     layers = config.num_hidden_layers
-    bar = tqdm(total=3 * layers, desc="profile", unit="layer", disable=not progress, leave=False)
+    bar = tqdm(total=(3 if linears else 1) * layers, desc="profile" if linears else "profile lm_head", unit="layer",
+               disable=not progress, leave=False)
     try:
-        fisher_ids = ids[fisher_samples(n, ids.shape[1], settings.search_tokens)]
-        fisher = output_fisher(index, config, fisher_ids, device, settings.compute_dtype, progress=bar.update)
-        options = {layer_prefix(i) + name: {c: choice_of(c, layout) for c in choices}
+        fisher = {}
+        if linears:
+            fisher_ids = ids[fisher_samples(n, ids.shape[1], settings.search_tokens)]
+            fisher = output_fisher(index, config, fisher_ids, device, settings.compute_dtype, progress=bar.update)
+        options = {layer_prefix(i) + name: {c: choice_of(c, layout) for c in choices} if linears else {}
                    for i in range(layers) for name in LINEARS}
         error_ids = ids[fisher_samples(n, ids.shape[1], PROFILE_TOKENS)]
         kl, uniform = choice_errors(index, config, error_ids, device, options, fisher, settings.compute_dtype,
-                                    progress=bar.update, held=ids[n:n + KIND_TRIAL_WINDOWS], kinds=GROUPS)
+                                    progress=bar.update, held=ids[n:n + KIND_TRIAL_WINDOWS], kinds=GROUPS,
+                                    head_options={c: head_choice(c, layout) for c in choices} if head else None)
     finally:
         bar.close()
         index.release()
     source_bytes = index.get("model.embed_tokens.weight").element_size()
-    shapes = linear_shapes(config)
-    size = {layer_prefix(i) + name: {c: stored_bytes(c, layout, *shapes[name][:2], source_bytes) for c in choices}
-            for i in range(layers) for name in LINEARS}
+    shapes = {**linear_shapes(config), HEAD: (config.vocab_size, config.hidden_size, False)}
+    names = ([layer_prefix(i) + name for i in range(layers) for name in LINEARS] if linears else []) + ([HEAD] if head else [])
+    size = {name: {c: stored_bytes(c, layout, *shapes[_linear(name)][:2], source_bytes) for c in choices} for name in names}
+    kl = {name: row for name, row in kl.items() if name in size}
+    uniform = {kind: row for kind, row in uniform.items() if row}
     return Profile(model_key(src, config), described, tuple(choices), layout, kl, size, time.perf_counter() - start,
                    uniform)
 
 
+def head_choice(option: str, layout: str) -> Choice | None:
+    """What lm_head takes as `option`: the option's format, rounded by GPTQ alone (no op before it but the
+    final norm to fold AWQ's scales into); None for bf16."""
+    choice = choice_of(option, layout)
+    return None if choice is None else dataclasses.replace(choice, algorithm=ALGORITHMS["gptq"])
+
+
 def recipe_for(assignment: Mapping[str, str], layout: str) -> Recipe:
-    """A rule per quantized linear (its full name), bf16 groups' linears in `skip`."""
+    """A rule per quantized linear (its full name), bf16 groups' linears in `skip`; lm_head (when the
+    assignment names it) by GPTQ alone (`head_choice`), kept in full precision otherwise."""
     rules, keep = [], []
+    head = assignment.get(HEAD)
+    head_rule = None if head is None else option_rule(head, layout)
+    if head_rule is not None:
+        rules.append(Rule(HEAD, head_rule[0], head_rule[1], "gptq"))
     for group, option in assignment.items():
+        if group == HEAD:
+            continue
         prefix, kind = group.rsplit(".", 2)[0], ".".join(group.rsplit(".", 2)[1:])
         for member in GROUPS[kind]:
             name = f"{prefix}.{member}"
@@ -320,7 +350,7 @@ def recipe_for(assignment: Mapping[str, str], layout: str) -> Recipe:
                 rules.append(Rule(name, rule[0], rule[1], rule[2]))
     if not rules:
         raise Qwen2qError("the budget leaves every module in bf16: nothing to quantize (raise the budget)")
-    return Recipe(tuple(rules), skip=(*DEFAULT_SKIP, *keep))
+    return Recipe(tuple(rules), skip=(*(DEFAULT_SKIP if head_rule is None else ()), *keep))
 
 
 def trial_recipe(recipe: Recipe) -> Recipe:
@@ -354,6 +384,8 @@ def trial_kl(src: Path, config, files, recipe: Recipe, settings, device, progres
         for i in tqdm(range(config.num_hidden_layers), desc="trial", unit="layer", disable=not progress, leave=False):
             calibrator.layer(i)
             index.release()
+        if plan.choice_for(HEAD) is not None:
+            calibrator.head(plan.choice_for(HEAD))
         kls = calibrator.holdout_kls()
         return sum(kls) / len(kls), upper_bound(kls)
     finally:
@@ -362,7 +394,8 @@ def trial_kl(src: Path, config, files, recipe: Recipe, settings, device, progres
 
 def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: float | None = None,
                    choices: str | Sequence[str] = DEFAULT_CHOICES, layout: str = "compressed-tensors",
-                   calibration=None, kl_data=None, profile=None, device: str = "cpu", force: bool = False,
+                   calibration=None, kl_data=None, profile=None, keep_head: bool = False, device: str = "cpu",
+                   force: bool = False,
                    max_shard_bytes: int | None = None, allow_pickle: bool = False, progress: bool = True,
                    log=print) -> MixedReport:
     """Quantize checkpoint `src` into `dst` with a format per module group: the smallest under `kl_budget`
@@ -371,7 +404,9 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     (samples, text, search tokens: AWQ's; rounding and act order are the options'); kl_data: the text (file, folder or hub
     id) the budget holds on, whose first `HOLDOUT` windows the KL is measured on (None: held-out windows of
     the calibration text after its samples); profile: a previous run's output directory or its
-    qwen2q_mixed.json, to skip step 1.  log(line) reports each step."""
+    qwen2q_mixed.json, to skip step 1 (what it lacks is measured and added).  lm_head joins the search
+    as one more group when it is not the embedding table and the layout is compressed-tensors, unless
+    `keep_head`.  log(line) reports each step."""
     from qwen2q.calibrate.allocate import allocate, totals
     from qwen2q.calibrate.pipeline import CalibrationSettings
     from qwen2q.destination import check_destination
@@ -398,35 +433,38 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     dst = Path(dst)
     check_destination(src, dst, force)
     key = model_key(src, config)
+    head = head_is_separate(config) and layout == "compressed-tensors" and not keep_head
     if profile is not None:
         prof = Profile.read(profile, key, choices, layout, partial=True)
         profile_seconds = 0.0
         log(f"profile: read {profile} (measured in {prof.seconds:.0f} s)")
         missing = [c for c in choices if c not in prof.choices]
         if missing:  # measured now on the profile's own calibration, and added to it
-            from qwen2q.calibrate.pipeline import calibration_ids
-
-            described = calibration_ids(src, settings)[1]
-            if described != prof.calibration:
-                raise Qwen2qError(f"--profile {profile} lacks {','.join(missing)} and was measured on other "
-                                  f"calibration text ({prof.calibration}; this run's: {described}): measure "
-                                  "again without --profile")
-            extra = measure_profile(src, config, files, missing, layout, settings, device, progress)
+            _same_calibration(src, settings, prof, profile, f"lacks {','.join(missing)}")
+            extra = measure_profile(src, config, files, missing, layout, settings, device, progress, head=head)
             prof, profile_seconds = prof.merged(extra, choices), extra.seconds
             log(f"profile: {','.join(missing)} measured in {extra.seconds:.0f} s and added")
+        head_missing = [c for c in choices if c not in prof.kl.get(HEAD, {})] if head else []
+        if head_missing:  # a profile measured before lm_head joined the search, or with --keep-lm-head
+            _same_calibration(src, settings, prof, profile, "has no lm_head measurements")
+            extra = measure_profile(src, config, files, head_missing, layout, settings, device, progress,
+                                    linears=False, head=True)
+            prof, profile_seconds = prof.merged(extra, choices), profile_seconds + extra.seconds
+            log(f"profile: lm_head as {','.join(head_missing)} measured in {extra.seconds:.0f} s and added")
     else:
-        prof = measure_profile(src, config, files, choices, layout, settings, device, progress)
+        prof = measure_profile(src, config, files, choices, layout, settings, device, progress, head=head)
         profile_seconds = prof.seconds
         log(f"profile: {len(prof.kl)} linears x {len(choices)} choices in {prof.seconds:.0f} s")
     for kind, row in prof.uniform.items():
         log(f"profile: uniform trials of {'every linear' if kind == 'all' else kind}: " + ", ".join(
             f"{c} KL {row[c]:.5f} (x{prof.correction(c, kind):.2f} the prediction)" for c in choices if c in row))
-    names, sizes, kls = prof.group_table(config.num_hidden_layers)
+    names, sizes, kls = prof.group_table(config.num_hidden_layers, head)
     order = sorted(range(len(choices)), key=lambda k: _mean_size(sizes, k))  # smallest first: "up" = larger
     choices = tuple(choices[k] for k in order)
     sizes = [[row[k] for k in order] for row in sizes]
     kls = [[row[k] for k in order] for row in kls]
-    weights = sum(o * i for o, i, _ in linear_shapes(config).values()) * config.num_hidden_layers
+    weights = sum(o * i for o, i, _ in linear_shapes(config).values()) * config.num_hidden_layers + \
+        (config.vocab_size * config.hidden_size if head else 0)
     if target_bits is not None:
         least, most = (8 * sum(min(_finite(r)) for r in sizes) / weights, 8 * sum(max(_finite(r)) for r in sizes) / weights)
         if not least <= target_bits:
@@ -447,7 +485,8 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
         size, predicted = totals(sizes, kls, pick)
         assignment = {n: choices[k] for n, k in zip(names, pick)}
         bits = 8 * size / weights
-        log(f"attempt {attempt}: {_counts(assignment)}; {bits:.3f} bits per weight, predicted KL {predicted:.5f}"
+        log(f"attempt {attempt}: {_counts(assignment)}{f' (lm_head {assignment[HEAD]})' if head else ''}; "
+            f"{bits:.3f} bits per weight, predicted KL {predicted:.5f}"
             + (f" (x{correction:.2f} measured correction)" if correction != 1.0 else ""))
         recipe = recipe_for(assignment, layout)
 
@@ -496,6 +535,16 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
                            bits, attempts, profile_seconds, time.perf_counter() - start)
     raise Qwen2qError(f"no result under KL {kl_budget:g} after {ATTEMPTS} attempts (last measured "
                       f"{attempts[-1].measured_kl:.5f}); nothing was written: raise the budget or add a larger choice")
+
+
+def _same_calibration(src, settings, prof: Profile, profile, lacking: str) -> None:
+    """Refuse to add to a profile measured on other calibration text than this run's."""
+    from qwen2q.calibrate.pipeline import calibration_ids
+
+    described = calibration_ids(src, settings)[1]
+    if described != prof.calibration:
+        raise Qwen2qError(f"--profile {profile} {lacking} and was measured on other calibration text "
+                          f"({prof.calibration}; this run's: {described}): measure again without --profile")
 
 
 def _finite(row):
