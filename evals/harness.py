@@ -144,7 +144,8 @@ def evaluate(models: list[Path | tuple[str, Path]], text: EvalText, reference: P
                     d = compare(ref_logits, FiniteLogits(m.model, path, n_windows), ids, seq_len,
                                 max_windows=n_windows, progress=bar.update)
                     row = {"ppl": d["ppl"], "ppl_delta": d["ppl_delta"], "ppl_ratio": d["ppl_ratio"], "kl": d["kl"],
-                           "top1": d["top1"]}
+                           "top1": d["top1"], "window_kl": d["window_kl"], "window_nll": d["window_nll"],
+                           "window_nll_reference": d["window_nll_reference"]}  # for paired comparisons
                 else:
                     row = {"ppl": perplexity(FiniteLogits(m.model, path, n_windows), ids, seq_len,
                                              max_windows=n_windows, batch_size=1, progress=bar.update)["ppl"]}

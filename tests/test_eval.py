@@ -1,5 +1,6 @@
 """qwen2q eval: text sources, reports, determinism."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,23 @@ def test_eval_reports_are_complete_and_deterministic(pair, tmp_path):
     assert row["method"] == "nf4" and 0 < row["kl"] < 1 and 0 < row["top1"] <= 1
     assert row["ppl_ratio"] == pytest.approx(row["ppl"] / runs[0]["rows"][0]["ppl"])
     assert runs[0]["settings"]["dataset"] == "pydoc-topics" and runs[0]["settings"]["seq_len"] == 128
+
+
+def test_eval_json_keeps_per_window_figures_for_paired_comparisons(pair, tmp_path):
+    """Each compared row keeps its per-window KL and NLL (their means are the row's KL and log-perplexity),
+    so that `dev paired` can put an interval on the gap between two rows scored on the same windows."""
+    import dev_modules  # noqa: F401 (puts dev/ on sys.path)
+    from qwen2q_dev.research import paired
+
+    r = _eval(pair, "--json", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "e.json").read_text())["rows"][1]
+    assert len(row["window_kl"]) == len(row["window_nll"]) == len(row["window_nll_reference"]) == 3
+    assert sum(row["window_kl"]) / 3 == pytest.approx(row["kl"], rel=1e-9)
+    assert math.exp(sum(row["window_nll"]) / 3) == pytest.approx(row["ppl"], rel=1e-9)
+    a = paired.load_row(f"{tmp_path / 'e.json'}:{row['name']}")
+    (gap,) = paired.compare_rows([a, a])
+    assert gap["ppl_gap"] == 0 and gap["kl_gap"] == 0
 
 
 def test_eval_plot(pair, tmp_path):

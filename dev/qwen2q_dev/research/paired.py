@@ -3,8 +3,8 @@
 \b
     python dev paired RESULT.json[:ROW] RESULT.json[:ROW] [...] [--first N] [--json OUT]
 
-Each argument is a `compare-peers --json` file, with `:ROW` naming the row when the file holds more than one
-quantized row.  Every row must have been scored on the same windows against the same reference (checked:
+Each argument is a `compare-peers --json` or `qwen2q eval --json` file (with a reference), with `:ROW` naming
+the row when the file holds more than one quantized row.  Every row must have been scored on the same windows against the same reference (checked:
 same text, seq len and window count, and the same per-window reference NLL).  The first row is the baseline;
 for each other row B the table gives, from the per-window mean NLLs (`qwen2q.evals.drift.paired_nll_difference`):
 
@@ -43,13 +43,20 @@ def load_row(spec: str) -> dict:
         result = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise Qwen2qError(f"cannot read {path}: {e}") from None
-    rows = [r for r in result.get("rows", []) if r.get("status") == "ok" and "window_nll" in r]
+    # compare-peers rows say their status and name a "row"; `qwen2q eval --json` rows name a "name"
+    rows = [{**r, "row": r.get("row", r.get("name"))} for r in result.get("rows", [])
+            if r.get("status", "ok") == "ok" and "window_nll" in r]
     if name:
         rows = [r for r in rows if r["row"] == name]
     if len(rows) != 1:
         found = ", ".join(r["row"] for r in rows) or "none with per-window figures"
         raise Qwen2qError(f"{spec}: name one scored row (FILE:ROW); found {found}")
-    return {**rows[0], "settings": result["settings"], "spec": spec}
+    row = rows[0]
+    if "label" not in row:  # an eval row: the figures a compare-peers row also names, from its windows
+        n = len(row["window_nll"])
+        row = {**row, "label": row["row"], "ppl_reference": math.exp(sum(row["window_nll_reference"]) / n),
+               "ppl_delta_se": row["ppl"] * paired_nll_difference(row["window_nll"], row["window_nll_reference"])["se"]}
+    return {**row, "settings": result["settings"], "spec": spec}
 
 
 def first_windows(row: dict, n: int) -> dict:
