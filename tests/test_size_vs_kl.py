@@ -52,4 +52,7 @@ def test_runs_of_the_same_text_pool_and_others_are_refused(tmp_path):
     assert [r["name"] for r in mixed] == ["mixed-0.05", "mixed-0.02"] and [r["name"] for r in uniform] == ["awq"]
     other = _eval(tmp_path, [{"name": "mixed-x", "size_bytes": 1, "kl": 0.1}], "other.json", windows=32)
     assert exit_status(size_vs_kl.main, [str(first), str(other)]) != 0
-    assert exit_status(size_vs_kl.main, [str(second), str(second)]) != 0
+    _, again, _ = size_vs_kl.read(second, second)  # one checkpoint scored twice alike: one point
+    assert [r["name"] for r in again] == ["mixed-0.05", "mixed-0.02"]
+    changed = _eval(tmp_path, [{"name": "mixed-0.05", "size_bytes": 700 * MIB, "kl": 0.041}], "changed.json")
+    assert exit_status(size_vs_kl.main, [str(second), str(changed)]) != 0  # one name, other figures

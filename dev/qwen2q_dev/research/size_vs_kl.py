@@ -49,10 +49,13 @@ def read(*paths: Path) -> tuple[dict, list[dict], list[dict]]:
             raise Qwen2qError(f"{path}: scored with another {differ[0]} ({these.get(differ[0])!r}, not "
                               f"{settings.get(differ[0])!r}) than {paths[0]}")
         rows += got
-    names = [r["name"] for r in rows]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise Qwen2qError(f"row {twice[0]!r} is in more than one result: name the runs apart (NAME=MODEL)")
+    kept: dict[str, dict] = {}
+    for r in rows:  # a checkpoint scored again with the same figures (eval is deterministic) is one point
+        seen = kept.setdefault(r["name"], r)
+        if seen is not r and (seen["size_bytes"] != r["size_bytes"] or not math.isclose(seen["kl"], r["kl"], rel_tol=1e-6)):
+            raise Qwen2qError(f"row {r['name']!r} is in more than one result with other figures: name the runs apart "
+                              "(NAME=MODEL)")
+    rows = list(kept.values())
     mixed = sorted((r for r in rows if r["name"].startswith("mixed")), key=lambda r: r["size_bytes"])
     uniform = [r for r in rows if not r["name"].startswith("mixed")]
     if not mixed:
