@@ -22,8 +22,9 @@ def split_front_matter(card: str) -> tuple[list[str], str]:
 
 
 def quantized_card(source_card: str | None, source_name: str, method: str, bits_per_weight: float,
-                   loads_in: str, version: str) -> str:
-    """The card of a checkpoint quantized from `source_name` by `method` (as `qwen2q info` shows it)."""
+                   loads_in: str, version: str, head_quantized: bool = False) -> str:
+    """The card of a checkpoint quantized from `source_name` by `method` (as `qwen2q info` shows it);
+    `head_quantized`: lm_head has a format too (mixed precision)."""
     front, body = split_front_matter(source_card or "")
     keys = {line.split(":", 1)[0].strip() for line in front if ":" in line and not line.startswith(" ")}
     if "base_model" not in keys:
@@ -37,7 +38,8 @@ def quantized_card(source_card: str | None, source_name: str, method: str, bits_
         "",
         f"This checkpoint is `{source_name}` quantized by qwen2q {version}: {method}, "
         f"{bits_per_weight:.3f} bits per quantized weight (scales, zeros and statistics included).  "
-        "The embeddings and lm_head keep the source's precision.",
+        + ("The embeddings keep the source's precision; lm_head is quantized too." if head_quantized else
+           "The embeddings and lm_head keep the source's precision."),
         "",
         f"It loads in {loads_in}.  Its drift from the source is not measured at quantize time; measure it with",
         "",

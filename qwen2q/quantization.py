@@ -298,7 +298,8 @@ def _card(source_card: str | None, src: Path, plan: Recipe, label: str, config: 
     formats = {plan.format_for(n)[0] for n in quantizable_linears(config) if plan.format_for(n) is not None}
     loads_in = next(iter(formats)).loaded_by if len(formats) == 1 else \
         "qwen2q (several formats in one checkpoint: no other tool reads that layout yet)"
-    return quantized_card(source_card, src.name, label, 8 * q_bytes / max(q_elems, 1), loads_in, __version__)
+    return quantized_card(source_card, src.name, label, 8 * q_bytes / max(q_elems, 1), loads_in, __version__,
+                          head_quantized=head_is_separate(config) and plan.format_for(HEAD) is not None)
 
 
 def _calibration_note(plan: Recipe, shorthand: QuantConfig | None, settings, described: str) -> dict:

@@ -116,6 +116,8 @@ def test_bits_count_the_stored_bytes_of_every_linear_lm_head_included(mixed):
     assert 8 * sum(stored.values()) / weights == pytest.approx(report.bits_per_weight, rel=1e-9)
     loaded = qwen2q.load(dst, dtype="float32").model
     assert isinstance(loaded.lm_head, QuantLinear) == (head != "bf16")
+    card = (dst / "README.md").read_text()
+    assert ("lm_head is quantized too" in card) == (head != "bf16") and ("lm_head keep" in card) == (head == "bf16")
 
 
 def test_info_names_lm_heads_format(mixed):
