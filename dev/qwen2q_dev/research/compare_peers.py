@@ -76,6 +76,7 @@ import click
 import torch
 
 import qwen2q
+from qwen2q.architecture import LINEAR_NAMES
 from qwen2q._version import __version__
 from qwen2q.checkpoint import iter_tensors, weight_files
 from qwen2q.cli_options import dataset_option, json_option, max_windows_option, seq_len_option
@@ -91,7 +92,6 @@ from qwen2q.evals.table import Column
 from qwen2q.evals.table import format_table as render_table
 from qwen2q.loader import parse_dtype
 from qwen2q.qconfig import QuantConfig
-from qwen2q.qlinear import QUANTIZABLE
 from qwen2q.tokenizer import Tokenizer
 
 GROUP_SIZE = 128
@@ -486,7 +486,7 @@ def linear_weight_counts(config: Qwen2Config) -> dict[str, int]:
 
         model = Qwen2ForCausalLM(config)
     return {n: m.weight.numel() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in QUANTIZABLE}
+            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LINEAR_NAMES}
 
 
 def storage_figures(tensors: Iterable[tuple[str, torch.Tensor]], linears: dict[str, int]) -> tuple[int, float]:
