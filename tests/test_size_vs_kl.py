@@ -30,6 +30,22 @@ def test_claims_interpolate_the_mixed_curve_in_log_kl(tmp_path):
     assert at_int8["holds"]
 
 
+def test_a_result_both_larger_and_worse_than_another_is_off_the_curve(tmp_path):
+    rows = [{"name": "mixed-0.05", "size_bytes": 700 * MIB, "kl": 0.04},
+            {"name": "mixed-old", "size_bytes": 710 * MIB, "kl": 0.05},  # larger and worse than mixed-0.05
+            {"name": "mixed-lmh-0.02", "size_bytes": 760 * MIB, "kl": 0.01},
+            {"name": "mixed-old-2", "size_bytes": 800 * MIB, "kl": 0.012},  # larger and worse than mixed-lmh-0.02
+            {"name": "awq", "size_bytes": 730 * MIB, "kl": 0.03},
+            {"name": "int8", "size_bytes": 900 * MIB, "kl": 0.011}]
+    _, mixed, uniform = size_vs_kl.read(_eval(tmp_path, rows))
+    assert [r["name"] for r in size_vs_kl.frontier(mixed)] == ["mixed-0.05", "mixed-lmh-0.02"]
+    found = {c["question"]: c for c in size_vs_kl.claims(mixed, uniform)}
+    assert math.isclose(found["KL at the size of uniform awq"]["mixed"], math.sqrt(0.04 * 0.01))
+    t = math.log(0.011 / 0.04) / math.log(0.01 / 0.04)  # int8's KL on the frontier, not between the old points
+    assert math.isclose(found["MiB at the KL of uniform int8"]["mixed"], 700 + 60 * t)
+    assert exit_status(size_vs_kl.main, [str(_eval(tmp_path, rows, "e2.json")), "--plot", str(tmp_path / "f.png")]) == 0
+
+
 def test_outside_the_curve_is_not_claimed_and_the_command_draws(tmp_path):
     rows = [{"name": "mixed-a", "size_bytes": 800 * MIB, "kl": 0.01, "ppl": 10.0},
             {"name": "mixed-b", "size_bytes": 850 * MIB, "kl": 0.005, "ppl": 9.9},

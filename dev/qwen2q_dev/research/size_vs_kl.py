@@ -6,9 +6,11 @@ several of the same text, windows and reference, their rows pooled).
         -r SOURCE --dataset wikitext2 --seq-len 512 --max-windows 128 --json EVAL.json
     python dev size-vs-kl EVAL.json [MORE.json ...] --plot evals/results/size_vs_kl.png [--json OUT]
 
-Rows whose name starts with "mixed" form the mixed curve; the others are uniform points.  Size: the
-checkpoint's weight files on disk.  The two questions of mixed precision, answered on the mixed curve
-(linear in log KL between its points, not extrapolated):
+Rows whose name starts with "mixed" are mixed results ("mixed-lmh*": lm_head in the search, drawn as a
+series of their own); the others are uniform points.  Size: the checkpoint's weight files on disk.  The
+mixed curve is the frontier of the mixed results (each point smaller, or of lower KL, than every other:
+a result both larger and of more KL than another is what no one would choose).  The two questions of
+mixed precision, answered on that curve (linear in log KL between its points, not extrapolated):
 
     at the size of uniform awq:  the mixed KL there, against awq's KL
     at the KL of uniform int8:   the mixed size there, against int8's size
@@ -82,8 +84,18 @@ def size_at_kl(mixed: list[dict], kl: float) -> float | None:
     return None
 
 
+def frontier(mixed: list[dict]) -> list[dict]:
+    """The mixed rows no other row beats in both size and KL, by size (their KL then falls)."""
+    out: list[dict] = []
+    for r in sorted(mixed, key=lambda r: (r["size_bytes"], r["kl"])):
+        if not out or r["kl"] < out[-1]["kl"]:
+            out.append(r)
+    return out
+
+
 def claims(mixed: list[dict], uniform: list[dict]) -> list[dict]:
     by_name = {r["name"]: r for r in uniform}
+    mixed = frontier(mixed)
     out = []
     if "awq" in by_name:
         awq = by_name["awq"]
@@ -106,8 +118,15 @@ def draw(settings: dict, mixed: list[dict], uniform: list[dict], path: Path) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot([r["size_bytes"] / MIB for r in mixed], [r["kl"] for r in mixed], "o-", color="tab:blue",
-            label="qwen2q mixed (--kl-budget or --target-bits)")
+    series = [([r for r in mixed if not r["name"].startswith("mixed-lmh")], "tab:blue",
+               "qwen2q mixed, lm_head kept (--kl-budget or --target-bits)"),
+              ([r for r in mixed if r["name"].startswith("mixed-lmh")], "tab:green", "qwen2q mixed, lm_head in the search")]
+    for rows, color, label in series:
+        if rows:
+            ax.plot([r["size_bytes"] / MIB for r in rows], [r["kl"] for r in rows], "o-", color=color, label=label)
+    front = frontier(mixed)
+    ax.plot([r["size_bytes"] / MIB for r in front], [r["kl"] for r in front], ":", color="grey", linewidth=1,
+            label="frontier (what the questions read)")
     for r in mixed:
         ax.annotate(r["name"], (r["size_bytes"] / MIB, r["kl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.scatter([r["size_bytes"] / MIB for r in uniform], [r["kl"] for r in uniform], color="tab:red", marker="s",
