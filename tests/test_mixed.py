@@ -468,6 +468,7 @@ def test_info_shows_the_format_of_each_linear(first):
     (["--kl-budget", "0.01", "--rounding", "nearest"], "--rounding does not go with"),
     (["--target-bits", "4.5", "--profile", "/nonexistent/qwen2q_mixed.json"], "not a qwen2q mixed-precision profile"),
     (["-m", "int8", "--kl-data", "x.txt"], "--kl-data goes with --kl-budget or --target-bits"),
+    (["-m", "int8", "--keep-lm-head"], "--keep-lm-head goes with --kl-budget or --target-bits"),
     (["--kl-budget", "0.01", "--kl-data", "/nonexistent/text.txt"], "/nonexistent/text.txt"),
 ])
 def test_cli_refuses_bad_mixed_options_in_one_line(tmp_path, args, needle):
