@@ -340,19 +340,15 @@ class LayerCalibrator:
         norm) through the gram of the final norm's output over the calibration activations as the
         quantized layers leave them, else rounded to nearest.  `holdout_kls` then scores the quantized
         stream through it.  Returns (tensors on the CPU, quantized weights, their stored bytes)."""
-        from qwen2q.calibrate.sensitivity import output_head
+        from qwen2q.calibrate.sensitivity import final_gram, output_head
 
         norm, weight = output_head(self.index, self.config, self.device, "float32")
         self.index.release()
         fmt, params = choice.format, choice.params
         grid = fmt.grid(params, weight.shape[1])
         if grid is not None and choice.algorithm.rounding == "gptq":
-            gram = torch.zeros(weight.shape[1], weight.shape[1], device=self.device)
-            for b in range(self.x.shape[0]):
-                h = norm(self.x[b])
-                gram += h.t() @ h
             try:
-                rounded, grids = gptq_round(weight, gram, grid, choice.algorithm.act_order)
+                rounded, grids = gptq_round(weight, final_gram(norm, self.x), grid, choice.algorithm.act_order)
             except ValueError as e:
                 raise Qwen2qError(f"{HEAD}: {e}") from None
             q = grid.encode(rounded, grids)

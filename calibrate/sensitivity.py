@@ -65,6 +65,17 @@ def output_head(index: TensorIndex, config, device, compute_dtype: str = "bfloat
     return norm, index.get(name).to(device, torch.float32 if compute_dtype == "float32" else None)
 
 
+@torch.no_grad()
+def final_gram(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """X^T X fp32 [hidden, hidden] of the final norm's output over final hidden states x fp32 [n, L, hidden]
+    (what lm_head reads), one sample at a time."""
+    gram = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+    for b in range(x.shape[0]):
+        h = norm(x[b])
+        gram += h.t() @ h
+    return gram
+
+
 def log_probs(norm: RMSNorm, head: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """fp32 log-probabilities [T, vocab] of final hidden states h [T, hidden] (fp32)."""
     logits = norm(h) @ head.t().float() if head.dtype == torch.float32 else (norm(h).to(head.dtype) @ head.t())
@@ -244,11 +255,7 @@ def head_kls(index: TensorIndex, config, x: torch.Tensor, held: torch.Tensor, op
     states fp32 [h, L, hidden], of the model with lm_head alone quantized as each option (None: 0), rounded
     through the gram of the final norm's output over x fp32 [n, L, hidden] (`quantization_error`)."""
     norm32, weight = output_head(index, config, device, "float32")
-    gram = torch.zeros(weight.shape[1], weight.shape[1], device=device)
-    with torch.no_grad():
-        for b in range(x.shape[0]):
-            h = norm32(x[b])
-            gram += h.t() @ h
+    gram = final_gram(norm32, x)
     factor = inverse_factor(gram)
     norm, head = output_head(index, config, device, compute_dtype)
     kls, measured = {}, {}

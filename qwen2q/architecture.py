@@ -86,6 +86,14 @@ def linear_shapes(config: Qwen2Config) -> dict[str, tuple[int, int, bool]]:
             "mlp.down_proj": (h, i, False)}
 
 
+def shape_of(config: Qwen2Config, name: str) -> tuple[int, int, bool]:
+    """(out_features, in_features, has_bias) of quantizable linear `name` (a decoder linear's full name, or
+    "lm_head")."""
+    if name == HEAD:
+        return config.vocab_size, config.hidden_size, False
+    return linear_shapes(config)[name.split(".", 3)[3]]
+
+
 def parameter_count(config: Qwen2Config) -> int:
     """Logical parameter count (what the bf16 model has), whatever format the checkpoint is stored in."""
     h = config.hidden_size

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from qwen2q._version import __version__
-from qwen2q.architecture import HEAD, LINEARS, head_is_separate, layer_prefix, linear_shapes
+from qwen2q.architecture import HEAD, LINEARS, head_is_separate, layer_prefix, linear_shapes, shape_of
 from qwen2q.errors import OverBudget, Qwen2qError
 from qwen2q.quantizers import registry
 from qwen2q.recipe import ALGORITHMS, DEFAULT_SKIP, Choice, Recipe, Rule
@@ -313,9 +313,8 @@ def measure_profile(src: Path, config, files, choices, layout, settings, device,
         bar.close()
         index.release()
     source_bytes = index.get("model.embed_tokens.weight").element_size()
-    shapes = {**linear_shapes(config), HEAD: (config.vocab_size, config.hidden_size, False)}
     names = ([layer_prefix(i) + name for i in range(layers) for name in LINEARS] if linears else []) + ([HEAD] if head else [])
-    size = {name: {c: stored_bytes(c, layout, *shapes[_linear(name)][:2], source_bytes) for c in choices} for name in names}
+    size = {name: {c: stored_bytes(c, layout, *shape_of(config, name)[:2], source_bytes) for c in choices} for name in names}
     kl = {name: row for name, row in kl.items() if name in size}
     uniform = {kind: row for kind, row in uniform.items() if row}
     return Profile(model_key(src, config), described, tuple(choices), layout, kl, size, time.perf_counter() - start,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from qwen2q._version import __version__
-from qwen2q.architecture import HEAD, LINEAR_WEIGHT, head_is_separate, layer_prefix, linear_shapes, \
+from qwen2q.architecture import HEAD, LINEAR_WEIGHT, head_is_separate, layer_prefix, shape_of, \
     quantizable_linears
 from qwen2q.checkpoint import TensorIndex, check_all_finite, check_model_dir, validate_checkpoint, weight_files
 from qwen2q.config import Qwen2Config
@@ -128,12 +128,11 @@ def check_plan(recipe: Recipe, config: Qwen2Config) -> None:
     """Refuse, before any work, a skip entry or rule that matches no linear, a recipe that would quantize
     nothing, and a linear its format cannot hold (naming it, with the --skip that avoids it)."""
     recipe.check_plan(quantizable_linears(config))
-    shapes = {**linear_shapes(config), HEAD: (config.vocab_size, config.hidden_size, False)}
     for name in quantizable_linears(config):
         chosen = recipe.format_for(name)
         if chosen is None:
             continue
-        out_features, in_features, _ = shapes[name if name == HEAD else name.split(".", 3)[3]]
+        out_features, in_features, _ = shape_of(config, name)
         try:
             chosen[0].check_shape(out_features, in_features, chosen[1])
         except ValueError as e:
