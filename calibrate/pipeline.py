@@ -9,8 +9,10 @@ tied to int4: AWQ int4 and AWQ scales in front of NF4 are two recipes of the sam
 
 Precision: the layer's weights, folded scales, statistics (mean |x|, X^T X) and GPTQ are fp32; the
 forwards (capture, scale search, next layer's input) run under bf16 autocast, as the model runs in
-inference: on Qwen2.5-Coder-0.5B that cut the CPU time by 43% and raised KL by 0.0015 (0.0668 ->
-0.0683, mean of three calibration cuts); `compute_dtype="float32"` runs all fp32.
+inference, where bf16 matmuls are native: on Qwen2.5-Coder-0.5B (a CPU with AVX-512) that cut the CPU time
+by 43% and raised KL by 0.0015 (0.0668 -> 0.0683, mean of three calibration cuts).  Elsewhere (an AVX2-only
+CPU, where bf16 GEMMs are 6x slower than fp32) the default "auto" runs all fp32, as `compute_dtype="float32"`
+always does (`resolve_compute_dtype`).
 
 Memory: only one decoder layer's weights are on the compute device at once, read from the memory-mapped
 source shards on demand; the calibration activations (N x L x hidden, fp32) live on the device; the
@@ -56,7 +58,8 @@ class CalibrationSettings:
     # default) or "nearest" (clip search + round to nearest: AutoAWQ's AWQ exactly; the only choice for nf4)
     rounding: str | None = None
     act_order: bool = False  # gptq: sweep columns by decreasing input energy, group grids fixed up front
-    compute_dtype: str = "bfloat16"  # the layer forwards (capture, scale search, feed): one of COMPUTE_DTYPES
+    # the layer forwards (capture, scale search, feed): one of COMPUTE_DTYPES, or "auto" (`resolve_compute_dtype`)
+    compute_dtype: str = "auto"
     # held-out windows (after the samples in the text; with `ids`, its last rows) that run through both the
     # source and the quantized layers, for the result's KL against the source (`LayerCalibrator.holdout_kl`)
     holdout: int = 0
@@ -69,6 +72,28 @@ class CalibrationSettings:
 
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run on native kernels on `device`: CUDA with bf16 support, or a CPU whose oneDNN
+    takes bf16 (AVX-512 and up).  On an AVX2-only CPU torch's bf16 GEMM falls back to a scalar, one-thread
+    loop: measured on a 2-core AMD EPYC, 6x slower than fp32 forward and about 300x slower backward."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
+def resolve_compute_dtype(dtype: str, device: torch.device) -> str:
+    """`dtype` as the forwards will run it: "auto" is bfloat16 where bf16 matmuls are native (`native_bf16`:
+    bf16 forwards as inference runs them, and faster), float32 elsewhere; any other value unchanged."""
+    if dtype == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return dtype
 
 
 def forward_precision(device: torch.device, dtype: str):

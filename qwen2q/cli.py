@@ -275,9 +275,11 @@ def _check_quantize_options(ctx: click.Context, method: str | None, awq_scales: 
 @click.option("--act-order/--no-act-order", default=False, show_default=True,
               help="awq with gptq rounding: sweep the columns by decreasing input energy (GPTQ's act order, with "
                    "the group grids fixed up front so the layout is unchanged).")
-@click.option("--calib-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
-              help="awq: precision of the calibration forwards (capture, scale search, next layer's input); "
-                   "statistics, scales and GPTQ stay fp32.  float32 is about 1.8x slower on CPU.")
+@click.option("--calib-dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="awq and mixed precision: precision of the calibration forwards (capture, scale search, next "
+                   "layer's input); statistics, scales and GPTQ stay fp32.  auto: bfloat16 where bf16 matmuls are "
+                   "native (CUDA; CPUs with AVX-512), float32 elsewhere (an AVX2-only CPU runs bf16 GEMMs about "
+                   "6x slower than fp32).")
 @click.option("--awq-scales", is_flag=True,
               help="nf4: run AWQ's calibrated scale search first and fold the scales into the norms and up_proj "
                    "(still a plain bitsandbytes NF4 checkpoint; takes the awq calibration options).")

@@ -407,7 +407,7 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     as one more group when it is not the embedding table and the layout is compressed-tensors, unless
     `keep_head`.  log(line) reports each step."""
     from qwen2q.calibrate.allocate import allocate, totals
-    from qwen2q.calibrate.pipeline import CalibrationSettings
+    from qwen2q.calibrate.pipeline import COMPUTE_DTYPES, CalibrationSettings, resolve_compute_dtype
     from qwen2q.destination import check_destination
     from qwen2q.devices import parse_device
     from qwen2q.quantization import quantize, read_source
@@ -428,6 +428,10 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
     settings = dataclasses.replace(settings, holdout=settings.holdout or HOLDOUT,
                                    holdout_source=kl_data if kl_data is not None else settings.holdout_source)
     device = parse_device(device)
+    settings = dataclasses.replace(settings, compute_dtype=resolve_compute_dtype(settings.compute_dtype, device))
+    if settings.compute_dtype not in COMPUTE_DTYPES:
+        raise Qwen2qError(f"calibration compute dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}, "
+                          f"not {settings.compute_dtype!r}")
     src, config, files = read_source(src, allow_pickle=allow_pickle)
     dst = Path(dst)
     check_destination(src, dst, force)

@@ -99,8 +99,8 @@ def check(recipe: Recipe | QuantConfig, calibration, max_shard_bytes: int, allow
     if recipe.calibrated:
         if allow_non_finite:
             raise Qwen2qError("--allow-non-finite does not go with calibration: calibration needs finite weights")
-        if calibration is not None and calibration.compute_dtype not in COMPUTE_DTYPES:
-            raise Qwen2qError(f"calibration compute dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+        if calibration is not None and calibration.compute_dtype not in ("auto", *COMPUTE_DTYPES):
+            raise Qwen2qError(f"calibration compute dtype must be one of auto, {', '.join(COMPUTE_DTYPES)}, "
                               f"not {calibration.compute_dtype!r}")
     elif calibration is not None:
         raise Qwen2qError("calibration settings were given, but no rule of the recipe calibrates")
@@ -229,9 +229,10 @@ def quantize(src, dst, recipe: Recipe | QuantConfig | str, calibration=None, *, 
     start = time.perf_counter()
     note, calibrator = {}, None
     if plan.calibrated:
-        from qwen2q.calibrate.pipeline import CalibrationSettings, LayerCalibrator, calibration_ids
+        from qwen2q.calibrate.pipeline import CalibrationSettings, LayerCalibrator, calibration_ids, resolve_compute_dtype
 
         settings = calibration or CalibrationSettings()
+        settings = dataclasses.replace(settings, compute_dtype=resolve_compute_dtype(settings.compute_dtype, device))
         ids, described = calibration_ids(src, settings)
         note = _calibration_note(plan, shorthand, settings, described)
     index = TensorIndex(files)

@@ -7,6 +7,7 @@ from qwen2q.architecture import LINEARS
 from qwen2q.architecture import SCALE_GROUPS as QWEN2_GROUPS
 from qwen2q.calibrate.awq import fold_scales, search_clip, search_scales
 from qwen2q.calibrate.pipeline import (
+    COMPUTE_DTYPES,
     HOOKED,
     CalibrationSettings,
     calibrate_layer,
@@ -96,6 +97,30 @@ def test_compute_dtype_is_bf16_or_fp32_never_fp16(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_compute_dtype_runs_bf16_only_where_bf16_matmuls_are_native(tmp_path, monkeypatch, native):
+    """The default "auto" writes the very bytes of the explicit dtype it stands for on this kind of device
+    (bf16 forwards where bf16 matmuls are native, fp32 elsewhere) and records that dtype, never "auto"."""
+    import json
+
+    from qwen2q.calibrate import pipeline
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: native)
+    make_hf_checkpoint(tmp_path / "src", seed=3)
+    ids = torch.randint(0, 200, (3, 32), generator=torch.Generator().manual_seed(0))
+    written = {}
+    for dtype in ("auto", "bfloat16", "float32"):
+        awq_convert(tmp_path / "src", tmp_path / dtype, QuantConfig("awq", group_size=32),
+                    CalibrationSettings(ids=ids, search_tokens=64, compute_dtype=dtype), progress=False)
+        written[dtype] = load_file(tmp_path / dtype / "model.safetensors")
+        note = json.loads((tmp_path / dtype / "config.json").read_text())["qwen2q"]
+        assert note["compute_dtype"] == (("bfloat16" if native else "float32") if dtype == "auto" else dtype)
+    same, other = ("bfloat16", "float32") if native else ("float32", "bfloat16")
+    assert all(torch.equal(written["auto"][n], written[same][n]) for n in written[same])
+    assert any(not torch.equal(written["auto"][n], written[other][n]) for n in written[other])
+
+
 def test_clip_bounds_never_exceed_the_weight_range():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(16, 64, generator=g)
@@ -141,7 +166,7 @@ def test_awq_checkpoint_loads_and_records_calibration(tmp_path, feed, rounding):
     assert "4 x 64 tokens" in cfg["qwen2q"]["calibration"]
     assert len(details["alphas"]) == 2 and report.bits_per_weight < 5
     assert cfg["qwen2q"]["rounding"] == (rounding or "gptq")  # GPTQ rounding is the default
-    assert cfg["qwen2q"]["compute_dtype"] == "bfloat16"  # the default forwards
+    assert cfg["qwen2q"]["compute_dtype"] in COMPUTE_DTYPES  # "auto" is recorded as what it ran
     model = load_model(tmp_path / "q", dtype="float32")
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Int4Linear"
     with torch.no_grad():
