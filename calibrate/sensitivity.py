@@ -241,8 +241,9 @@ def choice_errors(index: TensorIndex, config, ids: torch.Tensor, device: torch.d
     measured: dict[str, dict[str, float]] = {}
     if held is not None:
         norm, head = output_head(index, config, device, compute_dtype)
-        for kind, option in trials:
-            measured.setdefault(kind, {})[option] = mean_kl(norm, head, streams[None], streams[(kind, option)])
+        kls = many_window_kls(norm, head, streams[None], {key: (streams[key], None) for key in trials})
+        for (kind, option), window in kls.items():
+            measured.setdefault(kind, {})[option] = sum(window) / len(window)
         if head_options:
             out[HEAD], measured[HEAD] = head_kls(index, config, x, streams[None], head_options, device, compute_dtype)
         index.release()
@@ -291,15 +292,28 @@ def window_kls(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor, other: t
     """Each window's mean KL(source || other) of the next-token distributions from final hidden states fp32
     [h, L, hidden], at the positions `qwen2q.evals.drift` scores (each window's first L - 1); `other`'s
     through `other_head` [vocab, hidden] (a quantized lm_head, in head's dtype) when given, else `head`."""
-    out = []
-    other_head = head if other_head is None else other_head
+    return many_window_kls(norm, head, source, {None: (other, other_head)})[None]
+
+
+@torch.no_grad()
+def many_window_kls(norm: RMSNorm, head: torch.Tensor, source: torch.Tensor,
+                    others: Mapping[object, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[object, list[float]]:
+    """`window_kls` of several models against one source at once: {key: each window's mean KL(source ||
+    that model)} for others {key: (final hidden states fp32 [h, L, hidden], its lm_head [vocab, hidden] or
+    None for `head`)}.  The source's log-probabilities are computed once per chunk, not once per model."""
+    out: dict[object, list[float]] = {key: [] for key in others}
+    scored = source.shape[1] - 1
     for b in range(source.shape[0]):
-        total = 0.0
-        for s in range(0, source.shape[1] - 1, LOGIT_CHUNK):
-            end = min(s + LOGIT_CHUNK, source.shape[1] - 1)
-            lp, lq = log_probs(norm, head, source[b, s:end]), log_probs(norm, other_head, other[b, s:end])
-            total += float((lp.exp() * (lp - lq)).sum(-1).double().sum())
-        out.append(total / (source.shape[1] - 1))
+        totals = dict.fromkeys(others, 0.0)
+        for s in range(0, scored, LOGIT_CHUNK):
+            end = min(s + LOGIT_CHUNK, scored)
+            lp = log_probs(norm, head, source[b, s:end])
+            p = lp.exp()
+            for key, (hidden, other_head) in others.items():
+                lq = log_probs(norm, head if other_head is None else other_head, hidden[b, s:end])
+                totals[key] += float((p * (lp - lq)).sum(-1).double().sum())
+        for key, total in totals.items():
+            out[key].append(total / scored)
     return out
 
 

@@ -84,6 +84,36 @@ def test_predicted_kl_formula_against_float64_einsum():
     assert predicted_kl(delta, x.t() @ x, t, fisher) == pytest.approx(expected, rel=1e-4)
 
 
+def test_window_kls_of_many_models_against_float64_softmax():
+    """Each model's per-window KL against one source (the source's log-probabilities shared) equals a
+    float64 KL(source || model) over the first L - 1 positions, a model with its own lm_head included."""
+    from qwen2q.calibrate.sensitivity import LOGIT_CHUNK, many_window_kls, window_kls
+    from qwen2q.model import RMSNorm
+
+    torch.manual_seed(1)
+    h, length, hidden, vocab = 2, LOGIT_CHUNK + 37, 16, 50  # two logit chunks, the second partial
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = torch.rand(hidden) + 0.5
+    head, own_head = torch.randn(vocab, hidden), torch.randn(vocab, hidden)
+    source = torch.randn(h, length, hidden)
+    others = {"near": (source + 0.1 * torch.randn_like(source), None), "far": (torch.randn_like(source), None),
+              "own head": (source, own_head)}
+
+    def oracle(hidden_states, w):
+        def logp(x, weight):
+            x = x.double()
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+            return torch.log_softmax(x @ weight.double().t(), -1)
+        lp, lq = logp(source[:, :-1], head), logp(hidden_states[:, :-1], head if w is None else w)
+        return (lp.exp() * (lp - lq)).sum(-1).mean(-1).tolist()
+
+    got = many_window_kls(norm, head, source, others)
+    for key, (states, w) in others.items():
+        assert got[key] == pytest.approx(oracle(states, w), rel=1e-4, abs=1e-7)
+        assert got[key] == pytest.approx(window_kls(norm, head, source, states, w), rel=1e-6, abs=1e-9)
+    assert got["near"][0] < got["far"][0]
+
+
 # -- on the embedded model ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
