@@ -52,9 +52,34 @@ CHUNK = 1 << 20  # weights dequantized per pass: 4 MiB of fp32 scratch, in L3 (f
 CACHES = ("bf16",)  # what `prepare(cache=...)` keeps besides None
 
 ALIGNMENT = 64  # bytes: torch._weight_int8pack_mm crashes on an x or weight that starts off such a boundary
-_INT4_BLOCK = 64  # torch's CPU int4 layout stores 64 output rows together (N must be a multiple)
+_INT4_BLOCK = 64  # the most output rows torch's CPU int4 layout stores together (N must be a multiple)
 _INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's CPU int4 kernel takes
 _NIBBLES = 0x0F0F0F0F0F0F0F0F  # the low nibble of each byte of an int64
+
+
+@functools.cache
+def int4_rows_per_block() -> int | None:
+    """How many output rows B torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`) stores
+    together, which depends on the instruction set torch runs its kernels with: 64 with AVX-512, 32 with
+    AVX2.  In a block of B rows, byte k * B / 2 + r holds column k of row r (low nibble) and of row r + B / 2
+    (high).  Probed once: a 64 x 2 probe whose rows hold r // 16 and r % 16; byte 0's high nibble is row
+    B / 2's r // 16, and the whole probe must unpack back to itself.  None for any other layout (the int4
+    weights then take the reference path)."""
+    rows = torch.arange(_INT4_BLOCK, dtype=torch.int32)
+    probe = torch.stack([rows // 16, rows % 16], dim=1).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    block = 32 * (int(packed.view(-1)[0]) >> 4)
+    if block not in (32, 64) or not torch.equal(_unpack_blocked(packed, block).to(torch.int32), probe):
+        return None
+    return block
+
+
+def _unpack_blocked(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Codes uint8 [N, K] of packed uint8 [N, K / 2] in torch's CPU int4 layout with `block` rows a block."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    b = packed.reshape(N // block, K, block // 2)
+    codes = torch.cat([b & 15, b >> 4], dim=-1)  # [N / block, K, block]
+    return codes.permute(0, 2, 1).reshape(N, K)
 
 
 class Workspace:
@@ -101,10 +126,11 @@ class Int4Prepared:
     """An int4 weight W = (q - z) * s [N, K] (G = group_size; AWQ, or compressed-tensors W4A16) for the CPU backend.
 
     packed:     uint8 [N, K / 2], torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`): per block
-                of 64 rows, byte k * 32 + r holds row r (low nibble) and row r + 32 (high) of column k
+                of B rows (`int4_rows_per_block()`: 64 with AVX-512, 32 with AVX2), byte k * B / 2 + r holds
+                row r (low nibble) and row r + B / 2 (high) of column k
     scale_zero: bf16 [K / G, N, 2], (S, Z) of the kernel's W' = (q - 8) * S + Z
-    scale:      fp32 [N / 64, K / G, 1, 64], s (exact)            } the exact dequantize:
-    offset:     fp32 [N / 64, K / G, 1, 64], -z * s (exact)       } W = q * scale + offset
+    scale:      fp32 [N / B, K / G, 1, B], s (exact)            } the exact dequantize:
+    offset:     fp32 [N / B, K / G, 1, B], -z * s (exact)       } W = q * scale + offset
     """
 
     packed: torch.Tensor
@@ -120,8 +146,9 @@ class Int4Prepared:
 
     @classmethod
     def from_weight(cls, w: int4.Int4Weight, workspace: Workspace) -> Int4Prepared | None:
-        """An AWQ weight; None when N is not a multiple of 64 (every Qwen2 projection is)."""
-        if w.out_features % _INT4_BLOCK:
+        """An AWQ weight; None when N is not a multiple of 64 (every Qwen2 projection is) or torch's CPU int4
+        layout is not one this backend knows."""
+        if w.out_features % _INT4_BLOCK or int4_rows_per_block() is None:
             return None
         codes = int4.unpack(w.qweight).t()  # [N, K], 0..15
         return cls.from_parts(codes, int4.unpack(w.qzeros).float(), w.scales, w.group_size, workspace)
@@ -133,7 +160,8 @@ class Int4Prepared:
         does not apply: N % 64, a group size other than 32/64/128/256, fp32 scales (q * s would round)."""
         N, K = w.shape
         G = K // w.scale.shape[1]
-        if N % _INT4_BLOCK or G not in _INT4_GROUPS or w.scale.dtype not in (torch.float16, torch.bfloat16):
+        if N % _INT4_BLOCK or G not in _INT4_GROUPS or w.scale.dtype not in (torch.float16, torch.bfloat16) \
+                or int4_rows_per_block() is None:
             return None
         codes = (ct_pack.unpack(w.packed, 4).to(torch.int16) + 8).to(torch.uint8)  # [N, K], 0..15
         if w.zero is None:
@@ -153,8 +181,10 @@ class Int4Prepared:
         S = s.to(DTYPE).float()
         scale_zero = torch.stack([S, (8 - z) * S], dim=-1).to(DTYPE)  # (8 - z) * S exact in fp32, then rounded
 
-        def blocked(t):  # [K / G, N] -> [N / 64, K / G, 1, 64]
-            return t.view(K // G, N // _INT4_BLOCK, 1, _INT4_BLOCK).permute(1, 0, 2, 3).contiguous()
+        B = int4_rows_per_block()
+
+        def blocked(t):  # [K / G, N] -> [N / B, K / G, 1, B]
+            return t.view(K // G, N // B, 1, B).permute(1, 0, 2, 3).contiguous()
 
         return cls(packed, scale_zero, blocked(s), blocked(-z * s), G, workspace)
 
@@ -162,22 +192,23 @@ class Int4Prepared:
         """W^T bf16 [K, N] into `out` (bf16, N * K elements): bf16(q * s - z * s) = bf16((q - z) * s), the
         reference's value (both products and their difference are exact in fp32)."""
         N, K = self.shape
-        G, blocks = self.group_size, N // _INT4_BLOCK
-        per_pass = max(1, CHUNK // (K * _INT4_BLOCK))
-        words = self.packed.view(blocks, K, 32).view(torch.int64)  # [blocks, K, 4]: 8 bytes per word
-        wt = out.view(K, blocks, _INT4_BLOCK).permute(1, 0, 2)  # [blocks, K, 64] view of W^T
-        codes = self.workspace.get("codes", per_pass * K * _INT4_BLOCK, torch.uint8)
-        values = self.workspace.get("values", per_pass * K * _INT4_BLOCK, torch.float32)
+        B = self.scale.shape[-1]  # rows a block of the layout
+        G, blocks, half = self.group_size, N // B, B // 16  # half: int64 words of one nibble half of a block row
+        per_pass = max(1, CHUNK // (K * B))
+        words = self.packed.view(blocks, K, B // 2).view(torch.int64)  # [blocks, K, B / 16]: 8 bytes per word
+        wt = out.view(K, blocks, B).permute(1, 0, 2)  # [blocks, K, B] view of W^T
+        codes = self.workspace.get("codes", per_pass * K * B, torch.uint8)
+        values = self.workspace.get("values", per_pass * K * B, torch.float32)
         for b in range(0, blocks, per_pass):
             e = min(b + per_pass, blocks)
-            c = codes[: (e - b) * K * _INT4_BLOCK].view(e - b, K, _INT4_BLOCK)
-            cw = c.view(torch.int64)  # [e - b, K, 8]: words 0-3 rows 0-31, words 4-7 rows 32-63
-            torch.bitwise_and(words[b:e], _NIBBLES, out=cw[..., :4])
-            torch.bitwise_right_shift(words[b:e], 4, out=cw[..., 4:]).bitwise_and_(_NIBBLES)
-            v = values[: c.numel()].view(e - b, K // G, G, _INT4_BLOCK)
+            c = codes[: (e - b) * K * B].view(e - b, K, B)
+            cw = c.view(torch.int64)  # [e - b, K, B / 8]: the first half rows 0..B/2-1, the second the rest
+            torch.bitwise_and(words[b:e], _NIBBLES, out=cw[..., :half])
+            torch.bitwise_right_shift(words[b:e], 4, out=cw[..., half:]).bitwise_and_(_NIBBLES)
+            v = values[: c.numel()].view(e - b, K // G, G, B)
             v.copy_(c.view(v.shape))
             torch.addcmul(self.offset[b:e], v, self.scale[b:e], out=v)
-            wt[b:e].copy_(v.view(e - b, K, _INT4_BLOCK))
+            wt[b:e].copy_(v.view(e - b, K, B))
         return out.view(K, N)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -384,8 +384,10 @@ def test_compressed_tensors_w4a16_runs_the_int4_paths(M, symmetric):
         weight_error = (U * s * ((c - z).abs() + z.abs() * (1 + U))).t()
         bound = exact(x.abs(), weight_error, None) + U * exact(x.abs(), W.abs(), None) + accumulation_bound(x, W, bias, ref)
         assert_within(y, ref, bound)
-    else:  # the reference's W and the same GEMM: the reference path's y exactly
-        assert torch.equal(y, F.linear(x, registry.get("ct-pack").dequantize(w, torch.bfloat16), bias))
+    else:  # the reference's W and the same GEMM: the reference path's y exactly, W laid out as the backend lays
+        # it (W^T contiguous: a GEMM without native bf16, as on an AVX2-only CPU, sums in another order per layout)
+        reference_w = registry.get("ct-pack").dequantize(w, torch.bfloat16)
+        assert torch.equal(y, F.linear(x, reference_w.t().contiguous().t(), bias))
 
 
 @pytest.mark.parametrize("M", [1, cpu.INT8_KERNEL_ROWS + 1])
