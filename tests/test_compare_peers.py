@@ -67,7 +67,10 @@ def test_all_rows_side_by_side(src, tmp_path, capsys):
     assert (s["seq_len"], s["windows"], s["scored_tokens"]) == (64, 2, 126)
     assert {"torch", "transformers", "bitsandbytes", "autoawq"} <= set(s["versions"])
     table = capsys.readouterr().out
-    assert "transformers+bnb nf4" in table and "not available" in table and "AVX512-BF16" in table
+    assert "transformers+bnb nf4" in table and "not available" in table
+    from bitsandbytes.functional import has_avx512bf16  # bitsandbytes' fast path, switched off where the CPU has it
+
+    assert ("AVX512-BF16" in table) == bool(has_avx512bf16())
     assert "cpu s" in table
 
 

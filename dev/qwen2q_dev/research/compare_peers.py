@@ -231,8 +231,8 @@ def qwen2q_awq(rounding: str = "nearest") -> Callable[[Context], Candidate]:
         settings = CalibrationSettings(ids=calib, **extra)
         with Clock() as clock:
             quantize(ctx.src, dst, QuantConfig("awq", group_size=GROUP_SIZE), settings, progress=False)
-        notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}",
-                 f"calibration forwards in {getattr(settings, 'compute_dtype', 'float32')}"]
+        ran = json.loads((dst / "config.json").read_text()).get("qwen2q", {}).get("compute_dtype", "float32")
+        notes = [f"calibration: {_calib_label(ctx)}", f"rounding: {rounding}", f"calibration forwards in {ran}"]
         return _qwen2q_load(dst, ctx, clock, notes)
     return build
 
