@@ -76,22 +76,24 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, act_order: 
         raise ValueError(f"gram must be [{k}, {k}] for weight {list(weight.shape)}, got {list(gram.shape)}")
     if factor is not None and act_order:
         raise ValueError("a precomputed factor does not go with act_order")
-    w = weight.detach().float().clone()
-    fit = (lambda block: mse_fit(grid, block)) if mse_grid else grid.fit
+    # The sweep works on W^T [K, N]: weight column j is row j, contiguous, so the per-column snap and
+    # update read and write N consecutive floats instead of N floats K apart.
+    w = weight.detach().float().t().contiguous()
+    fit = (lambda rows: mse_fit(grid, rows.t())) if mse_grid else (lambda rows: grid.fit(rows.t()))
     grids: list = [None] * (k // group_size)
     order = None
     if act_order:
         dead = torch.diagonal(gram) == 0
-        w[:, dead] = 0.0
-        grids = [fit(w[:, s : s + group_size]) for s in range(0, k, group_size)]
+        w[dead] = 0.0
+        grids = [fit(w[s : s + group_size]) for s in range(0, k, group_size)]
         diag = torch.diagonal(gram).to(torch.float64).clone()
         diag[dead] = 1.0
         order = torch.argsort(diag + DAMPING * diag.mean(), descending=True, stable=True)
-        w = w[:, order]
+        w = w[order]
         column_group = (order // group_size).tolist()
     u, dead = factor if factor is not None else inverse_factor(gram, order)
     if not act_order:
-        w[:, dead] = 0.0
+        w[dead] = 0.0
     result = torch.empty_like(w)
     # Blocks of `step` columns in sweep order: a group (at most BLOCK columns), or BLOCK columns of a wider
     # group (int8's G = K), whose errors reach the later columns in one product per block ("lazy batch").
@@ -99,31 +101,34 @@ def gptq_round(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, act_order: 
     for start in range(0, k, step):
         end = start + step
         if not act_order and start % group_size == 0:  # a group's grid, from its columns as they stand now
-            grids[start // group_size] = fit(w[:, start : start + group_size])
-        block = w[:, start:end]  # a view: updates below land in w
+            grids[start // group_size] = fit(w[start : start + group_size])
+        block = w[start:end]  # a view [step, N]: updates below land in w
         errors = torch.empty_like(block)
         for j in range(step):
             col = start + j
-            q = grid.snap(block[:, j], grids[column_group[col] if act_order else col // group_size])
-            result[:, col] = q
-            err = (block[:, j] - q) / u[col, col]
-            block[:, j:] -= err[:, None] * u[col, col:end][None, :]
-            errors[:, j] = err
-        w[:, end:] -= errors @ u[start:end, end:]
+            q = grid.snap(block[j], grids[column_group[col] if act_order else col // group_size])
+            result[col] = q
+            err = (block[j] - q) / u[col, col]
+            block[j:] -= u[col, col:end][:, None] * err[None, :]
+            errors[j] = err
+        w[end:] -= u[start:end, end:].t() @ errors
     if act_order:
-        result[:, order] = result.clone()
-    return result, grids
+        result[order] = result.clone()
+    return result.t().contiguous(), grids
 
 
 def mse_fit(grid: Grid, block: torch.Tensor, steps: int = 20, shrink: float = 0.8, norm: float = 2.4
             ) -> tuple[torch.Tensor, ...]:
     """Per row of block [N, G], the grid of range p x (the row's range), p in [shrink, 1] (`steps`
-    points), that minimises sum |w - snap(w)|^norm (GPTQ's "mse" grid)."""
-    best_grid = grid.fit(block)
-    best = (block - grid.snap(block, best_grid)).abs().pow(norm).sum(1)
+    points), that minimises sum |w - snap(w)|^norm (GPTQ's "mse" grid).  Each candidate is fitted to the
+    rows' extremes [N, 2] (`Grid.fit` depends on a row's minimum and maximum alone), not to the block."""
+    block = block.contiguous()
+    extremes = torch.stack([block.amin(dim=1), block.amax(dim=1)], dim=1)
+    best_grid = grid.fit(extremes)
+    best = (block - grid.snap(block, best_grid)).abs_().pow_(norm).sum(1)
     for p in torch.linspace(1, shrink, steps)[1:].tolist():
-        candidate = grid.fit(block, p)
-        err = (block - grid.snap(block, candidate)).abs().pow(norm).sum(1)
+        candidate = grid.fit(extremes, p)
+        err = (block - grid.snap(block, candidate)).abs_().pow_(norm).sum(1)
         better = err < best
         best = torch.where(better, err, best)
         best_grid = tuple(torch.where(better, c, b) for c, b in zip(candidate, best_grid))

@@ -48,7 +48,9 @@ class Grid(abc.ABC):
     @abc.abstractmethod
     def fit(self, block: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, ...]:
         """The grid of each row of block fp32 [N, G] for its range shrunk by `shrink` (1.0: the full range);
-        ValueError when the stored grid cannot hold it (e.g. a scale beyond float16)."""
+        ValueError when the stored grid cannot hold it (e.g. a scale beyond float16).  A row's grid depends
+        on its minimum and maximum alone, so fitting the rows' extremes [N, 2] gives the same grid (GPTQ's
+        `mse_fit` relies on it)."""
 
     @abc.abstractmethod
     def snap(self, values: torch.Tensor, grid: tuple[torch.Tensor, ...]) -> torch.Tensor:
