@@ -63,7 +63,11 @@ HOLDOUT = 16  # held-out calibration windows the result's KL is measured on
 KIND_TRIAL_WINDOWS = 8  # the first of them, that the profile's uniform trial of each kind and option runs on
 PROFILE_TOKENS = 16384  # calibration tokens (spread over the samples) whose statistics the choices' errors use
 TRIAL_SAMPLES = 32  # calibration samples (spread over them) the trial pass's GPTQ statistics use
-TRIAL_AIM = 0.95  # a trial passes at this fraction of the budget (the final pass has AWQ and 4x the samples)
+# a trial passes when its bound is within this fraction of the budget.  The final pass (AWQ + GPTQ on 4x the
+# samples) has measured below its trial every time, on the same windows (Qwen2.5-Coder-0.5B, 95% bounds:
+# 0.01855 -> 0.01661, 0.00181 -> 0.00174), so a trial within the budget goes on to the final pass, which
+# still checks the budget itself; a second trial costs ~40% of a final pass.
+TRIAL_AIM = 1.0
 TRIAL_ALGORITHM = {"awq-gptq": "gptq", "awq-scales": "rtn", "gptq": "gptq"}  # final pass's -> trial's
 
 
@@ -509,7 +513,8 @@ def quantize_mixed(src, dst, *, kl_budget: float | None = None, target_bits: flo
             log(f"attempt {attempt}: trial (GPTQ alone, {TRIAL_SAMPLES} samples) measured KL {trial:.5f} "
                 f"(95% bound {bound:.5f}) in {attempts[-1].seconds:.0f} s")
             if bound > kl_budget * TRIAL_AIM:
-                log(f"attempt {attempt}: trial's bound over {TRIAL_AIM:g} x {kl_budget:g}: moving the worst groups up")
+                aim = f"{TRIAL_AIM:g} x {kl_budget:g}" if TRIAL_AIM != 1 else f"the budget {kl_budget:g}"
+                log(f"attempt {attempt}: trial's bound over {aim}: moving the worst groups up")
                 over(bound)
                 continue
         run = dataclasses.replace(settings, max_holdout_kl=kl_budget)

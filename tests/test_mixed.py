@@ -87,11 +87,11 @@ def test_predicted_kl_formula_against_float64_einsum():
 def test_window_kls_of_many_models_against_float64_softmax():
     """Each model's per-window KL against one source (the source's log-probabilities shared) equals a
     float64 KL(source || model) over the first L - 1 positions, a model with its own lm_head included."""
-    from qwen2q.calibrate.sensitivity import LOGIT_CHUNK, many_window_kls, window_kls
+    from qwen2q.calibrate.sensitivity import KL_CHUNK, many_window_kls, window_kls
     from qwen2q.model import RMSNorm
 
     torch.manual_seed(1)
-    h, length, hidden, vocab = 2, LOGIT_CHUNK + 37, 16, 50  # two logit chunks, the second partial
+    h, length, hidden, vocab = 2, KL_CHUNK + 37, 16, 50  # two logit chunks, the second partial
     norm = RMSNorm(hidden, 1e-6)
     norm.weight.data = torch.rand(hidden) + 0.5
     head, own_head = torch.randn(vocab, hidden), torch.randn(vocab, hidden)

@@ -3,7 +3,7 @@
 never quantized).
 
 Oracles: qwen2q's eval path (`qwen2q.evals.drift.compare`, the loaded checkpoint against the source) for
-the KL measured while quantizing; the profile's lm_head KL (`sensitivity.head_kls`, its own GPTQ of the
+the KL measured while quantizing; the profile's lm_head KL (`sensitivity.quantized_heads`, its own GPTQ of the
 final norm's gram) against the KL the quantize pass measures for a checkpoint whose only quantized
 module is lm_head (`LayerCalibrator.head`, another path); the stored tensors for the bytes the profile
 counts; round to nearest for what GPTQ's rounding gains.
