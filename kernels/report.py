@@ -89,6 +89,7 @@ class Format:
     gemv: Callable[..., Launch] | None = None  # the M = 1 kernel on the load-time layout, where there is one
     gemv_weight: Callable[[int, int], object] | None = None
     gemv_weight_argument: str = ""
+    native_decode: Callable[..., Launch] | None = None  # M = 2..16 on the same load-time layout, where there is one
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _formats() -> dict[str, Format]:
-    from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm
+    from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int8_gemm, nf4_gemm
 
     g = INT4_GROUP_SIZE
     nf4_blocks = lambda N, K: N * K // nf4.BLOCK_SIZE  # noqa: E731
@@ -114,7 +115,7 @@ def _formats() -> dict[str, Format]:
                        lambda N, K: int4_native.Int4Native(_empty(N, K // 8, dtype=torch.int32),
                                                            _empty(K // g, N, dtype=torch.uint8),
                                                            _empty(K // g, N, dtype=torch.float16)),
-                       "words_ptr"),
+                       "words_ptr", int4_decode.int4_native_decode_launch),
         "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "W0", nf4_weight,
                       nf4_gemm.nf4_gemv_launch, nf4_weight, "words_ptr"),
         "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "W0",
@@ -143,6 +144,9 @@ def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple
     if M == 1 and fmt.gemv is not None:
         w = fmt.gemv_weight(N, K)
         return fmt.gemv(x, w, bias, out), w, fmt.gemv_weight_argument
+    if fmt.native_decode is not None and tiling.is_decode(M):
+        w = fmt.gemv_weight(N, K)
+        return fmt.native_decode(x, w, bias, out), w, fmt.gemv_weight_argument
     w = fmt.meta_weight(N, K)
     return (fmt.decode if tiling.is_decode(M) else fmt.gemm)(x, w, bias, out), w, fmt.weight_argument
 

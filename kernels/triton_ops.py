@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen2q.kernels import int4_gemm, int4_native, int8_gemm, nf4_gemm, tiling
+from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int8_gemm, nf4_gemm, tiling
 from qwen2q.quantizers import int4, int8, nf4
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -123,7 +123,8 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
                 out: torch.Tensor | None = None, native: int4_native.Int4Native | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for an AWQ-GEMM int4 weight (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
     scales fp16 [K/G, N]).  With `native` (W in `int4_native`'s layout, made once at load time by
-    `qwen2q.kernels.prepare`), one row of x runs the GEMV; without it, the split-K decode kernel."""
+    `qwen2q.kernels.prepare`), one row of x runs the GEMV and 2..16 rows `int4_decode`'s tensor-core kernel;
+    without it, the split-K decode kernel."""
     op = "int4_linear"
     if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
         raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
@@ -147,8 +148,10 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
                          f" {w.group_size} on {w.qweight.device}")
 
     def decode(x2, w, bias, out):
-        if x2.shape[0] == 1 and native is not None:
+        if native is not None and x2.shape[0] == 1:
             return int4_gemm.int4_gemv(x2.contiguous(), native, bias, out)
+        if native is not None and int4_decode.applies(x2.shape[0]):
+            return int4_decode.int4_native_decode(x2 if x2.stride(1) == 1 else x2.contiguous(), native, bias, out)
         return int4_gemm.int4_decode(x2, w, bias, out)
 
     return _run(op, x, w, N, K, weights, bias, out, decode,

@@ -260,7 +260,7 @@ def correctness_cases(dry_run: bool) -> list[tuple]:
 def part_correct(c: Check, deadline: float) -> dict:
     import torch
 
-    from qwen2q.kernels import int4_native, ops, triton_ops  # noqa: F401  (ops: the custom ops)
+    from qwen2q.kernels import int4_native, ops, tiling, triton_ops  # noqa: F401  (ops: the custom ops)
 
     cases, failures, done = correctness_cases(c.dry_run), [], 0
     weights: dict = {}
@@ -279,7 +279,7 @@ def part_correct(c: Check, deadline: float) -> dict:
             x = torch.randn(M, K, generator=g).to(dtype).to(c.device)
         bias = torch.randn(N, generator=g).to(dtype).to(c.device) if has_bias else None
         paths = [None]
-        if fmt.startswith("int4") and M == 1 and triton_ops.gemv_applies(q):
+        if fmt.startswith("int4") and M <= tiling.DECODE_MAX_M and triton_ops.gemv_applies(q):  # GEMV, int4_decode
             paths.append(int4_native.from_awq(q))
         for native in paths:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
@@ -302,7 +302,7 @@ def part_correct(c: Check, deadline: float) -> dict:
     extra["split_k_deterministic"] = bool(torch.equal(_call("int8", x, q, None, None), _call("int8", x, q, None, None)))
     y = torch.ops.qwen2q.int8_linear(x, q.qweight, q.absmax, None)
     extra["custom_op"] = _close(y, x, W, None, "bfloat16") or "ok"
-    return {"cases": done, "planned": sum(1 + (f.startswith("int4") and m == 1) for f, _, _, _, m, *_ in cases),
+    return {"cases": done, "planned": sum(1 + (f.startswith("int4") and m <= 16) for f, _, _, _, m, *_ in cases),
             "failures": failures, **extra}
 
 
@@ -432,11 +432,14 @@ def part_kernels(c: Check, deadline: float) -> dict:
                 variants = [("runtime", None)]
                 if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
                     variants.append(("fused", False))
+                if fmt == "int4-g128" and 1 < M <= tiling.DECODE_MAX_M:
+                    variants.append(("awq-layout", None))  # the split-K decode kernel int4_decode replaced
                 for variant, force in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
                     else:
-                        calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, natives)]
+                        layouts = natives if variant != "awq-layout" else [None] * len(weights)
+                        calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
                     saved = tiling.dequantize_first
                     if force is not None:
                         tiling.dequantize_first = lambda *a: force
