@@ -5,18 +5,23 @@ every weight into fp32 with a shift, a mask, an int-to-float conversion, a subtr
 sends the tile through shared memory into `tl.dot`: ~10 SASS instructions per weight on sm_90, issue-bound at
 ~0.37 of the copy bandwidth (kernels/NOTES.md).  This kernel reads the layout the M = 1 GEMV already reads
 and computes W x^T (W the left operand, the <= 16 rows of x the right one), so the dequantized weights are
-the MMA's A fragments and stay in registers:
+the MMA's A fragments and stay in registers.
 
-    v      = bits(word view & FIELD | EXPONENT)          MAGIC_j + q, one LOP3 (`int4_gemm._code_value`: the
-                                                         GEMV's three views, 2 shifts per 8 codes)
-    w      = fma(v, scale, -(MAGIC_j + zero) * scale)   exactly (q - zero) * scale: both products fit fp32's
-                                                         24 bits (13-bit magic + q, 11-bit fp16 scale)
-    W^T    = bf16(w)                                     rounded once: the reference's bits (`int4.dequantize`)
+Per 128-index block, code j of a row's 16 words covers k = 128 b + 16 j + c (c = 0..15): eight K = 16 dots of
+(q - zero) [BLOCK_N, 16] with x^T [16, BLOCK_M], one scale group at a time into `part`; then acc += scale * part
+(fp32, per row and group).  An MMA register holds two 16-bit values of one row and adjacent k, i.e. the same code
+of two adjacent words, and one inline-assembly block per group makes them (`group_asm`), for two words w0, w1:
 
-so a weight costs 1 LOP3 + 1 FFMA + 1/2 F2FP + 1/4 shift, and the MMA 1/4 (16 rows of x) on one warp.  Per
-128-index block b, code j of the 16 words of a row covers k = 128 b + 16 j + c (c = 0..15): eight K = 16 dots
-of W [BLOCK_N, 16] with x^T [16, BLOCK_M].  One warp per program (BLOCK_N rows): more warps made Triton move
-each dequantized tile through shared memory (STS, LDS, barriers) or, at four warps, pick wgmma with its fences.
+    a, b   = rotr(w0, 11), rotr(w1, 11)          natural nibble order: code j at bits 4j
+    lo, hi = prmt(a, b): low halves, high halves  codes 0-3 of both words in lo, 4-7 in hi, 16 bits apart
+    t      = (lo >> 4s) & 0x000F000F | MAGIC2      two 16-bit floats MAGIC + q (bf16 128 + q; fp16 1024 + q)
+    pair   = t * 1 + (-(MAGIC + zero), x2)         q - zero, exact: one fma.rn.bf16x2 (ptxas: HADD2)
+
+so 16 weights cost 2 rotations, 2 PRMT, 6 shifts, 8 LOP3 and 8 HADD2 (1.625 per weight), the MMA 1/4 (16 rows
+of x), the scale 1/8 per 128-weight group.  The interpreter runs no assembly: there the pairs are the GEMV's
+fp32 reading (`int4_gemm._code_value`) minus MAGIC_j + zero, the same numbers (tests/kernels check the assembly
+itself through a model of the six PTX instructions it uses).  `tiling.native_decode_config` gives a program 128
+rows on two warps (64 each, sharing the x tile); at four warps Triton picks wgmma, with a fence per K step.
 
 Rows are clamped as in the GEMV (`gemv.program`): a last tile past N reloads row N - 1 and stores nothing
 there.  SPLIT_K = 1 writes y (bias included); otherwise fp32 partials [SPLIT_K, M, N] for `splitk.reduce`.
@@ -32,6 +37,88 @@ from qwen2q.kernels.int4_gemm import _FIELDS, _code_value
 from qwen2q.kernels.launch import Launch
 from qwen2q.kernels.tiling import DECODE_MAX_M, DOT_MIN_M, Config, dot_dtype, interpreting, native_decode_config
 
+
+MAGIC_BITS = {True: (0x4300, 0x3F80), False: (0x6400, 0x3C00)}  # x bf16 / fp16: 16-bit (MAGIC, 1.0): 128, 1024
+
+
+def group_asm(first: int, count: int, bf16: bool) -> str:
+    """PTX for codes first .. first + count - 1 of two native words (operands $count, $count + 1) with the
+    group's -(MAGIC + zero) pair ($count + 2): output $i is the bf16x2 (fp16x2 when not `bf16`) pair of code
+    first + i, q - zero, of the two words (the module docstring)."""
+    magic, one = MAGIC_BITS[bf16]
+    op = "bf16x2" if bf16 else "f16x2"
+    w0, w1, nzz = count, count + 1, count + 2
+    lines = ["{", ".reg .b32 a, b, lo, hi, t, one;", f"mov.b32 one, {one << 16 | one:#010x};",
+             f"shf.r.wrap.b32 a, ${w0}, ${w0}, {int4_native.ROTATION};",
+             f"shf.r.wrap.b32 b, ${w1}, ${w1}, {int4_native.ROTATION};"]
+    if first < 4:
+        lines.append("prmt.b32 lo, a, b, 0x5410;")
+    if first + count > 4:
+        lines.append("prmt.b32 hi, a, b, 0x7632;")
+    for i, j in enumerate(range(first, first + count)):
+        half, shift = ("lo" if j < 4 else "hi"), 4 * (j % 4)
+        if shift:
+            lines.append(f"shr.b32 t, {half}, {shift};")
+            half = "t"
+        lines.append(f"lop3.b32 t, {half}, 0x000F000F, {magic << 16 | magic:#010x}, 0xEA;")  # (a & b) | c
+        lines.append(f"fma.rn.{op} ${i}, t, one, ${nzz};")
+    return "\n".join([*lines, "}"])
+
+
+# One assembly block per scale group: GROUP_ASM[(bf16, group_size)][g] (Triton reads globals as constexprs).
+_ASM = {(bf16, G, g): tl.constexpr(group_asm(g * G // 16, G // 16, bf16))
+        for bf16 in (True, False) for G in int4_native.GROUP_SIZES for g in range(128 // G)}
+B128, H128 = _ASM[True, 128, 0], _ASM[False, 128, 0]
+B64_0, B64_1, H64_0, H64_1 = _ASM[True, 64, 0], _ASM[True, 64, 1], _ASM[False, 64, 0], _ASM[False, 64, 1]
+B32_0, B32_1, B32_2, B32_3 = (_ASM[True, 32, g] for g in range(4))
+H32_0, H32_1, H32_2, H32_3 = (_ASM[False, 32, g] for g in range(4))
+
+
+@triton.jit
+def _run_asm(w, nzz, ASM: tl.constexpr, COUNT: tl.constexpr, X_BF16: tl.constexpr):
+    """COUNT tensors [BLOCK_N, 16] (bf16, or fp16 when not X_BF16) from `group_asm` text ASM, two elements per
+    instance.  (The dtypes are literals: a dtype passed in as a constexpr does not reach the op unwrapped.)"""
+    if X_BF16:
+        if COUNT == 8:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, nzz],
+                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+        elif COUNT == 4:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(tl.bfloat16,) * 4,
+                                             is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [w, nzz], dtype=(tl.bfloat16,) * 2, is_pure=True,
+                                             pack=2)
+    else:
+        if COUNT == 8:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, nzz],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+        elif COUNT == 4:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(tl.float16,) * 4,
+                                             is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [w, nzz], dtype=(tl.float16,) * 2, is_pure=True,
+                                             pack=2)
+
+
+@triton.jit
+def _group_pairs(w, nzz, G: tl.constexpr, GROUP_SIZE: tl.constexpr, X_BF16: tl.constexpr):
+    """The (q - zero) tiles of scale group G of a block, one per code: `group_asm`'s block for it."""
+    if GROUP_SIZE == 128:
+        return _run_asm(w, nzz, B128 if X_BF16 else H128, 8, X_BF16)
+    elif GROUP_SIZE == 64:
+        if G == 0:
+            return _run_asm(w, nzz, B64_0 if X_BF16 else H64_0, 4, X_BF16)
+        else:
+            return _run_asm(w, nzz, B64_1 if X_BF16 else H64_1, 4, X_BF16)
+    else:
+        if G == 0:
+            return _run_asm(w, nzz, B32_0 if X_BF16 else H32_0, 2, X_BF16)
+        elif G == 1:
+            return _run_asm(w, nzz, B32_1 if X_BF16 else H32_1, 2, X_BF16)
+        elif G == 2:
+            return _run_asm(w, nzz, B32_2 if X_BF16 else H32_2, 2, X_BF16)
+        else:
+            return _run_asm(w, nzz, B32_3 if X_BF16 else H32_3, 2, X_BF16)
 
 @triton.jit
 def _magic(J: tl.constexpr):
@@ -56,8 +143,8 @@ def int4_native_decode_kernel(
     # Code field masks (int4_gemm._FIELDS)
     FIELD_11, FIELD_15, FIELD_19,
     # Meta-parameters
-    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks; then y = acc^T (+ bias) or its partials."""
     pid_k, first, last, offs_n, rows = gemv.program(BLOCKS_PER_SPLIT, TOTAL_BLOCKS, N, BLOCK_N)
@@ -68,22 +155,30 @@ def int4_native_decode_kernel(
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_c[:, None]  # x^T [16, BLOCK_M]: k = c, rows m
     GROUPS_PER_BLOCK: tl.constexpr = 128 // GROUP_SIZE
     CODES_PER_GROUP: tl.constexpr = GROUP_SIZE // 16
+    MAGIC: tl.constexpr = 128.0 if X_BF16 else 1024.0  # group_asm's 16-bit magic
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for b in range(first, last):
-        w = tl.load(w_ptrs + b * 16).to(tl.uint32, bitcast=True)
+        w = tl.load(w_ptrs + b * 16)
         for g in tl.static_range(GROUPS_PER_BLOCK):
             group = b * GROUPS_PER_BLOCK + g
             scale = tl.load(scales_ptr + group * stride_sg + rows).to(tl.float32)
             zero = tl.load(zeros_ptr + group * stride_zg + rows).to(tl.float32)
+            if not INTERPRET:
+                nzz = tl.broadcast_to((-MAGIC - zero).to(DOT_DTYPE)[:, None], (BLOCK_N, 16))  # exact
+                pairs = _group_pairs(w, nzz, g, GROUP_SIZE, X_BF16)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for i in tl.static_range(CODES_PER_GROUP):
                 j = g * CODES_PER_GROUP + i
-                # The views are recomputed per code (CSE merges them): computed once outside, Triton chose
-                # a dot layout that needs warp shuffles for every tile.
-                v = _code_value(w, (w >> 12) | (w << 20), w << 8, j, FIELD_11, FIELD_15, FIELD_19)
-                wt = v * scale[:, None] - ((_magic(j) + zero) * scale)[:, None]
+                if INTERPRET:  # the same q - zero, from the GEMV's fp32 reading
+                    u = w.to(tl.uint32, bitcast=True)
+                    v = _code_value(u, (u >> 12) | (u << 20), u << 8, j, FIELD_11, FIELD_15, FIELD_19)
+                    a = v - (_magic(j) + zero)[:, None]
+                else:
+                    a = pairs[i]
                 # Upcast right after the load: the interpreter computes bf16 arithmetic wrongly.
                 xt = tl.load(xt_ptrs + b * 128 + 16 * j, mask=m_mask[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(wt.to(DOT_DTYPE), xt.to(DOT_DTYPE), acc)
+                part = tl.dot(a.to(DOT_DTYPE), xt.to(DOT_DTYPE), part)
+            acc += scale[:, None] * part
     n_mask = offs_n < N
     mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K == 1:
@@ -119,8 +214,8 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
             M, N, per_split, blocks,
             x.stride(0), w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), stride_os, stride_om,
             *_FIELDS)
-    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), HAS_BIAS=bias is not None, SPLIT_K=split_k,
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+    kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
+                  HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(int4_native_decode_kernel, grid, args, kwargs, config, written)
 

@@ -2,6 +2,7 @@
 every group size, split and output dtype; clamped last tiles; which calls take it."""
 import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,12 +53,12 @@ def test_calls_it_cannot_run_are_refused():
 
 @pytest.mark.parametrize("N, K", [(18944, 3584), (3584, 18944), (512, 3584), (29568, 8192)])
 def test_config_fills_the_gpu_without_empty_splits(N, K):
-    """On a GPU: 64-row tiles, one warp, and enough splits for ~4 programs per SM (at most one per block)."""
+    """On a GPU: 128-row tiles on two warps, and as many splits as ~2 programs per SM need (at most one per block)."""
     c = native_decode_config(N, K, interpret=False)
-    assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps) == (16, 64, 128, 1)
-    tiles = -(-N // 64)
+    assert (c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.num_warps, c.num_stages) == (16, 128, 128, 2, 3)
+    tiles = -(-N // 128)
     assert 1 <= c.SPLIT_K <= K // 128
-    assert tiles * c.SPLIT_K >= min(4 * 132, tiles * (K // 128)) or c.SPLIT_K == 32
+    assert tiles * c.SPLIT_K >= min(2 * 132, tiles * (K // 128)) and tiles * (c.SPLIT_K - 1) < 2 * 132
 
 
 def test_two_to_sixteen_rows_run_it_when_the_native_layout_is_there(monkeypatch):
@@ -77,3 +78,89 @@ def test_two_to_sixteen_rows_run_it_when_the_native_layout_is_there(monkeypatch)
         triton_ops.int4_linear(x, w, bias, out=out, native=native if with_native else None)
         assert calls.pop() == path, (M, with_native)
         kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
+
+
+# ---- the inline assembly, run through a model of the PTX instructions it uses (the interpreter runs none) ----
+
+MASK32 = 0xFFFFFFFF
+
+
+def _half_to_float(h: int, bf16: bool) -> float:
+    return float(np.uint32(h << 16).view(np.float32)) if bf16 else float(np.uint16(h).view(np.float16))
+
+
+def _float_to_half(v: float, bf16: bool) -> int:
+    """The 16-bit pattern of v, which must be exact in the type (the assembly only makes small integers)."""
+    h = int(np.float32(v).view(np.uint32)) >> 16 if bf16 else int(np.float16(v).view(np.uint16))
+    assert _half_to_float(h, bf16) == v, f"{v} is not exact in {'bf16' if bf16 else 'fp16'}"
+    return h
+
+
+def _run_ptx(text: str, operands: dict[int, int]) -> dict[int, int]:
+    """Execute `group_asm` text with its operand registers ($n -> 32-bit value); returns them after."""
+    regs = {f"${n}": v for n, v in operands.items()}
+
+    def val(token: str) -> int:
+        return regs[token] if token in regs else int(token, 0) & MASK32
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        if op == "mov.b32":
+            regs[d] = val(src[0])
+        elif op == "shf.r.wrap.b32":  # the 64-bit b:a shifted right by c mod 32, low word
+            a, b, c = val(src[0]), val(src[1]), val(src[2]) % 32
+            regs[d] = ((b << 32 | a) >> c) & MASK32
+        elif op == "prmt.b32":  # default mode: byte i of d is byte (selector nibble i) of b:a
+            pool, sel = (val(src[1]) << 32 | val(src[0])), val(src[2])
+            regs[d] = sum(((pool >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.b32":
+            regs[d] = val(src[0]) >> val(src[1])
+        elif op == "lop3.b32":  # bit i of d: bit (a_i b_i c_i) of the lookup table
+            a, b, c, lut = (val(t) for t in src)
+            regs[d] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            bf16 = op == "fma.rn.bf16x2"
+            a, b, c = (val(t) for t in src)
+            halves = [_half_to_float(x >> s & 0xFFFF, bf16) for s in (0, 16) for x in (a, b, c)]
+            lo, hi = halves[0] * halves[1] + halves[2], halves[3] * halves[4] + halves[5]
+            regs[d] = _float_to_half(lo, bf16) | _float_to_half(hi, bf16) << 16
+        else:
+            raise AssertionError(f"the model has no {op}")
+    return regs
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("G", int4_native.GROUP_SIZES)
+def test_the_assembly_makes_each_codes_q_minus_zero_pair(G, bf16):
+    """For every word pair (c, c + 1) of a row and every group of a block, output i of the group's assembly block
+    holds code first + i of word c in its low half and of word c + 1 in its high half, as q - zero, exact: what
+    `tl.dot` must see for k = 16 j + c and 16 j + c + 1 (and what the interpreter path computes)."""
+    codes = torch.randint(0, 16, (3, 256), generator=kt.generator("asm", G), dtype=torch.uint8)
+    words = int4_native.pack_codes(codes).long() & MASK32
+    magic = 128 if bf16 else 1024
+    for zero in (0, 7, 15):
+        nzz = _float_to_half(-float(magic + zero), bf16)
+        for g in range(128 // G):
+            first, count = g * G // 16, G // 16
+            text = int4_decode.group_asm(first, count, bf16)
+            for n in range(3):
+                for block in (0, 1):
+                    for c in range(0, 16, 2):
+                        w0, w1 = (int(words[n, 16 * block + c + e]) for e in (0, 1))
+                        regs = _run_ptx(text, {count: w0, count + 1: w1, count + 2: nzz | nzz << 16})
+                        for i in range(count):
+                            k = 128 * block + 16 * (first + i) + c
+                            got = [_half_to_float(regs[f"${i}"] >> s & 0xFFFF, bf16) for s in (0, 16)]
+                            assert got == [int(codes[n, k]) - zero, int(codes[n, k + 1]) - zero], (g, i, n, c)
+
+
+def test_the_kernel_embeds_the_assembly_it_was_tested_with():
+    """The constexpr table the kernel selects from holds `group_asm`'s text for every group size and dtype."""
+    for (bf16, G, g), text in int4_decode._ASM.items():
+        assert text.value == int4_decode.group_asm(g * G // 16, G // 16, bf16)
+    assert int4_decode.B128.value == int4_decode.group_asm(0, 8, True)
+    assert int4_decode.H32_3.value == int4_decode.group_asm(6, 2, False)
