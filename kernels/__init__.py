@@ -10,7 +10,7 @@ or per call (`backend`) by a caller that passes none:
   is an error (`KernelsUnavailable`), not a silent fall-back;
 - "cpu": bf16 activations on CPU run the CPU backend (`cpu`), from the weight's *prepared* form, made once
   when the model is loaded (`prepare`) and passed to `linear` beside the weight; on CUDA the prepared form of
-  an int4 weight is its GEMV layout (`int4_native`), which calls of 1 to 16 rows run on;
+  an int4 weight is its GEMV layout (`int4_native`), which calls of 1 to 256 rows run on;
 - "reference" everywhere else, or with QWEN2Q_KERNELS=reference: dequantize W to x's dtype, then
   `torch.nn.functional.linear`.  It is the oracle the other two are tested against.
 """

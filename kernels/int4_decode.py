@@ -1,11 +1,11 @@
-"""int4 for 2..16 rows of x: tensor cores on the GEMV's native layout (`int4_native`), y = x @ W^T + bias.
+"""int4 for 2..256 rows of x: tensor cores on the GEMV's native layout (`int4_native`), y = x @ W^T + bias.
 
 The split-K decode kernel (`skeletons.decode_kernel` with `int4_gemm.int4_tile`) reads AWQ's layout, turns
 every weight into fp32 with a shift, a mask, an int-to-float conversion, a subtraction and a multiply, and
 sends the tile through shared memory into `tl.dot`: ~10 SASS instructions per weight on sm_90, issue-bound at
 ~0.37 of the copy bandwidth (kernels/NOTES.md).  This kernel reads the layout the M = 1 GEMV already reads
-and computes W x^T (W the left operand, the <= 16 rows of x the right one), so the dequantized weights are
-the MMA's A fragments and stay in registers.
+and computes W x^T (W the left operand, a tile of up to 64 rows of x the right one), so the dequantized
+weights are the MMA's A fragments and stay in registers.
 
 Per 128-index block, code j of a row's 16 words covers k = 128 b + 16 j + c (c = 0..15): eight K = 16 dots of
 (q - zero) [BLOCK_N, 16] with x^T [16, BLOCK_M], one scale group at a time into `part`; then acc += scale * part
@@ -17,14 +17,19 @@ of two adjacent words, and one inline-assembly block per group makes them (`grou
     t      = (lo >> 4s) & 0x000F000F | MAGIC2      two 16-bit floats MAGIC + q (bf16 128 + q; fp16 1024 + q)
     pair   = t * 1 + (-(MAGIC + zero), x2)         q - zero, exact: one fma.rn.bf16x2 (ptxas: HADD2)
 
-so 16 weights cost 2 rotations, 2 PRMT, 6 shifts, 8 LOP3 and 8 HADD2 (1.625 per weight), the MMA 1/4 (16 rows
-of x), the scale 1/8 per 128-weight group.  The interpreter runs no assembly: there the pairs are the GEMV's
-fp32 reading (`int4_gemm._code_value`) minus MAGIC_j + zero, the same numbers (tests/kernels check the assembly
-itself through a model of the six PTX instructions it uses).  `tiling.native_decode_config` gives a program 128
-rows on two warps (64 each, sharing the x tile); at four warps Triton picks wgmma, with a fence per K step.
+so 16 weights cost 2 rotations, 2 PRMT, 6 shifts, 8 LOP3 and 8 HADD2 (1.625 per weight), the MMA 1/4 per 16 rows
+of x, the scale 1/8 per 128-weight group and 16 rows.  It replaces the AWQ-layout split-K decode kernel (M <= 16)
+and fused GEMM (M = 17..256: ~10-11 SASS per weight per 64- or 128-row tile, 28 programs on a 7B q_proj).
 
-Rows are clamped as in the GEMV (`gemv.program`): a last tile past N reloads row N - 1 and stores nothing
-there.  SPLIT_K = 1 writes y (bias included); otherwise fp32 partials [SPLIT_K, M, N] for `splitk.reduce`.
+The interpreter runs no assembly: there the pairs are the GEMV's fp32 reading (`int4_gemm._code_value`) minus
+MAGIC_j + zero, the same numbers (tests/kernels check the assembly itself through a model of the six PTX
+instructions it uses).  `tiling.native_decode_config` gives a program 128 rows and a tile of 16, 32 or 64 rows
+of x, on two warps for 16 (64 rows of W each, sharing the x tile) and four for more (Triton's wgmma, a fence per
+K step).
+
+Grid (M tiles, N tiles, SPLIT_K): the programs of one N tile are neighbours, so the M tiles after the first find
+its words in L2.  Rows are clamped as in the GEMV (`gemv.program`): a last tile past N reloads row N - 1 and stores
+nothing there.  SPLIT_K = 1 writes y (bias included); otherwise fp32 partials [SPLIT_K, M, N] for `splitk.reduce`.
 """
 from __future__ import annotations
 
@@ -32,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2q.kernels import gemv, int4_native, splitk
+from qwen2q.kernels import int4_native, splitk
 from qwen2q.kernels.int4_gemm import _FIELDS, _code_value
 from qwen2q.kernels.launch import Launch
-from qwen2q.kernels.tiling import DECODE_MAX_M, DOT_MIN_M, Config, dot_dtype, interpreting, native_decode_config
+from qwen2q.kernels.tiling import Config, dot_dtype, interpreting, native_decode_config
 
 
 MAGIC_BITS = {True: (0x4300, 0x3F80), False: (0x6400, 0x3C00)}  # x bf16 / fp16: 16-bit (MAGIC, 1.0): 128, 1024
@@ -146,9 +151,14 @@ def int4_native_decode_kernel(
     GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks; then y = acc^T (+ bias) or its partials."""
-    pid_k, first, last, offs_n, rows = gemv.program(BLOCKS_PER_SPLIT, TOTAL_BLOCKS, N, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks, for its tile of x's rows; then y = acc^T (+ bias)
+    or its partials."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # M tiles vary fastest: they share W
+    first = pid_k * BLOCKS_PER_SPLIT
+    last = tl.minimum(first + BLOCKS_PER_SPLIT, TOTAL_BLOCKS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_n, N - 1)  # as `gemv.program`: a last tile past N reloads row N - 1, stores none of it
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_c = tl.arange(0, 16)
     w_ptrs = words_ptr + rows[:, None] * stride_wn + offs_c[None, :]
@@ -190,18 +200,21 @@ def int4_native_decode_kernel(
         tl.store(out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None], acc, mask=mask)
 
 
+MAX_M = 256  # past ~256 rows dequantizing W once for cuBLAS is predicted faster (`tiling.dequantize_first`)
+
+
 def applies(M: int) -> bool:
-    """True for the rows of x this kernel takes (2..16); one row runs the GEMV, more the GEMM paths."""
-    return 2 <= M <= DECODE_MAX_M
+    """True for the rows of x this kernel takes (2..256); one row runs the GEMV, more than 256 the GEMM paths."""
+    return 2 <= M <= MAX_M
 
 
 def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None,
                               out: torch.Tensor, config: Config | None = None) -> Launch:
-    """The launch for x [M, K] (M = 2..16, K contiguous): grid (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself
-    when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    """The launch for x [M, K] (M = 2..256, K contiguous): grid (M / BLOCK_M, N / BLOCK_N, SPLIT_K); it writes
+    out [M, N] itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
-    config = config or native_decode_config(N, K, interpreting())
-    if not applies(M) or K != w.in_features or x.stride(1) != 1 or config.BLOCK_M != DOT_MIN_M \
+    config = config or native_decode_config(M, N, K, interpreting())
+    if not applies(M) or K != w.in_features or x.stride(1) != 1 or config.BLOCK_M % 16 \
             or config.BLOCK_K != int4_native.BLOCK_K or not int4_native.supports(K, G):
         raise ValueError(f"{config} cannot run the int4 native decode on x {list(x.shape)} stride"
                          f" {list(x.stride())} and W [{N}, {w.in_features}], group {G}")
@@ -209,7 +222,7 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)  # no split left empty
     written, (stride_os, stride_om, _) = splitk.target(split_k, out)
-    grid = (triton.cdiv(N, config.BLOCK_N), split_k)
+    grid = (triton.cdiv(M, config.BLOCK_M), triton.cdiv(N, config.BLOCK_N), split_k)
     args = (x, w.words, w.zeros, w.scales, bias, written,
             M, N, per_split, blocks,
             x.stride(0), w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), stride_os, stride_om,
@@ -222,5 +235,5 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
 
 def int4_native_decode(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
                        config: Config | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T + bias for M = 2..16, from the native layout; one launch when SPLIT_K == 1."""
+    """out [M, N] = x [M, K] @ W^T + bias for M = 2..256, from the native layout; one launch when SPLIT_K == 1."""
     return splitk.finish(int4_native_decode_launch(x, w, bias, out, config), bias, out)

@@ -1,7 +1,7 @@
 """The int4 GEMV's kernel-native layout: AWQ int4 weights repacked once, when a model is loaded on a GPU.
 
 The checkpoint keeps AWQ's layout (`qwen2q.quantizers.int4`); this module owns the layout the M = 1 kernel
-(`int4_gemm.int4_gemv_kernel`) and the M = 2..16 kernel (`int4_decode`) read, and is the only place that packs its
+(`int4_gemm.int4_gemv_kernel`) and the M = 2..256 kernel (`int4_decode`) read, and is the only place that packs its
 bits (the kernels read them through `int4_gemm._code_value`):
 
     words   int32 [N, K / 8]    row n of W; block b (K indices 128b .. 128b + 127) is words 16b .. 16b + 15.
@@ -25,7 +25,7 @@ number per block shared by all N rows.  Codes j = 0..7 take the magic 4096, 256,
 
 Memory: words are the same 0.5 byte per weight as AWQ's qweight, zeros 1 byte per group and column where
 AWQ packs 0.5: a model holding both layouts keeps its int4 weight bytes twice (about +100% of the
-quantized linears' memory) until the M > 16 paths read this one too.
+quantized linears' memory) until the M > 256 path reads this one too.
 """
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ class Format:
     gemv: Callable[..., Launch] | None = None  # the M = 1 kernel on the load-time layout, where there is one
     gemv_weight: Callable[[int, int], object] | None = None
     gemv_weight_argument: str = ""
-    native_decode: Callable[..., Launch] | None = None  # M = 2..16 on the same load-time layout, where there is one
+    native_decode: Callable[..., Launch] | None = None  # M > 1 on the same load-time layout, where there is one,
+    native_decode_applies: Callable[[int], bool] = lambda M: False  # for these M
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -115,7 +116,7 @@ def _formats() -> dict[str, Format]:
                        lambda N, K: int4_native.Int4Native(_empty(N, K // 8, dtype=torch.int32),
                                                            _empty(K // g, N, dtype=torch.uint8),
                                                            _empty(K // g, N, dtype=torch.float16)),
-                       "words_ptr", int4_decode.int4_native_decode_launch),
+                       "words_ptr", int4_decode.int4_native_decode_launch, int4_decode.applies),
         "nf4": Format(nf4_gemm.nf4_decode_launch, nf4_gemm.nf4_gemm_launch, "W0", nf4_weight,
                       nf4_gemm.nf4_gemv_launch, nf4_weight, "words_ptr"),
         "int8": Format(int8_gemm.int8_decode_launch, int8_gemm.int8_gemm_launch, "W0",
@@ -144,7 +145,7 @@ def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple
     if M == 1 and fmt.gemv is not None:
         w = fmt.gemv_weight(N, K)
         return fmt.gemv(x, w, bias, out), w, fmt.gemv_weight_argument
-    if fmt.native_decode is not None and tiling.is_decode(M):
+    if fmt.native_decode is not None and fmt.native_decode_applies(M):
         w = fmt.gemv_weight(N, K)
         return fmt.native_decode(x, w, bias, out), w, fmt.gemv_weight_argument
     w = fmt.meta_weight(N, K)

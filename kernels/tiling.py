@@ -117,24 +117,26 @@ def gemv_config(N: int, K: int, interpret: bool, block_k: int = GEMV_BLOCK_K,
     return Config(1, block_n, block_k, SPLIT_K=split_k, num_warps=warps, num_stages=1)
 
 
-# int4 M = 2..16 on the native layout (`int4_decode`): 128 rows on two warps per program (two warps share each x
-# tile, half the L2 reads of one-warp programs; four warps made Triton pick wgmma with a fence per K step), three
-# stages so that two blocks (16 KB) are in flight.
-NATIVE_DECODE_TILE = (128, 2)  # (BLOCK_N, num_warps)
+# int4 M = 2..256 on the native layout (`int4_decode`): 128 rows per program, 16, 32 or 64 rows of x.  For
+# 16 rows two warps (they share each x tile, half the L2 reads of one-warp programs); for 32 and 64 four (Triton's
+# wgmma then, where two warps need 254 registers or spill).  Three stages: two blocks (16 KB) in flight.
+NATIVE_DECODE_BLOCK_N = 128
 _NATIVE_DECODE_CTAS = 2 * 132  # two programs per SM: 32 KB in flight each, past the ~23 KB Little's law asks
 
 
-def native_decode_config(N: int, K: int, interpret: bool) -> Config:
-    """`int4_decode`'s tiling of W [N, K] (K in 128-index blocks): SPLIT_K runs of blocks, enough for ~2 programs
-    per SM (more splits mean more fp32 partials, M x N x 4 bytes each).  Under the interpreter: one tile
-    covering N (capped) and SPLIT_K = 2."""
+def native_decode_config(M: int, N: int, K: int, interpret: bool) -> Config:
+    """`int4_decode`'s tiling of x [M, K] @ W^T (K in 128-index blocks): M tiles of 16, 32 or 64 rows, SPLIT_K runs
+    of blocks, enough for ~2 programs per SM (more splits mean more fp32 partials, M x N x 4 bytes each).  Under
+    the interpreter: one N tile covering N (capped) and SPLIT_K = 2."""
     blocks = max(1, K // GEMV_BLOCK_K)
+    block_m = min(64, max(DOT_MIN_M, triton.next_power_of_2(M)))
     if interpret:
-        return Config(DOT_MIN_M, _interpreter_block(N, 256, 16), GEMV_BLOCK_K, SPLIT_K=min(2, blocks),
-                      num_warps=1, num_stages=1)
-    block_n, warps = NATIVE_DECODE_TILE
-    split_k = max(1, min(_GEMV_MAX_SPLIT_K, blocks, triton.cdiv(_NATIVE_DECODE_CTAS, triton.cdiv(N, block_n))))
-    return Config(DOT_MIN_M, block_n, GEMV_BLOCK_K, SPLIT_K=split_k, num_warps=warps, num_stages=3)
+        return Config(block_m, _interpreter_block(N, 256, 16), GEMV_BLOCK_K, SPLIT_K=min(2, blocks), num_warps=1,
+                      num_stages=1)
+    tiles = triton.cdiv(N, NATIVE_DECODE_BLOCK_N) * triton.cdiv(M, block_m)
+    split_k = max(1, min(_GEMV_MAX_SPLIT_K, blocks, triton.cdiv(_NATIVE_DECODE_CTAS, tiles)))
+    return Config(block_m, NATIVE_DECODE_BLOCK_N, GEMV_BLOCK_K, SPLIT_K=split_k, num_warps=2 if block_m == 16 else 4,
+                  num_stages=3)
 
 
 def decode_k_per_split(K: int, config: Config) -> int:

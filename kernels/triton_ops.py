@@ -123,8 +123,8 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
                 out: torch.Tensor | None = None, native: int4_native.Int4Native | None = None) -> torch.Tensor:
     """y = x @ W^T + bias for an AWQ-GEMM int4 weight (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
     scales fp16 [K/G, N]).  With `native` (W in `int4_native`'s layout, made once at load time by
-    `qwen2q.kernels.prepare`), one row of x runs the GEMV and 2..16 rows `int4_decode`'s tensor-core kernel;
-    without it, the split-K decode kernel."""
+    `qwen2q.kernels.prepare`), one row of x runs the GEMV and 2..256 rows `int4_decode`'s tensor-core kernel;
+    without it, the split-K decode kernel (M <= 16) and the GEMM paths (more)."""
     op = "int4_linear"
     if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
         raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
@@ -147,15 +147,16 @@ def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None =
                          f" {native.group_size} on {native.words.device}; the weight is W [{N}, {K}] group"
                          f" {w.group_size} on {w.qweight.device}")
 
-    def decode(x2, w, bias, out):
+    def native_path(x2, w, bias, out, other):
         if native is not None and x2.shape[0] == 1:
             return int4_gemm.int4_gemv(x2.contiguous(), native, bias, out)
         if native is not None and int4_decode.applies(x2.shape[0]):
             return int4_decode.int4_native_decode(x2 if x2.stride(1) == 1 else x2.contiguous(), native, bias, out)
-        return int4_gemm.int4_decode(x2, w, bias, out)
+        return other(x2, w, bias, out)
 
-    return _run(op, x, w, N, K, weights, bias, out, decode,
-                _gemm_or_dequantize(int4_gemm, int4_gemm.int4_gemm, int4_gemm.int4_dequantize))
+    gemm = _gemm_or_dequantize(int4_gemm, int4_gemm.int4_gemm, int4_gemm.int4_dequantize)
+    return _run(op, x, w, N, K, weights, bias, out, lambda *a: native_path(*a, int4_gemm.int4_decode),
+                lambda *a: native_path(*a, gemm))
 
 
 def nf4_linear(x: torch.Tensor, w: nf4.NF4Weight, bias: torch.Tensor | None = None, *,

@@ -241,7 +241,7 @@ def correctness_cases(dry_run: bool) -> list[tuple]:
         ms = (1, 3, 17)
     else:
         shapes = {**SHAPES_7B, "72b gate_proj/up_proj": (29568, 8192), "odd": (200, 320)}
-        ms = (1, 16, 2048, 2, 17, 300, 7, 64, 65)  # the paths that matter most first: the budget may cut the rest
+        ms = (1, 16, 2048, 2, 17, 300, 7, 64, 65, 150)  # the paths that matter most first: the budget may cut the rest
     cases = []
     for M in ms:
         for shape_name, (N, K) in shapes.items():
@@ -260,7 +260,7 @@ def correctness_cases(dry_run: bool) -> list[tuple]:
 def part_correct(c: Check, deadline: float) -> dict:
     import torch
 
-    from qwen2q.kernels import int4_native, ops, tiling, triton_ops  # noqa: F401  (ops: the custom ops)
+    from qwen2q.kernels import int4_decode, int4_native, ops, triton_ops  # noqa: F401  (ops: the custom ops)
 
     cases, failures, done = correctness_cases(c.dry_run), [], 0
     weights: dict = {}
@@ -279,7 +279,7 @@ def part_correct(c: Check, deadline: float) -> dict:
             x = torch.randn(M, K, generator=g).to(dtype).to(c.device)
         bias = torch.randn(N, generator=g).to(dtype).to(c.device) if has_bias else None
         paths = [None]
-        if fmt.startswith("int4") and M <= tiling.DECODE_MAX_M and triton_ops.gemv_applies(q):  # GEMV, int4_decode
+        if fmt.startswith("int4") and (M == 1 or int4_decode.applies(M)) and triton_ops.gemv_applies(q):
             paths.append(int4_native.from_awq(q))
         for native in paths:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
@@ -302,7 +302,8 @@ def part_correct(c: Check, deadline: float) -> dict:
     extra["split_k_deterministic"] = bool(torch.equal(_call("int8", x, q, None, None), _call("int8", x, q, None, None)))
     y = torch.ops.qwen2q.int8_linear(x, q.qweight, q.absmax, None)
     extra["custom_op"] = _close(y, x, W, None, "bfloat16") or "ok"
-    return {"cases": done, "planned": sum(1 + (f.startswith("int4") and m <= 16) for f, _, _, _, m, *_ in cases),
+    return {"cases": done, "planned": sum(1 + (f.startswith("int4") and (m == 1 or int4_decode.applies(m)))
+                                         for f, _, _, _, m, *_ in cases),
             "failures": failures, **extra}
 
 
@@ -400,7 +401,7 @@ def _graph_us(calls, reps_per_graph: int, replays: int) -> float:
 def part_kernels(c: Check, deadline: float) -> dict:
     import torch
 
-    from qwen2q.kernels import int4_native, tiling, triton_ops
+    from qwen2q.kernels import int4_decode, int4_native, tiling, triton_ops
 
     if c.dry_run:  # the bookkeeping below, on one tiny shape, without timings
         shapes, ms, l2 = {"small": (128, 256)}, (1, 3, 17), 1
@@ -432,8 +433,8 @@ def part_kernels(c: Check, deadline: float) -> dict:
                 variants = [("runtime", None)]
                 if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
                     variants.append(("fused", False))
-                if fmt == "int4-g128" and 1 < M <= tiling.DECODE_MAX_M:
-                    variants.append(("awq-layout", None))  # the split-K decode kernel int4_decode replaced
+                if fmt == "int4-g128" and int4_decode.applies(M):
+                    variants.append(("awq-layout", None))  # the AWQ-layout kernel int4_decode replaced
                 for variant, force in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
