@@ -82,27 +82,17 @@ H32_0, H32_1, H32_2, H32_3 = (_ASM[False, 32, g] for g in range(4))
 @triton.jit
 def _run_asm(w, nzz, ASM: tl.constexpr, COUNT: tl.constexpr, X_BF16: tl.constexpr):
     """COUNT tensors [BLOCK_N, 16] (bf16, or fp16 when not X_BF16) from `group_asm` text ASM, two elements per
-    instance.  (The dtypes are literals: a dtype passed in as a constexpr does not reach the op unwrapped.)"""
-    if X_BF16:
-        if COUNT == 8:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, nzz],
-                                             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
-        elif COUNT == 4:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(tl.bfloat16,) * 4,
-                                             is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [w, nzz], dtype=(tl.bfloat16,) * 2, is_pure=True,
-                                             pack=2)
+    instance."""
+    DTYPE: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
+    if COUNT == 8:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(DTYPE.value,) * 8,
+                                         is_pure=True, pack=2)
+    elif COUNT == 4:
+        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(DTYPE.value,) * 4, is_pure=True,
+                                         pack=2)
     else:
-        if COUNT == 8:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, nzz],
-                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-        elif COUNT == 4:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r,r,r", [w, nzz], dtype=(tl.float16,) * 4,
-                                             is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [w, nzz], dtype=(tl.float16,) * 2, is_pure=True,
-                                             pack=2)
+        return tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r", [w, nzz], dtype=(DTYPE.value,) * 2, is_pure=True,
+                                         pack=2)
 
 
 @triton.jit
