@@ -124,19 +124,21 @@ NATIVE_DECODE_BLOCK_N = 128
 _NATIVE_DECODE_CTAS = 2 * 132  # two programs per SM: 32 KB in flight each, past the ~23 KB Little's law asks
 
 
-def native_decode_config(M: int, N: int, K: int, interpret: bool) -> Config:
+def native_decode_config(M: int, N: int, K: int, interpret: bool,
+                         tile: tuple[int, int, int] | None = None) -> Config:
     """`int4_decode`'s tiling of x [M, K] @ W^T (K in 128-index blocks): M tiles of 16, 32 or 64 rows, SPLIT_K runs
-    of blocks, enough for ~2 programs per SM (more splits mean more fp32 partials, M x N x 4 bytes each).  Under
-    the interpreter: one N tile covering N (capped) and SPLIT_K = 2."""
+    of blocks, enough for ~2 programs per SM (more splits mean more fp32 partials, M x N x 4 bytes each).  `tile`
+    (BLOCK_N, num_warps, num_stages) replaces the default (for tuning on a GPU: `dev gpu-check`).  Under the
+    interpreter: one N tile covering N (capped) and SPLIT_K = 2."""
     blocks = max(1, K // GEMV_BLOCK_K)
     block_m = min(64, max(DOT_MIN_M, triton.next_power_of_2(M)))
     if interpret:
         return Config(block_m, _interpreter_block(N, 256, 16), GEMV_BLOCK_K, SPLIT_K=min(2, blocks), num_warps=1,
                       num_stages=1)
-    tiles = triton.cdiv(N, NATIVE_DECODE_BLOCK_N) * triton.cdiv(M, block_m)
+    block_n, warps, stages = tile or (NATIVE_DECODE_BLOCK_N, 2 if block_m == 16 else 4, 3)
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     split_k = max(1, min(_GEMV_MAX_SPLIT_K, blocks, triton.cdiv(_NATIVE_DECODE_CTAS, tiles)))
-    return Config(block_m, NATIVE_DECODE_BLOCK_N, GEMV_BLOCK_K, SPLIT_K=split_k, num_warps=2 if block_m == 16 else 4,
-                  num_stages=3)
+    return Config(block_m, block_n, GEMV_BLOCK_K, SPLIT_K=split_k, num_warps=warps, num_stages=stages)
 
 
 def decode_k_per_split(K: int, config: Config) -> int:

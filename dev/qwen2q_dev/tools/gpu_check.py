@@ -398,6 +398,11 @@ def _graph_us(calls, reps_per_graph: int, replays: int) -> float:
     return statistics.median(times)
 
 
+# Other (BLOCK_N, num_warps, num_stages) for int4_decode at M <= 16, timed beside the runtime's (128, 2, 3): one warp of
+# 64 rows (more programs, twice the x reads), four warps of 256 rows (wgmma, a quarter of the x reads), two stages.
+NATIVE_TILES = ((64, 1, 3), (256, 4, 3), (128, 2, 2))
+
+
 def part_kernels(c: Check, deadline: float) -> dict:
     import torch
 
@@ -435,9 +440,14 @@ def part_kernels(c: Check, deadline: float) -> dict:
                     variants.append(("fused", False))
                 if fmt == "int4-g128" and int4_decode.applies(M):
                     variants.append(("awq-layout", None))  # the AWQ-layout kernel int4_decode replaced
+                    variants += [(f"native {n}x{w}w s{s}", (n, w, s)) for n, w, s in NATIVE_TILES if M <= 16]
                 for variant, force in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
+                    elif variant.startswith("native "):  # int4_decode with another tile (tuning)
+                        config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=force)
+                        calls = [lambda n=n: int4_decode.int4_native_decode(x, n, None, out, config) for n in natives]
+                        force = None
                     else:
                         layouts = natives if variant != "awq-layout" else [None] * len(weights)
                         calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
