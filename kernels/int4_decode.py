@@ -139,7 +139,7 @@ def int4_native_decode_kernel(
     FIELD_11, FIELD_15, FIELD_19,
     # Meta-parameters
     GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITES_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks, for its tile of x's rows; then y = acc^T (+ bias)
     or its partials."""
@@ -181,7 +181,7 @@ def int4_native_decode_kernel(
             acc += scale[:, None] * part
     n_mask = offs_n < N
     mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
+    if WRITES_Y:  # SPLIT_K == 1 (a flag, not the count: one binary serves every split)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
@@ -218,7 +218,7 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
             x.stride(0), w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), stride_os, stride_om,
             *_FIELDS)
     kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
-                  HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
+                  HAS_BIAS=bias is not None, WRITES_Y=split_k == 1, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     return Launch(int4_native_decode_kernel, grid, args, kwargs, config, written)
 

@@ -440,7 +440,8 @@ def part_kernels(c: Check, deadline: float) -> dict:
                     variants.append(("fused", False))
                 if fmt == "int4-g128" and int4_decode.applies(M):
                     variants.append(("awq-layout", None))  # the AWQ-layout kernel int4_decode replaced
-                    variants += [(f"native {n}x{w}w s{s}", (n, w, s)) for n, w, s in NATIVE_TILES if M <= 16]
+                    if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
+                        variants += [(f"native {n}x{w}w s{s}", (n, w, s)) for n, w, s in NATIVE_TILES]
                 for variant, force in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
