@@ -70,7 +70,8 @@ def group_asm(first: int, count: int, bf16: bool) -> str:
     return "\n".join([*lines, "}"])
 
 
-# One assembly block per scale group: GROUP_ASM[(bf16, group_size)][g] (Triton reads globals as constexprs).
+# One assembly block per scale group: _ASM[bf16, group size, group g of the block], and by name (Triton reads
+# module globals only as constexprs).
 _ASM = {(bf16, G, g): tl.constexpr(group_asm(g * G // 16, G // 16, bf16))
         for bf16 in (True, False) for G in int4_native.GROUP_SIZES for g in range(128 // G)}
 B128, H128 = _ASM[True, 128, 0], _ASM[False, 128, 0]
@@ -114,6 +115,7 @@ def _group_pairs(w, nzz, G: tl.constexpr, GROUP_SIZE: tl.constexpr, X_BF16: tl.c
             return _run_asm(w, nzz, B32_2 if X_BF16 else H32_2, 2, X_BF16)
         else:
             return _run_asm(w, nzz, B32_3 if X_BF16 else H32_3, 2, X_BF16)
+
 
 @triton.jit
 def _magic(J: tl.constexpr):

@@ -2,7 +2,7 @@
 
 The checkpoint keeps AWQ's layout (`qwen2q.quantizers.int4`); this module owns the layout the M = 1 kernel
 (`int4_gemm.int4_gemv_kernel`) and the M = 2..256 kernel (`int4_decode`) read, and is the only place that packs its
-bits (the kernels read them through `int4_gemm._code_value`):
+bits (the kernels read them through `int4_gemm._code_value` and `int4_decode.group_asm`):
 
     words   int32 [N, K / 8]    row n of W; block b (K indices 128b .. 128b + 127) is words 16b .. 16b + 15.
                                 Word c of block b holds the 8 codes of k = 128b + 16j + c, j = 0..7, code j at
