@@ -135,8 +135,8 @@ def int4_native_decode_kernel(
     x_ptr, words_ptr, zeros_ptr, scales_ptr, bias_ptr, out_ptr,
     # Sizes; each program reduces BLOCKS_PER_SPLIT 128-index blocks
     M, N, BLOCKS_PER_SPLIT, TOTAL_BLOCKS,
-    # Strides (out: of its split and row dims)
-    stride_xm, stride_wn, stride_zg, stride_sg, stride_os, stride_om,
+    # Strides (out: of its split, row and column dims)
+    stride_xm, stride_wn, stride_zg, stride_sg, stride_os, stride_om, stride_on,
     # Code field masks (int4_gemm._FIELDS)
     FIELD_11, FIELD_15, FIELD_19,
     # Meta-parameters
@@ -144,7 +144,7 @@ def int4_native_decode_kernel(
     HAS_BIAS: tl.constexpr, WRITES_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks, for its tile of x's rows; then y = acc^T (+ bias)
-    or its partials."""
+    or its partials (`splitk.decode_store`)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # M tiles vary fastest: they share W
     first = pid_k * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, TOTAL_BLOCKS)
@@ -181,16 +181,9 @@ def int4_native_decode_kernel(
                 xt = tl.load(xt_ptrs + b * 128 + 16 * j, mask=m_mask[None, :], other=0.0).to(tl.float32)
                 part = tl.dot(a.to(DOT_DTYPE), xt.to(DOT_DTYPE), part)
             acc += scale[:, None] * part
-    n_mask = offs_n < N
-    mask = n_mask[:, None] & m_mask[None, :]
-    if WRITES_Y:  # SPLIT_K == 1 (a flag, not the count: one binary serves every split)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
-    else:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None], acc, mask=mask)
-
+    # The skeletons' epilogue, on acc^T [BLOCK_M, BLOCK_N] (its SPLIT_K is only compared with 1).
+    splitk.decode_store(tl.trans(acc), out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om,
+                        stride_on, HAS_BIAS, 1 if WRITES_Y else 2)
 
 MAX_M = 256  # past ~256 rows dequantizing W once for cuBLAS is predicted faster (`tiling.dequantize_first`)
 
@@ -213,12 +206,12 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
     blocks = K // int4_native.BLOCK_K
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)  # no split left empty
-    written, (stride_os, stride_om, _) = splitk.target(split_k, out)
+    written, (stride_os, stride_om, stride_on) = splitk.target(split_k, out)
     grid = (triton.cdiv(M, config.BLOCK_M), triton.cdiv(N, config.BLOCK_N), split_k)
     args = (x, w.words, w.zeros, w.scales, bias, written,
             M, N, per_split, blocks,
             x.stride(0), w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), stride_os, stride_om,
-            *_FIELDS)
+            stride_on, *_FIELDS)
     kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
                   HAS_BIAS=bias is not None, WRITES_Y=split_k == 1, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
                   num_warps=config.num_warps, num_stages=config.num_stages)
