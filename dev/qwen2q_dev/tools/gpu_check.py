@@ -435,20 +435,19 @@ def part_kernels(c: Check, deadline: float) -> dict:
             for M in ms:
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(c.device)
                 out = torch.empty(M, N, dtype=torch.bfloat16, device=c.device)
-                variants = [("runtime", None)]
+                variants = [("runtime", None, None)]  # (name, dequantize_first forced, int4_decode tile)
                 if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
-                    variants.append(("fused", False))
+                    variants.append(("fused", False, None))
                 if fmt == "int4-g128" and int4_decode.applies(M):
-                    variants.append(("awq-layout", None))  # the AWQ-layout kernel int4_decode replaced
+                    variants.append(("awq-layout", None, None))  # the AWQ-layout kernel int4_decode replaced
                     if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
-                        variants += [(f"native {n}x{w}w s{s}", (n, w, s)) for n, w, s in NATIVE_TILES]
-                for variant, force in variants:
+                        variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
+                for variant, force, tile in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
-                    elif variant.startswith("native "):  # int4_decode with another tile (tuning)
-                        config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=force)
+                    elif tile is not None:  # int4_decode with another tile (tuning)
+                        config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=tile)
                         calls = [lambda n=n: int4_decode.int4_native_decode(x, n, None, out, config) for n in natives]
-                        force = None
                     else:
                         layouts = natives if variant != "awq-layout" else [None] * len(weights)
                         calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
