@@ -10,7 +10,8 @@ or per call (`backend`) by a caller that passes none:
   is an error (`KernelsUnavailable`), not a silent fall-back;
 - "cpu": bf16 activations on CPU run the CPU backend (`cpu`), from the weight's *prepared* form, made once
   when the model is loaded (`prepare`) and passed to `linear` beside the weight; on CUDA the prepared form of
-  an int4 weight is its GEMV layout (`int4_native`), which calls of 1 to 256 rows run on;
+  an int4 weight is its GEMV layout (`int4_native`), which every int4 call runs on and which a module holds
+  instead of AWQ's qweight and qzeros (`replaces`, `restore`);
 - "reference" everywhere else, or with QWEN2Q_KERNELS=reference: dequantize W to x's dtype, then
   `torch.nn.functional.linear`.  It is the oracle the other two are tested against.
 """
@@ -112,27 +113,47 @@ def int8_linear(x: torch.Tensor, w: int8.Int8Weight, bias: torch.Tensor | None =
     return F.linear(x, int8.dequantize(w, x.dtype), bias)
 
 
-def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None,
+def int4_linear(x: torch.Tensor, w: int4.Int4Weight | None, bias: torch.Tensor | None = None,
                 native: int4_native.Int4Native | None = None, kind: str | None = None) -> torch.Tensor:
+    """w: AWQ's layout, or None where only `native` (the GEMV layout) is held."""
     if (kind or backend(x)) == "triton":
         _triton_ops()
         words, zeros = (native.words, native.zeros) if native is not None else (None, None)
-        return torch.ops.qwen2q.int4_linear(x, w.qweight, w.qzeros, w.scales, bias, words, zeros)
-    return F.linear(x, int4.dequantize(w, x.dtype), bias)
+        qweight, qzeros, scales = (w.qweight, w.qzeros, w.scales) if w is not None else (None, None, native.scales)
+        return torch.ops.qwen2q.int4_linear(x, qweight, qzeros, scales, bias, words, zeros)
+    dense = int4.dequantize(w, x.dtype) if w is not None else int4_native.dequantize(native, x.dtype)
+    return F.linear(x, dense, bias)
 
 
 def linear(fmt, x: torch.Tensor, w, bias: torch.Tensor | None = None, prepared=None, kind: str | None = None
            ) -> torch.Tensor:
-    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`.  kind: the backend a module chose when
-    it was prepared (`choose_backend`), or None to choose now.  The CPU backend runs from `prepared` (from
-    `prepare`); the Triton kernels through the format's op above (named by `fmt.kernel`), with an int4 weight's
-    GEMV layout when `prepared` is one; otherwise the reference (dequantize to x's dtype, then linear)."""
+    """y = x @ W^T + b for a weight object `w` of any registered format `fmt`, or w None where the caller holds only
+    `prepared` in its place (`replaces`).  kind: the backend a module chose when it was prepared
+    (`choose_backend`), or None to choose now.  The CPU backend runs from `prepared` (from `prepare`); the Triton
+    kernels through the format's op above (named by `fmt.kernel`), with an int4 weight's GEMV layout when
+    `prepared` is one; otherwise the reference (dequantize to x's dtype, then linear)."""
     kind = kind or backend(x, prepared)
     if kind == "cpu":
         return prepared.linear(x, bias)
     op = getattr(sys.modules[__name__], fmt.kernel, None) if fmt.kernel else None
     if op is None:
-        return F.linear(x, fmt.dequantize(w, x.dtype), bias)
+        return F.linear(x, fmt.dequantize(w if w is not None else restore(prepared), x.dtype), bias)
     if isinstance(prepared, int4_native.Int4Native):
-        return op(x, w, bias, native=prepared if prepared.words.device == x.device else None, kind=kind)
-    return op(x, w, bias, kind=kind)
+        native = prepared if w is None or prepared.words.device == x.device else None
+        return op(x, w, bias, native=native, kind=kind)
+    return op(x, w if w is not None else restore(prepared), bias, kind=kind)
+
+
+def replaces(prepared) -> tuple[str, ...]:
+    """The tensor fields of the weight object that `prepared` (from `prepare`) holds in another form, so that a
+    module may free them while it holds `prepared` and rebuild them with `restore`: an int4 weight's GEMV layout
+    replaces AWQ's qweight and qzeros (every Triton path for int4 reads it; it shares the scales); the CPU
+    backend's forms replace nothing."""
+    return ("qweight", "qzeros") if isinstance(prepared, int4_native.Int4Native) else ()
+
+
+def restore(prepared):
+    """The weight object `prepared` was made from, rebuilt bit for bit on its device (for a `replaces` form)."""
+    if not isinstance(prepared, int4_native.Int4Native):
+        raise ValueError(f"{type(prepared).__name__} does not hold a weight in place of its checkpoint tensors")
+    return int4_native.to_awq(prepared)

@@ -1,4 +1,4 @@
-"""int4 for 2..256 rows of x: tensor cores on the GEMV's native layout (`int4_native`), y = x @ W^T + bias.
+"""int4 for 2..512 rows of x (`MAX_M`): tensor cores on the GEMV's native layout (`int4_native`), y = x @ W^T + bias.
 
 The split-K decode kernel (`skeletons.decode_kernel` with `int4_gemm.int4_tile`) reads AWQ's layout, turns
 every weight into fp32 with a shift, a mask, an int-to-float conversion, a subtraction and a multiply, and
@@ -185,17 +185,21 @@ def int4_native_decode_kernel(
     splitk.decode_store(tl.trans(acc), out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om,
                         stride_on, HAS_BIAS, 1 if WRITES_Y else 2)
 
-MAX_M = 256  # past ~256 rows dequantizing W once for cuBLAS is predicted faster (`tiling.dequantize_first`)
+# Past this many rows `int4_prefill` (dequantize once + cuBLAS) takes the call.  The report's model predicts this
+# kernel faster at every M (tensor-bound at its dense peak), but leaves out the x tile each 128-row program reads from
+# L2 (M / 33 times the weight bytes) and Triton's wgmma pipeline; at 512 it keeps a margin of 1.5x on 7B gate/up for
+# both (kernels/NOTES.md, section 8).  `dev gpu-check` times both at M = 512.
+MAX_M = 512
 
 
 def applies(M: int) -> bool:
-    """True for the rows of x this kernel takes (2..256); one row runs the GEMV, more than 256 the GEMM paths."""
+    """True for the rows of x this kernel takes (2..MAX_M); one row runs the GEMV, more `int4_prefill`."""
     return 2 <= M <= MAX_M
 
 
 def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None,
                               out: torch.Tensor, config: Config | None = None) -> Launch:
-    """The launch for x [M, K] (M = 2..256, K contiguous): grid (M / BLOCK_M, N / BLOCK_N, SPLIT_K); it writes
+    """The launch for x [M, K] (M = 2..MAX_M, K contiguous): grid (M / BLOCK_M, N / BLOCK_N, SPLIT_K); it writes
     out [M, N] itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or native_decode_config(M, N, K, interpreting())
@@ -220,5 +224,5 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
 
 def int4_native_decode(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,
                        config: Config | None = None) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W^T + bias for M = 2..256, from the native layout; one launch when SPLIT_K == 1."""
+    """out [M, N] = x [M, K] @ W^T + bias for M = 2..MAX_M, from the native layout; one launch when SPLIT_K == 1."""
     return splitk.finish(int4_native_decode_launch(x, w, bias, out, config), bias, out)

@@ -1,7 +1,7 @@
 """The int4 GEMV's kernel-native layout: AWQ int4 weights repacked once, when a model is loaded on a GPU.
 
 The checkpoint keeps AWQ's layout (`qwen2q.quantizers.int4`); this module owns the layout the M = 1 kernel
-(`int4_gemm.int4_gemv_kernel`) and the M = 2..256 kernel (`int4_decode`) read, and is the only place that packs its
+(`int4_gemm.int4_gemv_kernel`) and the M = 2..512 kernel (`int4_decode`) read, and is the only place that packs its
 bits (the kernels read them through `int4_gemm._code_value` and `int4_decode.group_asm`):
 
     words   int32 [N, K / 8]    row n of W; block b (K indices 128b .. 128b + 127) is words 16b .. 16b + 15.
@@ -24,8 +24,9 @@ number per block shared by all N rows.  Codes j = 0..7 take the magic 4096, 256,
 256 (`MAGICS`).  The block's 16 x values of each j are contiguous, so x loads stay vectorised.
 
 Memory: words are the same 0.5 byte per weight as AWQ's qweight, zeros 1 byte per group and column where
-AWQ packs 0.5: a model holding both layouts keeps its int4 weight bytes twice (about +100% of the
-quantized linears' memory) until the M > 256 path reads this one too.
+AWQ packs 0.5 (+1/256 byte per weight at group 128).  Every int4 path reads this layout (M = 1 the GEMV,
+2..512 `int4_decode`, more rows `int4_prefill`), so a module on CUDA holds it instead of AWQ's qweight and
+qzeros, and `to_awq` gives those back, bit for bit, when the module leaves the GPU or is saved.
 """
 from __future__ import annotations
 
@@ -106,6 +107,13 @@ def from_awq(w: int4.Int4Weight) -> Int4Native:
                          f" got in_features={K}, group_size={G}")
     codes = int4.unpack(w.qweight).t()  # [N, K]
     return Int4Native(pack_codes(codes).contiguous(), int4.unpack(w.qzeros).contiguous(), w.scales)
+
+
+def to_awq(w: Int4Native) -> int4.Int4Weight:
+    """Exact inverse of `from_awq`: the AWQ GEMM weight (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8],
+    and the same scales tensor) on w's device."""
+    return int4.Int4Weight(int4.pack(unpack_codes(w.words).t()).contiguous(), int4.pack(w.zeros).contiguous(),
+                           w.scales)
 
 
 def dequantize(w: Int4Native, dtype: torch.dtype) -> torch.Tensor:

@@ -26,15 +26,16 @@ def _y_like(x: torch.Tensor, out_features: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("qwen2q::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor | None, qzeros: torch.Tensor | None, scales: torch.Tensor,
                 bias: torch.Tensor | None, native_words: torch.Tensor | None,
                 native_zeros: torch.Tensor | None) -> torch.Tensor:
-    """AWQ int4 (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8], scales fp16 [K / G, N]); native_words and
-    native_zeros: the GEMV layout (`int4_native`), or None."""
+    """AWQ int4 (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8], scales fp16 [K / G, N]), or None where a
+    module holds only the GEMV layout; native_words and native_zeros: that layout (`int4_native`), or None."""
     from qwen2q.kernels import int4_native
 
     native = None if native_words is None else int4_native.Int4Native(native_words, native_zeros, scales)
-    return _triton_ops().int4_linear(x, int4.Int4Weight(qweight, qzeros, scales), bias, native=native)
+    w = None if qweight is None else int4.Int4Weight(qweight, qzeros, scales)
+    return _triton_ops().int4_linear(x, w, bias, native=native)
 
 
 @int4_linear.register_fake

@@ -153,10 +153,13 @@ def runtime_launch(fmt: Format, M: int, N: int, K: int, has_bias: bool) -> tuple
 
 
 def large_m_path(fmt_name: str, M: int, N: int, K: int) -> str:
-    """What the runtime runs for M > 16: "fused" (the GEMM row's kernel) or "dequantize+cublas" (W^T dequantized
-    once, then cuBLAS; `tiling.dequantize_first`), in which case the row's kernel is the fused GEMM it replaces."""
-    from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm, tiling
+    """What the runtime runs for M > 16: "fused" (the GEMM row's kernel) or "dequantize+cublas" (W dequantized
+    once, then cuBLAS; `tiling.dequantize_first`, or for int4 on the GEMV's layout every M past
+    `int4_decode.MAX_M`: `int4_prefill`), in which case the row's kernel is the fused GEMM it replaces."""
+    from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int8_gemm, nf4_gemm, tiling
 
+    if fmt_name == "int4" and M > int4_decode.MAX_M and int4_native.supports(K, INT4_GROUP_SIZE) and N % 64 == 0:
+        return "dequantize+cublas"
     module = {"int4": int4_gemm, "nf4": nf4_gemm, "int8": int8_gemm}[fmt_name]
     if tiling.is_decode(M) or not tiling.dequantize_first(M, N, K, module.GEMM_SASS_PER_WEIGHT,
                                                           module.PACKED_BYTES_PER_WEIGHT):

@@ -117,7 +117,7 @@ def gemv_config(N: int, K: int, interpret: bool, block_k: int = GEMV_BLOCK_K,
     return Config(1, block_n, block_k, SPLIT_K=split_k, num_warps=warps, num_stages=1)
 
 
-# int4 M = 2..256 on the native layout (`int4_decode`): 128 rows per program, 16, 32 or 64 rows of x.  For
+# int4 M = 2..512 on the native layout (`int4_decode`): 128 rows per program, 16, 32 or 64 rows of x.  For
 # 16 rows two warps (they share each x tile, half the L2 reads of one-warp programs); for 32 and 64 four (Triton's
 # wgmma then, where two warps need 254 registers or spill).  Three stages: two blocks (16 KB) in flight.
 NATIVE_DECODE_BLOCK_N = 128

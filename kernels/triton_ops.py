@@ -7,8 +7,9 @@ the bias added before the single rounding to x's dtype; bf16 is never cast throu
 
 M = the number of rows of x picks the path (see `tiling`): M = 1 the GEMVs where the shape takes them,
 M <= 16 the split-K decode kernels, larger M the tl.dot GEMM kernels or, where `tiling.dequantize_first`
-predicts it faster, W^T dequantized once and a cuBLAS GEMM.  Bad input raises ValueError naming the value and what
-would be valid.  The kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
+predicts it faster, W^T dequantized once and a cuBLAS GEMM.  An int4 weight in the GEMV's layout
+(`int4_native`) has paths of its own for every M (`int4_linear`).  Bad input raises ValueError naming the value
+and what would be valid.  The kernels need CUDA tensors, or CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
 before triton is imported), which the tests use.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int8_gemm, nf4_gemm, tiling
+from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int4_prefill, int8_gemm, nf4_gemm, tiling
 from qwen2q.quantizers import int4, int8, nf4
 
 _ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
@@ -119,40 +120,68 @@ def gemv_applies(w: int4.Int4Weight) -> bool:
     return int4_native.supports(w.in_features, w.group_size) and w.out_features % 64 == 0
 
 
-def int4_linear(x: torch.Tensor, w: int4.Int4Weight, bias: torch.Tensor | None = None, *,
+def _check_native(op: str, native: int4_native.Int4Native) -> tuple[int, int, int]:
+    """(N, K, G) of a weight in the GEMV's layout, after checking its tensors (`int4_native`'s docstring)."""
+    words, zeros, scales = native.words, native.zeros, native.scales
+    if words.dim() != 2 or scales.dim() != 2 or scales.shape[0] == 0 or words.shape[1] * 8 % scales.shape[0]:
+        raise ValueError(f"{op}: native words int32 [N, K / 8] and scales fp16 [K / G, N] do not fit: got"
+                         f" {list(words.shape)} and {list(scales.shape)}")
+    N, K, G = native.out_features, native.in_features, native.group_size
+    if not int4_native.supports(K, G):
+        raise ValueError(f"{op}: native W [{N}, {K}] group {G}: the layout needs in_features % {int4_native.BLOCK_K}"
+                         f" == 0 and a group size in {int4_native.GROUP_SIZES}")
+    _check_tensor(op, "native words", words, torch.int32, (N, K // 8))
+    _check_tensor(op, "native zeros", zeros, torch.uint8, (K // G, N))
+    _check_tensor(op, "scales", scales, torch.float16, (K // G, N))
+    if any(t.stride(1) != 1 for t in (words, zeros, scales)):
+        raise ValueError(f"{op}: native words, zeros and scales must have contiguous rows")
+    return N, K, G
+
+
+def int4_linear(x: torch.Tensor, w: int4.Int4Weight | None, bias: torch.Tensor | None = None, *,
                 out: torch.Tensor | None = None, native: int4_native.Int4Native | None = None) -> torch.Tensor:
-    """y = x @ W^T + bias for an AWQ-GEMM int4 weight (qweight int32 [K, N/8], qzeros int32 [K/G, N/8],
-    scales fp16 [K/G, N]).  With `native` (W in `int4_native`'s layout, made once at load time by
-    `qwen2q.kernels.prepare`), one row of x runs the GEMV and 2..256 rows `int4_decode`'s tensor-core kernel;
-    without it, the split-K decode kernel (M <= 16) and the GEMM paths (more)."""
+    """y = x @ W^T + bias for an int4 weight given in AWQ's GEMM layout `w` (qweight int32 [K, N/8], qzeros int32
+    [K/G, N/8], scales fp16 [K/G, N]), in the GEMV's layout `native` (`int4_native`, made once at load time by
+    `qwen2q.kernels.prepare`; a module on CUDA holds only this one), or both.  With `native`, every M runs on it:
+    one row of x the GEMV, 2..512 rows `int4_decode`'s tensor-core kernel, more rows `int4_prefill` (dequantize
+    once + cuBLAS), and `w` is not read.  Without it, the split-K decode kernel (M <= 16) and the GEMM paths."""
     op = "int4_linear"
-    if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
-        raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
-                         f" and {list(w.scales.shape)}")
-    K, N = w.in_features, w.out_features
-    groups = w.scales.shape[0]
-    if K % groups:
-        raise ValueError(f"{op}: in_features={K} is not a multiple of the {groups} scale groups")
-    try:
-        int4.check_shape(K, N, K // groups)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
-    _check_tensor(op, "qweight", w.qweight, torch.int32, (K, N // int4.PACK_FACTOR))
-    _check_tensor(op, "qzeros", w.qzeros, torch.int32, (groups, N // int4.PACK_FACTOR))
-    _check_tensor(op, "scales", w.scales, torch.float16, (groups, N))
-    weights = {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales}
-    if native is not None and (native.words.device != w.qweight.device or native.out_features != N
-                               or native.in_features != K or native.group_size != w.group_size):
-        raise ValueError(f"{op}: native is W [{native.out_features}, {native.in_features}] group"
-                         f" {native.group_size} on {native.words.device}; the weight is W [{N}, {K}] group"
-                         f" {w.group_size} on {w.qweight.device}")
+    if w is None and native is None:
+        raise ValueError(f"{op}: give the weight in AWQ's layout, in the native layout, or both")
+    weights: dict[str, torch.Tensor] = {}
+    if w is not None:
+        if w.qweight.dim() != 2 or w.scales.dim() != 2 or w.scales.shape[0] == 0:
+            raise ValueError(f"{op}: qweight and scales must be non-empty 2-D tensors, got {list(w.qweight.shape)}"
+                             f" and {list(w.scales.shape)}")
+        K, N = w.in_features, w.out_features
+        groups = w.scales.shape[0]
+        if K % groups:
+            raise ValueError(f"{op}: in_features={K} is not a multiple of the {groups} scale groups")
+        try:
+            int4.check_shape(K, N, K // groups)
+        except ValueError as e:
+            raise ValueError(f"{op}: {e}") from None
+        _check_tensor(op, "qweight", w.qweight, torch.int32, (K, N // int4.PACK_FACTOR))
+        _check_tensor(op, "qzeros", w.qzeros, torch.int32, (groups, N // int4.PACK_FACTOR))
+        _check_tensor(op, "scales", w.scales, torch.float16, (groups, N))
+        weights = {"qweight": w.qweight, "qzeros": w.qzeros, "scales": w.scales}
+    if native is not None:
+        N_, K_, G_ = _check_native(op, native)
+        if w is not None and (N_, K_, G_, native.words.device) != (N, K, w.group_size, w.qweight.device):
+            raise ValueError(f"{op}: native is W [{N_}, {K_}] group {G_} on {native.words.device}; the weight is"
+                             f" W [{N}, {K}] group {w.group_size} on {w.qweight.device}")
+        N, K = N_, K_
+        weights.update({"native words": native.words, "native zeros": native.zeros, "scales": native.scales})
 
     def native_path(x2, w, bias, out, other):
-        if native is not None and x2.shape[0] == 1:
+        if native is None:
+            return other(x2, w, bias, out)
+        if x2.shape[0] == 1:
             return int4_gemm.int4_gemv(x2.contiguous(), native, bias, out)
-        if native is not None and int4_decode.applies(x2.shape[0]):
-            return int4_decode.int4_native_decode(x2 if x2.stride(1) == 1 else x2.contiguous(), native, bias, out)
-        return other(x2, w, bias, out)
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        if int4_decode.applies(x2.shape[0]):
+            return int4_decode.int4_native_decode(x2, native, bias, out)
+        return int4_prefill.int4_native_linear(x2, native, bias, out)
 
     gemm = _gemm_or_dequantize(int4_gemm, int4_gemm.int4_gemm, int4_gemm.int4_dequantize)
     return _run(op, x, w, N, K, weights, bias, out, lambda *a: native_path(*a, int4_gemm.int4_decode),

@@ -1,4 +1,4 @@
-"""int4 for 2..256 rows on the native layout (`kernels/int4_decode.py`): outputs against the float64 reference for
+"""int4 for 2..MAX_M rows on the native layout (`kernels/int4_decode.py`): outputs against the float64 reference for
 every group size, split and output dtype; clamped last tiles; which calls take it."""
 import kernel_testing as kt  # first: sets TRITON_INTERPRET before triton is imported
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2q.kernels import int4_decode, int4_gemm, int4_native, splitk, triton_ops
+from qwen2q.kernels import int4_decode, int4_gemm, int4_native, int4_prefill, splitk, triton_ops
+from qwen2q.kernels.int4_decode import MAX_M
 from qwen2q.kernels.tiling import Config, native_decode_config
 
 
@@ -45,13 +46,13 @@ def test_a_last_tile_past_n_stores_nothing_past_n():
 
 def test_calls_it_cannot_run_are_refused():
     w = int4_native.from_awq(kt.reference_weight("int4", 256, 64, 128)[0])
-    for M, stride in ((1, None), (257, None), (4, 2)):
+    for M, stride in ((1, None), (MAX_M + 1, None), (4, 2)):
         x = torch.zeros(M, 256 * (stride or 1), dtype=torch.bfloat16)[:, ::stride or 1]
         with pytest.raises(ValueError, match="cannot run the int4 native decode"):
             int4_decode.int4_native_decode_launch(x, w, None, torch.empty(M, 64, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("M", [2, 16, 17, 64, 256])
+@pytest.mark.parametrize("M", [2, 16, 17, 64, 256, int4_decode.MAX_M])
 @pytest.mark.parametrize("N, K", [(18944, 3584), (3584, 18944), (512, 3584), (29568, 8192)])
 def test_config_fills_the_gpu_without_empty_splits(N, K, M):
     """On a GPU: 128-row tiles of W, x tiles of 16, 32 or 64 rows (two warps for 16, four for more), and as many
@@ -64,12 +65,12 @@ def test_config_fills_the_gpu_without_empty_splits(N, K, M):
     assert tiles * c.SPLIT_K >= min(2 * 132, tiles * (K // 128)) and tiles * (c.SPLIT_K - 1) < 2 * 132
 
 
-def test_two_to_256_rows_run_it_when_the_native_layout_is_there(monkeypatch):
-    """The op: M = 1 -> the GEMV, M = 2..256 -> this kernel, M = 257 -> the GEMM path, all from one weight; without
-    the native layout, M = 2..16 takes the AWQ-layout decode kernel and M = 17 the GEMM."""
+def test_two_to_max_m_rows_run_it_when_the_native_layout_is_there(monkeypatch):
+    """The op: M = 1 -> the GEMV, M = 2..MAX_M -> this kernel, more -> the native layout dequantized for cuBLAS, all
+    from one weight; without the native layout, M = 2..16 takes the AWQ-layout decode kernel and M = 17 the GEMM."""
     calls = []
     for module, name in ((int4_gemm, "int4_gemv"), (int4_decode, "int4_native_decode"), (int4_gemm, "int4_decode"),
-                         (int4_gemm, "int4_gemm")):
+                         (int4_gemm, "int4_gemm"), (int4_prefill, "int4_native_linear")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     K, N = 256, 64
@@ -77,7 +78,7 @@ def test_two_to_256_rows_run_it_when_the_native_layout_is_there(monkeypatch):
     native = int4_native.from_awq(w)
     for M, with_native, path in ((1, True, "int4_gemv"), (2, True, "int4_native_decode"),
                                  (16, True, "int4_native_decode"), (17, True, "int4_native_decode"),
-                                 (256, True, "int4_native_decode"), (257, True, "int4_gemm"),
+                                 (MAX_M, True, "int4_native_decode"), (MAX_M + 1, True, "int4_native_linear"),
                                  (3, False, "int4_decode"), (17, False, "int4_gemm")):
         x, bias, out = kt.inputs(M, K, N, torch.bfloat16, True)
         triton_ops.int4_linear(x, w, bias, out=out, native=native if with_native else None)

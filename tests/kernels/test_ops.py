@@ -33,6 +33,23 @@ def test_the_op_runs_the_triton_function(fmt, M):
     kt.assert_close(y, kt.reference(x, W, bias), x.dtype)
 
 
+@pytest.mark.parametrize("M", [1, 3, 300])
+def test_the_int4_op_runs_on_the_native_layout_alone(M):
+    """What a module on CUDA passes: no AWQ tensors, the GEMV layout and the scales it shares; traced whole too."""
+    from qwen2q.kernels import int4_native
+
+    w, W = _weight("int4")
+    native = int4_native.from_awq(w)
+    x, bias, _ = kt.inputs(M, K, N, torch.float16, M != 3)
+
+    def f(x):
+        return torch.ops.qwen2q.int4_linear(x, None, None, native.scales, bias, native.words, native.zeros)
+
+    y = f(x)
+    kt.assert_close(y, kt.reference(x, W, bias), x.dtype)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x), y)
+
+
 @pytest.mark.parametrize("fmt", ["int4", "nf4", "int8"])
 def test_torch_compile_traces_the_op_whole(fmt):
     """fullgraph=True: the op is one node (its fake implementation gives the shape), no graph break; the compiled

@@ -18,7 +18,9 @@ last, takes what is left):
     graph    the CUDA-graph decode step against eager decoding, bit for bit, for every format on the embedded model
     kernels  int4, NF4, int8 against bf16 at the Qwen2-7B shapes, M = 1, 16, 2048: median microseconds per call
              inside a CUDA graph whose calls cycle through weight copies larger than L2 together; GB/s, share of
-             the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose
+             the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
+             int4 beside its AWQ-layout path, other int4_decode tiles at M = 16, and at int4_decode.MAX_M (512)
+             beside the dequantize + cuBLAS path that takes more rows
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
              `generate` decode on the same bf16 weights
@@ -233,12 +235,19 @@ def _close(y, x, W, bias, dtype_name: str) -> str | None:
     return None
 
 
+def _has_native(fmt: str, N: int, K: int) -> bool:
+    """An int4 weight of this shape has the GEMV layout (`triton_ops.gemv_applies`), so it also runs alone on it."""
+    from qwen2q.kernels import int4_native
+
+    return fmt.startswith("int4") and int4_native.supports(K, int(fmt.rpartition("g")[2])) and N % 64 == 0
+
+
 def correctness_cases(dry_run: bool) -> list[tuple]:
     """(fmt, name, N, K, M, dtype, bias, strided), most important first: every format's M = 1 path on the 7B shapes,
     then the split-K, GEMM and dequantize-once paths, 72B, group 32 and odd shapes."""
     if dry_run:
         shapes = {"small": (128, 256), "odd": (72, 192)}
-        ms = (1, 3, 17)
+        ms = (1, 3, 17, 260)
     else:
         shapes = {**SHAPES_7B, "72b gate_proj/up_proj": (29568, 8192), "odd": (200, 320)}
         ms = (1, 16, 2048, 2, 17, 300, 7, 64, 65, 150)  # the paths that matter most first: the budget may cut the rest
@@ -260,7 +269,7 @@ def correctness_cases(dry_run: bool) -> list[tuple]:
 def part_correct(c: Check, deadline: float) -> dict:
     import torch
 
-    from qwen2q.kernels import int4_decode, int4_native, ops, triton_ops  # noqa: F401  (ops: the custom ops)
+    from qwen2q.kernels import int4_native, ops, triton_ops  # noqa: F401  (ops: the custom ops)
 
     cases, failures, done = correctness_cases(c.dry_run), [], 0
     weights: dict = {}
@@ -279,14 +288,14 @@ def part_correct(c: Check, deadline: float) -> dict:
             x = torch.randn(M, K, generator=g).to(dtype).to(c.device)
         bias = torch.randn(N, generator=g).to(dtype).to(c.device) if has_bias else None
         paths = [None]
-        if fmt.startswith("int4") and (M == 1 or int4_decode.applies(M)) and triton_ops.gemv_applies(q):
+        if fmt.startswith("int4") and triton_ops.gemv_applies(q):  # as a module on CUDA holds it: native alone
             paths.append(int4_native.from_awq(q))
         for native in paths:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
             flags = [f for f, on in (("bias", has_bias), ("strided-x", strided), ("native", native is not None)) if on]
             label = " ".join([fmt, shape_name, f"M={M}", dtype_name, *flags])
             try:
-                _call(fmt, x, q, bias, out, native)
+                _call(fmt, x, q if native is None else None, bias, out, native)
                 problem = _close(out, x, W, bias, dtype_name)
             except Exception as e:
                 problem = f"{type(e).__name__}: {e}"
@@ -302,8 +311,7 @@ def part_correct(c: Check, deadline: float) -> dict:
     extra["split_k_deterministic"] = bool(torch.equal(_call("int8", x, q, None, None), _call("int8", x, q, None, None)))
     y = torch.ops.qwen2q.int8_linear(x, q.qweight, q.absmax, None)
     extra["custom_op"] = _close(y, x, W, None, "bfloat16") or "ok"
-    return {"cases": done, "planned": sum(1 + (f.startswith("int4") and (m == 1 or int4_decode.applies(m)))
-                                         for f, _, _, _, m, *_ in cases),
+    return {"cases": done, "planned": sum(1 + _has_native(f, n, k) for f, _, n, k, *_ in cases),
             "failures": failures, **extra}
 
 
@@ -406,12 +414,13 @@ NATIVE_TILES = ((64, 1, 3), (256, 4, 3), (128, 2, 2))
 def part_kernels(c: Check, deadline: float) -> dict:
     import torch
 
-    from qwen2q.kernels import int4_decode, int4_native, tiling, triton_ops
+    from qwen2q.kernels import int4_decode, int4_native, int4_prefill, tiling, triton_ops
 
     if c.dry_run:  # the bookkeeping below, on one tiny shape, without timings
-        shapes, ms, l2 = {"small": (128, 256)}, (1, 3, 17), 1
+        shapes, ms, l2 = {"small": (128, 256)}, (1, 3, 17, int4_decode.MAX_M), 1
     else:
-        shapes, ms, l2 = SHAPES_7B, (1, 16, 2048), torch.cuda.get_device_properties(0).L2_cache_size or 60 * 2**20
+        shapes, ms = SHAPES_7B, (1, 16, 2048, int4_decode.MAX_M)  # MAX_M: where int4_decode hands over
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size or 60 * 2**20
     copy_gbs = (c.results["parts"].get("env") or {}).get("copy_gbs")
     rows = []
     for proj, (N, K) in shapes.items():
@@ -433,23 +442,31 @@ def part_kernels(c: Check, deadline: float) -> dict:
                 natives = [int4_native.from_awq(w) if fmt.startswith("int4") and triton_ops.gemv_applies(w) else None
                            for w in weights]
             for M in ms:
+                if M == int4_decode.MAX_M and fmt not in ("int4-g128", "bf16"):
+                    continue
                 x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(c.device)
                 out = torch.empty(M, N, dtype=torch.bfloat16, device=c.device)
                 variants = [("runtime", None, None)]  # (name, dequantize_first forced, int4_decode tile)
                 if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
-                    variants.append(("fused", False, None))
-                if fmt == "int4-g128" and int4_decode.applies(M):
-                    variants.append(("awq-layout", None, None))  # the AWQ-layout kernel int4_decode replaced
+                    variants.append(("fused", False, None))  # int4: on AWQ's layout
+                if fmt == "int4-g128" and M > 1:
+                    # the AWQ-layout path the native one replaced: int4_decode's below 257 rows, the AWQ
+                    # dequantize kernel (int4_prefill's) at more
+                    variants.append(("awq-layout", None, None))
+                if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
+                    variants.append(("native-dequantize", None, None))
                     if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
                         variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
                 for variant, force, tile in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
+                    elif variant == "native-dequantize":
+                        calls = [lambda n=n: int4_prefill.int4_native_linear(x, n, None, out) for n in natives]
                     elif tile is not None:  # int4_decode with another tile (tuning)
                         config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=tile)
                         calls = [lambda n=n: int4_decode.int4_native_decode(x, n, None, out, config) for n in natives]
                     else:
-                        layouts = natives if variant != "awq-layout" else [None] * len(weights)
+                        layouts = natives if variant not in ("awq-layout", "fused") else [None] * len(weights)
                         calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
                     saved = tiling.dequantize_first
                     if force is not None:
@@ -471,6 +488,8 @@ def part_kernels(c: Check, deadline: float) -> dict:
                         module = _format_module(fmt)
                         row["path"] = "dequantize+cublas" if tiling.dequantize_first(
                             M, N, K, module.GEMM_SASS_PER_WEIGHT, module.PACKED_BYTES_PER_WEIGHT) else "fused"
+                        if natives[0] is not None:
+                            row["path"] = "native" if int4_decode.applies(M) else "native dequantize+cublas"
                     rows.append(row)
             c.log(f"kernels {proj} {fmt}: " + ", ".join(f"M={r['M']} {r['variant']} {r['us'] and round(r['us'], 1)} us"
                                                      for r in rows if r["proj"] == proj and r["format"] == fmt))
