@@ -4,9 +4,10 @@ One module class serves every format (`qwen2q.quantizers.registry`): it holds th
 weight object as buffers (so `.to(device)` moves them) and its plain fields beside them, plus an
 unquantized bias, and its forward calls the format's `qwen2q.kernels` op.  Modules are filled from
 checkpoints through `load_checkpoint_tensor(suffix, tensor)` with the checkpoint's own key suffixes
-(`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.  On CPU,
-`prepare_kernels` then gives each module the form of its weight the CPU backend runs (`qwen2q.kernels.prepare`),
-held beside the buffers and dropped when the buffers move to another device, and the backend its calls take
+(`weight.absmax`, `SCB`, `qzeros`, ...), and `finish_loading()` checks that every tensor came.
+`prepare_kernels` then gives each module the form of its weight the kernels run (`qwen2q.kernels.prepare`), held
+beside the buffers (on CUDA an int4 weight's GEMV layout, held *instead of* qweight and qzeros: `kernels.replaces`)
+and dropped when the buffers move to another device, and the backend its calls take
 (`kernels.choose_backend`: chosen once, not read from the environment on every call; `forced_backend` overrides
 it for a block).  The Qwen2 model itself is
 never edited: `swap_linears` replaces its nn.Linear children from outside, each with the format its
@@ -35,13 +36,17 @@ class QuantLinear(nn.Module):
     Buffers: the tensor fields of the format's weight object, under their field names (e.g. NF4's
     `packed`, `absmax`, `nested_absmax`; AWQ's `qweight`, `qzeros`, `scales`); `bias` [out_features] in
     the model's dtype.  `prepared`: the weight's load-time form for the kernels (`prepare`: the CPU backend's
-    form on CPU, the int4 GEMV layout on CUDA), or None."""
+    form on CPU, the int4 GEMV layout on CUDA), or None.  The int4 GEMV layout is held in place of `qweight` and
+    `qzeros` (buffers `prepared_words`, `prepared_zeros`); moving the module, saving or loading a state dict
+    gives it AWQ's tensors back."""
 
     FORMAT: Format  # set on each format's subclass (`module_class`)
     prepared = None
     kind = None  # the backend `prepare` chose (`kernels.choose_backend`), for activations on `_kind_for`
     _kind_for = None  # (device, dtype)
     _forced = None  # a backend `forced_backend` imposes
+    _held: dict[str, str] = {}  # field of `prepared` -> the buffer holding it, while it stands in for the weight's
+    _replaced: tuple[str, ...] = ()  # the weight's fields `prepared` stands in for (freed while it is held)
 
     def __init__(self, name: str, in_features: int, out_features: int, has_bias: bool, dtype: torch.dtype,
                  params: dict[str, Any]):
@@ -93,29 +98,85 @@ class QuantLinear(nn.Module):
         self._incoming = {}
 
     def weight_q(self):
-        """The format's weight object, built from this module's buffers (on their current device)."""
+        """The format's weight object, built from this module's buffers (on their current device); rebuilt from
+        `prepared` (a new copy, `kernels.restore`) while the module holds that in place of some of them."""
+        if self._held:
+            return kernels.restore(self.prepared)
         fields = {f: self._plain[f] if f in self._plain else getattr(self, f) for f in self._fields}
         return self._weight_type(**fields)
 
     def prepare(self, cpu_cache: str | None = None, workspace: kernels.Workspace | None = None) -> None:
         """Make `prepared` for the module's current device and dtype (none off CPU or outside bf16); see
-        `qwen2q.kernels.prepare` for `cpu_cache` and `workspace`."""
+        `qwen2q.kernels.prepare` for `cpu_cache` and `workspace`.  A prepared form that replaces some of the
+        weight's tensors (`kernels.replaces`: an int4 weight's GEMV layout on CUDA) is then held in their place,
+        so the weight's bytes are on the device once."""
+        self._release_prepared()
         self.prepared = kernels.prepare(self.FORMAT, self.weight_q(), self.dtype, cpu_cache, workspace)
         device = next((self._buffers[f].device for f in self._fields if f in self._buffers), torch.device("cpu"))
         self.kind = kernels.choose_backend(device, self.dtype, self.prepared)
         self._kind_for = (device, self.dtype)
+        if replaced := kernels.replaces(self.prepared):
+            self._hold_prepared(replaced)
+
+    def _hold_prepared(self, replaced: tuple[str, ...]) -> None:
+        """Keep `prepared`'s tensors as buffers (non-persistent: `.to()` moves them, `state_dict` writes the
+        checkpoint's tensors instead) and free the weight's `replaced` ones."""
+        held = {}
+        for field in dataclasses.fields(self.prepared):
+            t = getattr(self.prepared, field.name)
+            if not isinstance(t, torch.Tensor):
+                continue
+            shared = next((f for f in self._fields if f not in replaced and self._buffers.get(f) is t), None)
+            if shared is None:
+                shared = f"prepared_{field.name}"
+                self.register_buffer(shared, t, persistent=False)
+            held[field.name] = shared
+        for f in replaced:
+            del self._buffers[f]
+        self._held, self._replaced = held, replaced
+
+    def _release_prepared(self, prepared=None) -> None:
+        """Give the weight back its own tensors, rebuilt from `prepared` (default: the one held), and drop the
+        prepared form's buffers; nothing when no form is held."""
+        if not self._held:
+            return
+        w = kernels.restore(prepared if prepared is not None else self.prepared)
+        for name in self._held.values():
+            if name.startswith("prepared_"):
+                del self._buffers[name]
+        for f in self._replaced:
+            self.register_buffer(f, getattr(w, f))
+        self._held, self._replaced = {}, ()
+        self.prepared, self.kind, self._kind_for = None, None, None
 
     def _apply(self, fn, recurse=True):
-        before = [self._buffers.get(f) for f in self._fields]
+        names = (*self._fields, *self._held.values())
+        before = [self._buffers.get(n) for n in names]
         result = super()._apply(fn, recurse)
-        if any(self._buffers.get(f) is not t for f, t in zip(self._fields, before)):
-            # made from the tensors just replaced (e.g. moved to another device)
+        if any(self._buffers.get(n) is not t for n, t in zip(names, before)):
+            # made from the tensors just replaced (e.g. moved to another device): a held form is turned back
+            # into the weight's own tensors where they now are
+            if self._held:
+                moved = dataclasses.replace(self.prepared, **{f: self._buffers[n] for f, n in self._held.items()})
+                self._release_prepared(moved)
             self.prepared, self.kind, self._kind_for = None, None, None
         return result
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._held:  # the checkpoint's tensors, not the form the kernels read
+            w = self.weight_q()
+            for f in self._replaced:
+                destination[prefix + f] = getattr(w, f)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._release_prepared()  # the loaded tensors replace the checkpoint's own; prepare again to hold a form
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x):
         kind = self._forced or (self.kind if self._kind_for == (x.device, x.dtype) else None)  # None: choose now
-        return kernels.linear(self.FORMAT, x, self.weight_q(), self.bias, self.prepared, kind)
+        w = None if self._held else self.weight_q()  # None: `prepared` stands in for it
+        return kernels.linear(self.FORMAT, x, w, self.bias, self.prepared, kind)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}"
