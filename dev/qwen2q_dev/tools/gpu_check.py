@@ -27,7 +27,7 @@ last, takes what is left):
     cli      `qwen2q quantize` for every method through the command line, the calibrated ones (awq, nf4
              --awq-scales: calibration text from .gpu_carry/calib.txt) with --device cuda, and `qwen2q bench
              --device cuda`; AWQ's CUDA output against its CPU output (KL on the embedded model)
-    tests    tests/kernels with TRITON_INTERPRET=0: the interpreter suite, run on the GPU
+    tests    tests/kernels with TRITON_INTERPRET=0: the interpreter suite, run on the GPU; tests/test_qlinear_held.py
 
 After each part it writes OUT/gpu_check-<gpu>.json and appends to OUT/gpu_check-<gpu>.log, so a run cut short
 still returns what it measured.  Nothing here asserts a speed: the JSON holds measurements to compare with
@@ -178,7 +178,8 @@ def part_tests(c: Check, deadline: float) -> dict:
     import importlib.util
 
     per_test = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *per_test, str(REPO / "tests" / "kernels")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *per_test, str(REPO / "tests" / "kernels"),
+           str(REPO / "tests" / "test_qlinear_held.py")]  # the module holding int4's native layout, on CUDA
     try:
         done = subprocess.run(cmd, cwd="/tmp", env=env, capture_output=True, text=True,
                               timeout=max(10, deadline - time.monotonic()))
