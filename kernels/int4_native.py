@@ -109,11 +109,19 @@ def from_awq(w: int4.Int4Weight) -> Int4Native:
     return Int4Native(pack_codes(codes).contiguous(), int4.unpack(w.qzeros).contiguous(), w.scales)
 
 
+_TO_AWQ_ROWS = 2048  # rows of W repacked at a time: int64 temporaries of ~64 x 2048 x K bytes, not 64 x N x K
+
+
 def to_awq(w: Int4Native) -> int4.Int4Weight:
     """Exact inverse of `from_awq`: the AWQ GEMM weight (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8],
     and the same scales tensor) on w's device."""
-    return int4.Int4Weight(int4.pack(unpack_codes(w.words).t()).contiguous(), int4.pack(w.zeros).contiguous(),
-                           w.scales)
+    N, K = w.out_features, w.in_features
+    qweight = torch.empty((K, N // int4.PACK_FACTOR), dtype=torch.int32, device=w.words.device)
+    for n in range(0, N, _TO_AWQ_ROWS):  # AWQ packs 8 consecutive rows of W per word: chunks stay whole words
+        rows = slice(n, n + _TO_AWQ_ROWS)
+        qweight[:, n // int4.PACK_FACTOR:(n + _TO_AWQ_ROWS) // int4.PACK_FACTOR] = int4.pack(
+            unpack_codes(w.words[rows]).t())
+    return int4.Int4Weight(qweight, int4.pack(w.zeros).contiguous(), w.scales)
 
 
 def dequantize(w: Int4Native, dtype: torch.dtype) -> torch.Tensor:

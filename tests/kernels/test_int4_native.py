@@ -61,3 +61,10 @@ def test_shapes_without_the_layout_are_refused(K, G):
     assert not int4_native.supports(K, G)
     with pytest.raises(ValueError, match="int4 GEMV layout needs in_features % 128 == 0"):
         int4_native.from_awq(kt.random_int4(K, 64, G))
+
+
+@pytest.mark.parametrize("K, N, G", [(384, 200, 32), (256, 4160, 64)])  # 4160: two whole 2048-row chunks and a part
+def test_to_awq_gives_the_awq_tensors_back_bit_for_bit(K, N, G):
+    w = kt.random_int4(K, N, G)
+    back = int4_native.to_awq(int4_native.from_awq(w))
+    assert torch.equal(back.qweight, w.qweight) and torch.equal(back.qzeros, w.qzeros) and back.scales is w.scales
