@@ -41,6 +41,7 @@ WORDS_PER_BLOCK = BLOCK_K // 8
 ROTATION = 11  # code j, bit t at bit (ROTATION + 4j + t) mod 32
 MAGICS = (4096.0, 256.0, 16.0, 4096.0, 256.0, 16.0, 4096.0, 256.0)  # value of code 0 read with its exponent
 GROUP_SIZES = (32, 64, 128)  # scale groups that tile a 128-index block
+_REPACK_ROWS = 2048  # rows of W `from_awq` / `to_awq` repack at a time (their int64 temporaries: ~24 bytes a weight)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,15 @@ def from_awq(w: int4.Int4Weight) -> Int4Native:
     if not supports(K, G):
         raise ValueError(f"int4 GEMV layout needs in_features % {BLOCK_K} == 0 and group_size in {GROUP_SIZES};"
                          f" got in_features={K}, group_size={G}")
-    codes = int4.unpack(w.qweight).t()  # [N, K]
-    return Int4Native(pack_codes(codes).contiguous(), int4.unpack(w.qzeros).contiguous(), w.scales)
+    N = w.out_features
+    words = torch.empty((N, K // 8), dtype=torch.int32, device=w.qweight.device)
+    for n in range(0, N, _REPACK_ROWS):  # int64 temporaries of a few bytes per weight: a chunk of rows at a time
+        columns = slice(n // int4.PACK_FACTOR, (n + _REPACK_ROWS) // int4.PACK_FACTOR)
+        codes = int4.unpack(w.qweight[:, columns]).t()  # [rows, K]
+        words[n:n + codes.shape[0]] = pack_codes(codes)
+    return Int4Native(words, int4.unpack(w.qzeros).contiguous(), w.scales)
 
 
-_TO_AWQ_ROWS = 2048  # rows of W repacked at a time: int64 temporaries of ~64 x 2048 x K bytes, not 64 x N x K
 
 
 def to_awq(w: Int4Native) -> int4.Int4Weight:
@@ -117,9 +122,9 @@ def to_awq(w: Int4Native) -> int4.Int4Weight:
     and the same scales tensor) on w's device."""
     N, K = w.out_features, w.in_features
     qweight = torch.empty((K, N // int4.PACK_FACTOR), dtype=torch.int32, device=w.words.device)
-    for n in range(0, N, _TO_AWQ_ROWS):  # AWQ packs 8 consecutive rows of W per word: chunks stay whole words
-        rows = slice(n, n + _TO_AWQ_ROWS)
-        qweight[:, n // int4.PACK_FACTOR:(n + _TO_AWQ_ROWS) // int4.PACK_FACTOR] = int4.pack(
+    for n in range(0, N, _REPACK_ROWS):  # AWQ packs 8 consecutive rows of W per word: chunks stay whole words
+        rows = slice(n, n + _REPACK_ROWS)
+        qweight[:, n // int4.PACK_FACTOR:(n + _REPACK_ROWS) // int4.PACK_FACTOR] = int4.pack(
             unpack_codes(w.words[rows]).t())
     return int4.Int4Weight(qweight, int4.pack(w.zeros).contiguous(), w.scales)
 

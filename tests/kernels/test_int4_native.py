@@ -47,7 +47,7 @@ def test_each_code_reads_as_magic_plus_q_through_the_kernels_three_views():
         assert np.array_equal(values, expected), j
 
 
-@pytest.mark.parametrize("K, N, G", [(896, 128, 32), (1024, 192, 64), (4864, 64, 128)])
+@pytest.mark.parametrize("K, N, G", [(896, 128, 32), (1024, 192, 64), (4864, 64, 128), (256, 4160, 64)])
 def test_repacking_awq_keeps_every_value(K, N, G):
     w = kt.random_int4(K, N, G)
     native = int4_native.from_awq(w)
