@@ -9,7 +9,9 @@ inner step (load a block of packed weights, turn it into products with x); the p
                       look-ahead load never needs a mask
     store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
                       second launch); SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N] for `splitk.reduce`, which
-                      sums them in a fixed order (deterministic)
+                      sums them in a fixed order (deterministic); or, with FIXUP, the partials and then the
+                      program that finishes a tile last sums them in the same order and writes y (no second
+                      launch either; opt-in with `FIXUP` below until a GPU has timed and checked it)
     plan / launch     the host side: the grid, the split and the tensor the kernel writes; the Launch
     finish            run it, and the reduce launch when there is one
 """
@@ -45,44 +47,77 @@ def next_block(b, first, last):
     return tl.minimum(b + 1, last - 1)
 
 
+# Split-K GEMVs finish in the kernel (the last program of each tile sums the partials) instead of a second launch.
+# Off until a GPU has checked and timed it (`dev gpu-check`, variant "fixup"); `plan(fixup=...)` overrides it.
+FIXUP = False
+
+
 @triton.jit
-def store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+def _finish_y(y, offs_n, mask, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr):
+    """y fp32 [BLOCK_N] + bias, cast once to y's dtype, stored."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, y_ptr, counters_ptr, HAS_BIAS: tl.constexpr,
+          SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
     """Write y fp32 [BLOCK_N] for rows offs_n below N: the output itself (bias added, cast once) when SPLIT_K == 1,
-    else row pid_k of the fp32 partials."""
+    else row pid_k of the fp32 partials (out_ptr); with FIXUP, the program that arrives last at its tile's counter
+    (int32, zero between launches) then sums the tile's SPLIT_K partials in split order, as `splitk.reduce` does (the
+    same bits), writes y [1, N] (y_ptr) and sets the counter back to zero."""
     mask = offs_n < N
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask)
+        _finish_y(y, offs_n, mask, bias_ptr, out_ptr, HAS_BIAS)
     else:
         tl.store(out_ptr + pid_k * stride_os + offs_n, y, mask=mask)
+        if FIXUP:
+            tl.debug_barrier()  # every thread's partials stored before the release below
+            counter = counters_ptr + tl.program_id(0)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.zeros_like(y)
+                for s in tl.static_range(SPLIT_K):  # .cg: from L2, never a line this SM cached earlier
+                    total += tl.load(out_ptr + s * stride_os + offs_n, mask=mask, other=0.0, cache_modifier=".cg")
+                _finish_y(total, offs_n, mask, bias_ptr, y_ptr, HAS_BIAS)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @dataclass(frozen=True)
 class Plan:
     """grid (ceil(N / BLOCK_N), SPLIT_K); blocks_per_split: each program's run of K blocks; target: what the kernel
-    writes (out itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N])."""
+    writes (out itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, 1, N]); out: y [1, N]; counters: the
+    fix-up's arrival counters (`splitk.counters`) when the kernel finishes the split itself, else None."""
 
     grid: tuple[int, int]
     blocks_per_split: int
     split_k: int
     target: torch.Tensor
+    out: torch.Tensor
+    counters: torch.Tensor | None = None
 
 
-def plan(N: int, blocks: int, config: Config, out: torch.Tensor) -> Plan:
-    """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty."""
+def plan(N: int, blocks: int, config: Config, out: torch.Tensor, fixup: bool | None = None) -> Plan:
+    """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty.  fixup (default
+    `FIXUP`): a split kernel writes y itself (`store`), where counters can be had (`splitk.counters`)."""
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)
-    target = out if split_k == 1 else torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
-    return Plan((triton.cdiv(N, config.BLOCK_N), split_k), per_split, split_k, target)
+    grid = (triton.cdiv(N, config.BLOCK_N), split_k)
+    if split_k == 1:
+        return Plan(grid, per_split, split_k, out, out)
+    target = torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
+    counters = splitk.counters(out.device, grid[0]) if (FIXUP if fixup is None else fixup) else None
+    return Plan(grid, per_split, split_k, target, out, counters)
 
 
 def launch(kernel, p: Plan, config: Config, args: tuple, bias: torch.Tensor | None, **constexprs) -> Launch:
-    """The Launch of a GEMV kernel: `args` in its order, and the constexprs every GEMV takes (HAS_BIAS, SPLIT_K,
-    BLOCK_N) besides the kernel's own."""
-    kwargs = dict(HAS_BIAS=bias is not None, SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N, **constexprs,
+    """The Launch of a GEMV kernel: `args` in its order, and what every GEMV takes besides its own constexprs
+    (y_ptr, counters_ptr, HAS_BIAS, SPLIT_K, BLOCK_N, FIXUP).  With the fix-up the launch's result is y itself."""
+    fixup = p.counters is not None
+    kwargs = dict(y_ptr=p.out if fixup else None, counters_ptr=p.counters, HAS_BIAS=bias is not None,
+                  SPLIT_K=p.split_k, BLOCK_N=config.BLOCK_N, FIXUP=fixup, **constexprs,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(kernel, p.grid, args, kwargs, config, p.target)
+    return Launch(kernel, p.grid, args, kwargs, config, p.out if fixup else p.target)
 
 
 finish = splitk.finish  # run the launch; reduce its partials into out when it wrote partials

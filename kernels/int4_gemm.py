@@ -128,8 +128,11 @@ def int4_gemv_kernel(
     stride_wn, stride_zg, stride_sg, stride_os, stride_sums,
     # Code field masks (_FIELDS)
     FIELD_11, FIELD_15, FIELD_19,
+    # y [1, N] and the arrival counters of `gemv.store`'s fix-up (FIXUP), else None
+    y_ptr, counters_ptr,
     # Meta-parameters
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXUP: tl.constexpr,
 ):
     """y = x @ W^T for one row of x: each program owns BLOCK_N rows of W and a run of K blocks; it first sums x
     per scale group (the correction all its rows share), then streams the words, the next block's loaded before
@@ -152,7 +155,8 @@ def int4_gemv_kernel(
         acc, corr = _gemv_block(w, x_ptr + b * 128 + offs_c, sums_ptr + 2 * group,
                                 zeros_ptr + group * stride_zg + rows, scales_ptr + group * stride_sg + rows,
                                 stride_zg, stride_sg, acc, corr, FIELD_11, FIELD_15, FIELD_19, GROUP_SIZE)
-    gemv.store(tl.sum(acc, axis=1) - corr, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    gemv.store(tl.sum(acc, axis=1) - corr, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, y_ptr, counters_ptr,
+               HAS_BIAS, SPLIT_K, FIXUP)
 
 
 @triton.jit

@@ -91,9 +91,11 @@ def int8_gemv_kernel(
     stride_wn, stride_os,
     # _FLIP, _EXPONENT, _HIGH
     FLIP, EXPONENT, HIGH,
+    # y [1, N] and the arrival counters of `gemv.store`'s fix-up (FIXUP), else None
+    y_ptr, counters_ptr,
     # Meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
-    X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
+    X_BF16: tl.constexpr, INTERPRET: tl.constexpr, FIXUP: tl.constexpr,
 ):
     """y = x @ W^T for one row of x: acc[n, c] += sum_i x[4c + i] * (MAGIC + q[n, 4c + i]) over the program's
     blocks; y[n] = (sum_c acc[n, c] - MAGIC * sum x) * absmax[n] / 127."""
@@ -115,7 +117,7 @@ def int8_gemv_kernel(
         acc += x2[None, :] * _byte_value(u, 2, EXPONENT, INTERPRET)
         acc += x3[None, :] * _byte_value(u, 3, EXPONENT, INTERPRET)
     y = (tl.sum(acc, axis=1) - MAGIC * tl.sum(x_sum, axis=0)) * _row_scales(absmax_ptr, rows, N)
-    gemv.store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    gemv.store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, y_ptr, counters_ptr, HAS_BIAS, SPLIT_K, FIXUP)
 
 
 @triton.jit

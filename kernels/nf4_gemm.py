@@ -136,9 +136,11 @@ def nf4_gemv_kernel(
     offset, N, K, BLOCKS_PER_SPLIT,
     # Strides (words: of a row, in words; absmax: of a row, in blocks; out: of its first dim, the split); _HIGH
     stride_wn, stride_an, stride_os, HIGH,
+    # y [1, N] and the arrival counters of `gemv.store`'s fix-up (FIXUP), else None
+    y_ptr, counters_ptr,
     # Meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, X_BF16: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, FIXUP: tl.constexpr,
 ):
     """y = x @ W^T for one row of x: per block, part[n, c] = sum over the block's 64 weights of x * level, then
     acc += part * absmax[n, block]; the next block's words are loaded before the current one is computed."""
@@ -162,7 +164,8 @@ def nf4_gemv_kernel(
         part = _gemv_half(part, high, x_ptr, b * 64 + 32, table, levels_ptr, HIGH, X_BF16, INTERPRET)
         absmax = _decode_absmax(absmax_ptr, nested_ptr, code_map_ptr, row_blocks + b, rows >= 0, offset)
         acc += part * absmax[:, None]
-    gemv.store(tl.sum(acc, axis=1), offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, HAS_BIAS, SPLIT_K)
+    gemv.store(tl.sum(acc, axis=1), offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, y_ptr, counters_ptr, HAS_BIAS,
+               SPLIT_K, FIXUP)
 
 
 @triton.jit

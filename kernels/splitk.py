@@ -82,6 +82,22 @@ def target(split_k: int, out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, in
     return partials, partials.stride()
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """int32 arrival counters, one per output tile, zero between launches (each fix-up launch sets back what it
+    counts): one buffer per device, shared by every launch on it, so launches that use it must not run concurrently
+    (qwen2q runs one stream).  None while a CUDA graph is being captured and the buffer is missing or too small (it
+    is made outside captures, at the warm-up call before one; the caller then reduces in a second launch)."""
+    buffer = _COUNTERS.get(device)
+    if buffer is None or buffer.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buffer = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return buffer
+
+
 def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """Run a decode or GEMV launch; reduce its partials into out when it wrote partials."""
     result = launch()

@@ -37,6 +37,29 @@ def test_gemv_writes_y_itself_without_split_and_partials_with_it(name, split_k):
     kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
 
 
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("name", GEMVS)
+def test_the_fixup_writes_y_in_the_kernel_with_the_reductions_bits(name, has_bias, monkeypatch):
+    """With gemv.FIXUP the split launch itself writes y, bit for bit what the partials and `splitk.reduce` give (the
+    same fp32 sum order), and leaves its tiles' counters at zero, so the next launch (a graph replay) finishes too."""
+    from qwen2q.kernels import splitk
+
+    fmt, extra, block_k, make_launch = GEMVS[name]
+    K, N = 896, 256
+    w, _ = kt.reference_weight(fmt, K, N, *extra)
+    x, bias, out = kt.inputs(1, K, N, torch.bfloat16, has_bias)
+    config = Config(1, 128, block_k, SPLIT_K=3, num_warps=1, num_stages=1)
+    reduced = gemv.finish(make_launch(x, w, bias, out.clone(), config), bias, out.clone())
+    monkeypatch.setattr(gemv, "FIXUP", True)
+    launch = make_launch(x, w, bias, out, config)
+    assert launch.out is out and launch.kwargs["FIXUP"] and launch.grid == (2, 3)
+    for _ in range(2):
+        out.fill_(float("nan"))
+        assert gemv.finish(launch, bias, out) is out
+        assert torch.equal(out, reduced)
+        assert splitk._COUNTERS[out.device][:2].eq(0).all()
+
+
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 def test_one_row_runs_the_gemv_where_it_applies(monkeypatch, fmt):
     """The op sends M = 1 to the GEMV when N is whole 128-row tiles (and, for int8, K whole 32-weight blocks), and

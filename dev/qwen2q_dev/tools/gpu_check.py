@@ -20,7 +20,8 @@ last, takes what is left):
              inside a CUDA graph whose calls cycle through weight copies larger than L2 together; GB/s, share of
              the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
              int4 beside its AWQ-layout path, other int4_decode tiles at M = 16, and at int4_decode.MAX_M (512)
-             beside the dequantize + cuBLAS path that takes more rows
+             beside the dequantize + cuBLAS path that takes more rows; M = 1 also with the GEMVs' split-K
+             finished in the kernel (variant "fixup", `gemv.FIXUP`), whose bits `correct` checks
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
              `generate` decode on the same bf16 weights
@@ -236,6 +237,18 @@ def _close(y, x, W, bias, dtype_name: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _fixup(on: bool):
+    """Inside: the split-K GEMVs finish in the kernel (`gemv.FIXUP`) when `on`."""
+    from qwen2q.kernels import gemv
+
+    saved, gemv.FIXUP = gemv.FIXUP, on
+    try:
+        yield
+    finally:
+        gemv.FIXUP = saved
+
+
 def _has_native(fmt: str, N: int, K: int) -> bool:
     """An int4 weight of this shape has the GEMV layout (`triton_ops.gemv_applies`), so it also runs alone on it."""
     from qwen2q.kernels import int4_native
@@ -288,15 +301,17 @@ def part_correct(c: Check, deadline: float) -> dict:
         else:
             x = torch.randn(M, K, generator=g).to(dtype).to(c.device)
         bias = torch.randn(N, generator=g).to(dtype).to(c.device) if has_bias else None
-        paths = [None]
+        natives = [None]
         if fmt.startswith("int4") and triton_ops.gemv_applies(q):  # as a module on CUDA holds it: native alone
-            paths.append(int4_native.from_awq(q))
-        for native in paths:
+            natives.append(int4_native.from_awq(q))
+        for native, fixup in [(n, f) for n in natives for f in ((False, True) if M == 1 else (False,))]:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
-            flags = [f for f, on in (("bias", has_bias), ("strided-x", strided), ("native", native is not None)) if on]
+            flags = [f for f, on in (("bias", has_bias), ("strided-x", strided), ("native", native is not None),
+                                     ("fixup", fixup)) if on]
             label = " ".join([fmt, shape_name, f"M={M}", dtype_name, *flags])
             try:
-                _call(fmt, x, q if native is None else None, bias, out, native)
+                with _fixup(fixup):
+                    _call(fmt, x, q if native is None else None, bias, out, native)
                 problem = _close(out, x, W, bias, dtype_name)
             except Exception as e:
                 problem = f"{type(e).__name__}: {e}"
@@ -312,7 +327,15 @@ def part_correct(c: Check, deadline: float) -> dict:
     extra["split_k_deterministic"] = bool(torch.equal(_call("int8", x, q, None, None), _call("int8", x, q, None, None)))
     y = torch.ops.qwen2q.int8_linear(x, q.qweight, q.absmax, None)
     extra["custom_op"] = _close(y, x, W, None, "bfloat16") or "ok"
-    return {"cases": done, "planned": sum(1 + _has_native(f, n, k) for f, _, n, k, *_ in cases),
+    # the GEMVs' in-kernel split-K fix-up (opt-in, gemv.FIXUP): the reduce launch's bits, every time (no races)
+    q4 = int4_native.from_awq(_weight("int4-g128", N, K, c.device, seed=98)[0])
+    x1 = x[:1].contiguous()
+    reduced = triton_ops.int4_linear(x1, None, native=q4)
+    with _fixup(True):
+        extra["fixup_equals_reduce"] = all(torch.equal(triton_ops.int4_linear(x1, None, native=q4), reduced)
+                                           for _ in range(3 if c.dry_run else 200))
+    return {"cases": done, "planned": sum((1 + _has_native(f, n, k)) * (2 if m == 1 else 1)
+                                         for f, _, n, k, m, *_ in cases),
             "failures": failures, **extra}
 
 
@@ -451,13 +474,15 @@ def part_kernels(c: Check, deadline: float) -> dict:
                 if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
                     variants.append(("fused", False, None))  # int4: on AWQ's layout
                 if fmt == "int4-g128" and M > 1:
-                    # the AWQ-layout path the native one replaced: int4_decode's below 257 rows, the AWQ
-                    # dequantize kernel (int4_prefill's) at more
+                    # the AWQ-layout path the native one replaced (split-K decode, fused GEMM or AWQ dequantize +
+                    # cuBLAS, as M and `tiling.dequantize_first` choose)
                     variants.append(("awq-layout", None, None))
-                if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
-                    variants.append(("native-dequantize", None, None))
                     if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
                         variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
+                if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
+                    variants.append(("native-dequantize", None, None))
+                if fmt != "bf16" and M == 1:  # the split-K GEMVs finishing in the kernel: one launch, not two
+                    variants.append(("fixup", None, None))
                 for variant, force, tile in variants:
                     if fmt == "bf16":
                         calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
@@ -473,10 +498,11 @@ def part_kernels(c: Check, deadline: float) -> dict:
                     if force is not None:
                         tiling.dequantize_first = lambda *a: force
                     try:
-                        us = None if c.dry_run else _graph_us(calls, 4 * len(calls), 20)
-                        if c.dry_run:
-                            for fn in calls:
-                                fn()
+                        with _fixup(variant == "fixup"):
+                            us = None if c.dry_run else _graph_us(calls, 4 * len(calls), 20)
+                            if c.dry_run:
+                                for fn in calls:
+                                    fn()
                     finally:
                         tiling.dequantize_first = saved
                     moved = nbytes + 2 * M * K + 2 * M * N
@@ -546,6 +572,14 @@ def part_e2e(c: Check, deadline: float) -> dict:
                            "peak_gib": round(r["peak_memory_bytes"] / 2**30, 2), "cuda_graph": r["cuda_graph"],
                            "quantize_s": round(quantize_s, 1)}
         c.log(f"e2e {method}: {results[method]}")
+        if method == "int4" and time.monotonic() < deadline:  # the same model, split-K GEMVs finished in the kernel
+            from qwen2q.kernels import splitk
+
+            splitk.counters(c.device, 1024)  # made before bench captures its graph (none is made during one)
+            with _fixup(True):
+                r = bench.run(model, prompt_len, new_tokens)
+            results[method]["decode_tok_s_fixup"] = round(r["decode_tokens_per_s"], 1)
+            c.log(f"e2e int4 with the fix-up: {results[method]['decode_tok_s_fixup']} tokens/s decode")
         if method == "bf16":
             bf16_state = {k: v for k, v in model.state_dict().items()}  # for transformers, after int4
         del model
