@@ -446,86 +446,98 @@ def part_kernels(c: Check, deadline: float) -> dict:
         shapes, ms = SHAPES_7B, (1, 16, 2048, int4_decode.MAX_M)  # MAX_M: where int4_decode hands over
         l2 = torch.cuda.get_device_properties(0).L2_cache_size or 60 * 2**20
     copy_gbs = (c.results["parts"].get("env") or {}).get("copy_gbs")
-    rows = []
-    for proj, (N, K) in shapes.items():
-        for fmt in ("int4-g128", "nf4", "int8", "bf16"):
-            if time.monotonic() > deadline:
-                return {"rows": rows, "note": "stopped at the part's time share"}
+    rows: list[dict] = []
+    setups: dict[tuple[str, str], tuple] = {}
+
+    def setup(proj: str, fmt: str, N: int, K: int) -> tuple:
+        """(weights, natives, nbytes) of a projection in a format: copies enough to cycle past L2, made once."""
+        if (proj, fmt) in setups:
+            return setups[proj, fmt]
+        natives = None
+        if fmt == "bf16":
+            g = torch.Generator().manual_seed(1)
+            dense = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16).to(c.device)
+            n_copies = max(2, math.ceil(3 * l2 / dense.nbytes))
+            weights = [dense] + [dense.clone() for _ in range(n_copies - 1)]
+            nbytes = dense.nbytes
+        else:
+            q, _ = _weight(fmt, N, K, c.device, seed=2)
+            nbytes = sum(t.nbytes for t in vars(q).values() if isinstance(t, torch.Tensor))
+            n_copies = max(2, math.ceil(3 * l2 / nbytes))
+            weights = [q] + [dataclasses.replace(q, **{k: v.clone() for k, v in vars(q).items()
+                                                      if isinstance(v, torch.Tensor)}) for _ in range(n_copies - 1)]
+            natives = [int4_native.from_awq(w) if fmt.startswith("int4") and triton_ops.gemv_applies(w) else None
+                       for w in weights]
+        setups[proj, fmt] = (weights, natives or [None] * len(weights), nbytes)
+        return setups[proj, fmt]
+
+    cases = [(M, proj, N, K, fmt) for M in ms for proj, (N, K) in shapes.items()
+             for fmt in ("int4-g128", "nf4", "int8", "bf16") if M != int4_decode.MAX_M or fmt in ("int4-g128", "bf16")]
+    note = None
+    for M, proj, N, K, fmt in cases:  # M outer: if the share runs out, every projection has its M = 1 rows first
+        if time.monotonic() > deadline:
+            note = "stopped at the part's time share"
+            break
+        weights, natives, nbytes = setup(proj, fmt, N, K)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(c.device)
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=c.device)
+        variants = [("runtime", None, None)]  # (name, dequantize_first forced, int4_decode tile)
+        if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
+            variants.append(("fused", False, None))  # int4: on AWQ's layout
+        if fmt == "int4-g128" and M > 1:
+            # the AWQ-layout path the native one replaced (split-K decode, fused GEMM or AWQ dequantize +
+            # cuBLAS, as M and `tiling.dequantize_first` choose)
+            variants.append(("awq-layout", None, None))
+            if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
+                variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
+        if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
+            variants.append(("native-dequantize", None, None))
+        if fmt != "bf16" and M == 1:  # the split-K GEMVs finishing in the kernel: one launch, not two
+            variants.append(("fixup", None, None))
+        for variant, force, tile in variants:
             if fmt == "bf16":
-                g = torch.Generator().manual_seed(1)
-                dense = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16).to(c.device)
-                n_copies = max(2, math.ceil(3 * l2 / dense.nbytes))
-                weights = [dense] + [dense.clone() for _ in range(n_copies - 1)]
-                nbytes = dense.nbytes
+                calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
+            elif variant == "native-dequantize":
+                calls = [lambda n=n: int4_prefill.int4_native_linear(x, n, None, out) for n in natives]
+            elif tile is not None:  # int4_decode with another tile (tuning)
+                config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=tile)
+                calls = [lambda n=n: int4_decode.int4_native_decode(x, n, None, out, config) for n in natives]
             else:
-                q, _ = _weight(fmt, N, K, c.device, seed=2)
-                nbytes = sum(t.nbytes for t in vars(q).values() if isinstance(t, torch.Tensor))
-                n_copies = max(2, math.ceil(3 * l2 / nbytes))
-                weights = [q] + [dataclasses.replace(q, **{k: v.clone() for k, v in vars(q).items()
-                                                          if isinstance(v, torch.Tensor)}) for _ in range(n_copies - 1)]
-                natives = [int4_native.from_awq(w) if fmt.startswith("int4") and triton_ops.gemv_applies(w) else None
-                           for w in weights]
-            for M in ms:
-                if M == int4_decode.MAX_M and fmt not in ("int4-g128", "bf16"):
-                    continue
-                x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(c.device)
-                out = torch.empty(M, N, dtype=torch.bfloat16, device=c.device)
-                variants = [("runtime", None, None)]  # (name, dequantize_first forced, int4_decode tile)
-                if fmt in ("int4-g128", "nf4") and M > tiling.DECODE_MAX_M:
-                    variants.append(("fused", False, None))  # int4: on AWQ's layout
-                if fmt == "int4-g128" and M > 1:
-                    # the AWQ-layout path the native one replaced (split-K decode, fused GEMM or AWQ dequantize +
-                    # cuBLAS, as M and `tiling.dequantize_first` choose)
-                    variants.append(("awq-layout", None, None))
-                    if M <= 16 and proj in ("q_proj/o_proj", "gate_proj/up_proj", "small"):  # two shapes: time
-                        variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
-                if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
-                    variants.append(("native-dequantize", None, None))
-                if fmt != "bf16" and M == 1:  # the split-K GEMVs finishing in the kernel: one launch, not two
-                    variants.append(("fixup", None, None))
-                for variant, force, tile in variants:
-                    if fmt == "bf16":
-                        calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
-                    elif variant == "native-dequantize":
-                        calls = [lambda n=n: int4_prefill.int4_native_linear(x, n, None, out) for n in natives]
-                    elif tile is not None:  # int4_decode with another tile (tuning)
-                        config = tiling.native_decode_config(M, N, K, tiling.interpreting(), tile=tile)
-                        calls = [lambda n=n: int4_decode.int4_native_decode(x, n, None, out, config) for n in natives]
-                    else:
-                        layouts = natives if variant not in ("awq-layout", "fused") else [None] * len(weights)
-                        calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
-                    saved = tiling.dequantize_first
-                    if force is not None:
-                        tiling.dequantize_first = lambda *a: force
-                    try:
-                        with _fixup(variant == "fixup"):
-                            us = None if c.dry_run else _graph_us(calls, 4 * len(calls), 20)
-                            if c.dry_run:
-                                for fn in calls:
-                                    fn()
-                    finally:
-                        tiling.dequantize_first = saved
-                    moved = nbytes + 2 * M * K + 2 * M * N
-                    row = {"proj": proj, "M": M, "format": fmt, "variant": variant, "us": us,
-                           "weight_copies": len(calls)}
-                    if us:
-                        row["gbs"] = round(moved / (us * 1e-6) / 1e9, 1)
-                        row["fraction_of_copy"] = round(row["gbs"] / copy_gbs, 3) if copy_gbs else None
-                    if fmt != "bf16" and M > tiling.DECODE_MAX_M and variant == "runtime":
-                        module = _format_module(fmt)
-                        row["path"] = "dequantize+cublas" if tiling.dequantize_first(
-                            M, N, K, module.GEMM_SASS_PER_WEIGHT, module.PACKED_BYTES_PER_WEIGHT) else "fused"
-                        if natives[0] is not None:
-                            row["path"] = "native" if int4_decode.applies(M) else "native dequantize+cublas"
-                    rows.append(row)
-            c.log(f"kernels {proj} {fmt}: " + ", ".join(f"M={r['M']} {r['variant']} {r['us'] and round(r['us'], 1)} us"
-                                                     for r in rows if r["proj"] == proj and r["format"] == fmt))
+                layouts = natives if variant not in ("awq-layout", "fused") else [None] * len(weights)
+                calls = [lambda w=w, n=n: _call(fmt, x, w, None, out, n) for w, n in zip(weights, layouts)]
+            saved = tiling.dequantize_first
+            if force is not None:
+                tiling.dequantize_first = lambda *a: force
+            try:
+                with _fixup(variant == "fixup"):
+                    us = None if c.dry_run else _graph_us(calls, 4 * len(calls), 20)
+                    if c.dry_run:
+                        for fn in calls:
+                            fn()
+            finally:
+                tiling.dequantize_first = saved
+            moved = nbytes + 2 * M * K + 2 * M * N
+            row = {"proj": proj, "M": M, "format": fmt, "variant": variant, "us": us,
+                   "weight_copies": len(calls)}
+            if us:
+                row["gbs"] = round(moved / (us * 1e-6) / 1e9, 1)
+                row["fraction_of_copy"] = round(row["gbs"] / copy_gbs, 3) if copy_gbs else None
+            if fmt != "bf16" and M > tiling.DECODE_MAX_M and variant == "runtime":
+                module = _format_module(fmt)
+                row["path"] = "dequantize+cublas" if tiling.dequantize_first(
+                    M, N, K, module.GEMM_SASS_PER_WEIGHT, module.PACKED_BYTES_PER_WEIGHT) else "fused"
+                if natives[0] is not None:
+                    row["path"] = "native" if int4_decode.applies(M) else "native dequantize+cublas"
+            rows.append(row)
+        c.log(f"kernels M={M} {proj} {fmt}: " + ", ".join(
+            f"{r['variant']} {r['us'] and round(r['us'], 1)} us" for r in rows
+            if r["proj"] == proj and r["format"] == fmt and r["M"] == M))
     bf16 = {(r["proj"], r["M"]): r["us"] for r in rows if r["format"] == "bf16"}
     for r in rows:
         if r["format"] != "bf16" and r["us"] and bf16.get((r["proj"], r["M"])):
             r["bf16_us"] = bf16[(r["proj"], r["M"])]
             r["speedup"] = round(r["bf16_us"] / r["us"], 3)
-    return {"rows": rows}
+    return {"rows": rows, **({"note": note} if note else {})}
 
 
 def _format_module(fmt: str):
