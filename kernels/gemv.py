@@ -9,9 +9,9 @@ inner step (load a block of packed weights, turn it into products with x); the p
                       look-ahead load never needs a mask
     store             SPLIT_K == 1: y (+ bias), cast to the output dtype, written by the kernel itself (no
                       second launch); SPLIT_K > 1: fp32 partials [SPLIT_K, 1, N] for `splitk.reduce`, which
-                      sums them in a fixed order (deterministic); or, with FIXUP, the partials and then the
-                      program that finishes a tile last sums them in the same order and writes y (no second
-                      launch either; opt-in with `FIXUP` below until a GPU has timed and checked it)
+                      sums them in a fixed order (deterministic); or, with `splitk.FIXUP`, the partials and then
+                      the program that finishes a tile last sums them in the same order and writes y (no second
+                      launch either; opt-in until a GPU has timed and checked it)
     plan / launch     the host side: the grid, the split and the tensor the kernel writes; the Launch
     finish            run it, and the reduce launch when there is one
 """
@@ -47,11 +47,6 @@ def next_block(b, first, last):
     return tl.minimum(b + 1, last - 1)
 
 
-# Split-K GEMVs finish in the kernel (the last program of each tile sums the partials) instead of a second launch.
-# Off until a GPU has checked and timed it (`dev gpu-check`, variant "fixup"); `plan(fixup=...)` overrides it.
-FIXUP = False
-
-
 @triton.jit
 def _finish_y(y, offs_n, mask, bias_ptr, y_ptr, HAS_BIAS: tl.constexpr):
     """y fp32 [BLOCK_N] + bias, cast once to y's dtype, stored."""
@@ -73,14 +68,12 @@ def store(y, offs_n, N, bias_ptr, out_ptr, pid_k, stride_os, y_ptr, counters_ptr
     else:
         tl.store(out_ptr + pid_k * stride_os + offs_n, y, mask=mask)
         if FIXUP:
-            tl.debug_barrier()  # every thread's partials stored before the release below
-            counter = counters_ptr + tl.program_id(0)
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            if splitk.arrive_last(counters_ptr, tl.program_id(0), SPLIT_K):
                 total = tl.zeros_like(y)
                 for s in tl.static_range(SPLIT_K):  # .cg: from L2, never a line this SM cached earlier
                     total += tl.load(out_ptr + s * stride_os + offs_n, mask=mask, other=0.0, cache_modifier=".cg")
                 _finish_y(total, offs_n, mask, bias_ptr, y_ptr, HAS_BIAS)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                splitk.reset(counters_ptr, tl.program_id(0))
 
 
 @dataclass(frozen=True)
@@ -99,14 +92,14 @@ class Plan:
 
 def plan(N: int, blocks: int, config: Config, out: torch.Tensor, fixup: bool | None = None) -> Plan:
     """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty.  fixup (default
-    `FIXUP`): a split kernel writes y itself (`store`), where counters can be had (`splitk.counters`)."""
+    `splitk.FIXUP`): a split kernel writes y itself (`store`), where counters can be had (`splitk.counters`)."""
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)
     grid = (triton.cdiv(N, config.BLOCK_N), split_k)
     if split_k == 1:
         return Plan(grid, per_split, split_k, out, out)
     target = torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
-    counters = splitk.counters(out.device, grid[0]) if (FIXUP if fixup is None else fixup) else None
+    counters = splitk.counters(out.device, grid[0]) if (splitk.FIXUP if fixup is None else fixup) else None
     return Plan(grid, per_split, split_k, target, out, counters)
 
 

@@ -139,9 +139,12 @@ def int4_native_decode_kernel(
     stride_xm, stride_wn, stride_zg, stride_sg, stride_os, stride_om, stride_on,
     # Code field masks (int4_gemm._FIELDS)
     FIELD_11, FIELD_15, FIELD_19,
+    # With FIXUP (`splitk.fixup_store`): y [M, N], the arrival counters, y's strides; else None, None, 0, 0
+    y_ptr, counters_ptr, stride_ym, stride_yn,
     # Meta-parameters
     GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr, X_BF16: tl.constexpr, INTERPRET: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITES_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXUP: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks, for its tile of x's rows; then y = acc^T (+ bias)
     or its partials (`splitk.decode_store`)."""
@@ -182,8 +185,13 @@ def int4_native_decode_kernel(
                 part = tl.dot(a.to(DOT_DTYPE), xt.to(DOT_DTYPE), part)
             acc += scale[:, None] * part
     # The skeletons' epilogue, on acc^T [BLOCK_M, BLOCK_N] (its SPLIT_K is only compared with 1).
-    splitk.decode_store(tl.trans(acc), out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om,
-                        stride_on, HAS_BIAS, 1 if WRITES_Y else 2)
+    if FIXUP:
+        tile = pid_m * tl.num_programs(1) + pid_n
+        splitk.fixup_store(tl.trans(acc), out_ptr, y_ptr, counters_ptr, bias_ptr, pid_k, tile, tl.num_programs(2),
+                           offs_m, offs_n, M, N, stride_os, stride_om, stride_on, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        splitk.decode_store(tl.trans(acc), out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om,
+                            stride_on, HAS_BIAS, 1 if WRITES_Y else 2)
 
 # Past this many rows `int4_prefill` (dequantize once + cuBLAS) takes the call.  The report's model predicts this
 # kernel faster at every M (tensor-bound at its dense peak), but leaves out the x tile each 128-row program reads from
@@ -200,7 +208,8 @@ def applies(M: int) -> bool:
 def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None,
                               out: torch.Tensor, config: Config | None = None) -> Launch:
     """The launch for x [M, K] (M = 2..MAX_M, K contiguous): grid (M / BLOCK_M, N / BLOCK_N, SPLIT_K); it writes
-    out [M, N] itself when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    out [M, N] itself when SPLIT_K == 1 or with `splitk.FIXUP`, else fp32 partials [SPLIT_K, M, N] (Launch.out) for
+    `splitk.reduce`."""
     (M, K), N, G = x.shape, w.out_features, w.group_size
     config = config or native_decode_config(M, N, K, interpreting())
     if not applies(M) or K != w.in_features or x.stride(1) != 1 or config.BLOCK_M % 16 \
@@ -212,14 +221,15 @@ def int4_native_decode_launch(x: torch.Tensor, w: int4_native.Int4Native, bias: 
     split_k = triton.cdiv(blocks, per_split)  # no split left empty
     written, (stride_os, stride_om, stride_on) = splitk.target(split_k, out)
     grid = (triton.cdiv(M, config.BLOCK_M), triton.cdiv(N, config.BLOCK_N), split_k)
+    result, fixup = splitk.fixup_arguments(split_k, grid[0] * grid[1], out, written)
     args = (x, w.words, w.zeros, w.scales, bias, written,
             M, N, per_split, blocks,
             x.stride(0), w.words.stride(0), w.zeros.stride(0), w.scales.stride(0), stride_os, stride_om,
             stride_on, *_FIELDS)
     kwargs = dict(GROUP_SIZE=G, DOT_DTYPE=dot_dtype(x), X_BF16=x.dtype == torch.bfloat16, INTERPRET=interpreting(),
                   HAS_BIAS=bias is not None, WRITES_Y=split_k == 1, BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(int4_native_decode_kernel, grid, args, kwargs, config, written)
+                  **fixup, num_warps=config.num_warps, num_stages=config.num_stages)
+    return Launch(int4_native_decode_kernel, grid, args, kwargs, config, result)
 
 
 def int4_native_decode(x: torch.Tensor, w: int4_native.Int4Native, bias: torch.Tensor | None, out: torch.Tensor,

@@ -42,10 +42,12 @@ def decode_kernel(
     M, N, K, K_PER_SPLIT, P0, P1, P2,
     # Strides: x, the format's, out
     stride_xm, stride_xk, S0, S1, S2, stride_os, stride_om, stride_on,
+    # With FIXUP (`splitk.fixup_store`): y [M, N], the arrival counters, y's strides; else None, None, 0, 0
+    y_ptr, counters_ptr, stride_ym, stride_yn,
     # Meta-parameters
     TILE: tl.constexpr, FINISH: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FIXUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -68,8 +70,12 @@ def decode_kernel(
         acc = multiply_accumulate(acc, x, w, BLOCK_M, DOT_DTYPE)
         x_ptrs += x_step
     acc = FINISH(acc, offs_n, N, W0, W1, W2, W3, W4, W5)  # linear, so it commutes with the split-K sum
-    splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
-                        HAS_BIAS, SPLIT_K)
+    if FIXUP:
+        splitk.fixup_store(acc, out_ptr, y_ptr, counters_ptr, bias_ptr, pid_k, pid_n, SPLIT_K, offs_m, offs_n, M, N,
+                           stride_os, stride_om, stride_on, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        splitk.decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os, stride_om, stride_on,
+                            HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -133,20 +139,22 @@ class Tile:
 def decode_launch(t: Tile, x: torch.Tensor, N: int, bias: torch.Tensor | None, out: torch.Tensor,
                   config: Config) -> Launch:
     """The split-K decode launch for x [M, K]: grid (N / BLOCK_N, SPLIT_K); it writes out [M, N] itself (bias
-    included) when SPLIT_K == 1, else fp32 partials [SPLIT_K, M, N] (Launch.out) for `splitk.reduce`."""
+    included) when SPLIT_K == 1 or with `splitk.FIXUP`, else fp32 partials [SPLIT_K, M, N] (Launch.out) for
+    `splitk.reduce`."""
     (M, K) = x.shape
     k_per_split = decode_k_per_split(K, config)
     tensors, values, strides = t.arguments(k_per_split)
     written, (stride_os, stride_om, stride_on) = splitk.target(config.SPLIT_K, out)
     grid = (triton.cdiv(N, config.BLOCK_N), config.SPLIT_K)
+    result, fixup = splitk.fixup_arguments(config.SPLIT_K, grid[0], out, written)
     args = (x, *tensors, bias, written,
             M, N, K, k_per_split, *values,
             x.stride(0), x.stride(1), *strides, stride_os, stride_om, stride_on)
     kwargs = dict(TILE=t.tile, FINISH=t.finish, GROUP_SIZE=t.group_size, DOT_DTYPE=dot_dtype(x),
                   HAS_BIAS=bias is not None, SPLIT_K=config.SPLIT_K,
-                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K,
+                  BLOCK_M=config.BLOCK_M, BLOCK_N=config.BLOCK_N, BLOCK_K=config.BLOCK_K, **fixup,
                   num_warps=config.num_warps, num_stages=config.num_stages)
-    return Launch(decode_kernel, grid, args, kwargs, config, written)
+    return Launch(decode_kernel, grid, args, kwargs, config, result)
 
 
 def gemm_launch(t: Tile, x: torch.Tensor, N: int, bias: torch.Tensor | None, out: torch.Tensor,

@@ -1,6 +1,13 @@
 """Second pass of the decode path: sum the fp32 split-K partials in a fixed order, add the bias, cast; and the
 decode kernels' epilogue, which writes y itself when there is no split (SPLIT_K == 1: no second launch).
 
+With `FIXUP` (opt-in until a GPU has checked and timed it: `dev gpu-check`, variant "fixup") a split kernel
+finishes itself: every program stores its partials, then counts itself in at its output tile's counter
+(`arrive_last`: a barrier, one `atom.acq_rel.gpu` add); the program that arrives last sums the tile's partials in
+split order, as `reduce` does (the same fp32 adds: the same bits), writes y and sets the counter back to zero
+(`reset`), so the next launch or graph replay starts from zero.  `fixup_store` is that epilogue for the decode
+kernels, `gemv.store` for the GEMVs; `fixup_arguments` gives a launch what it needs.
+
 A fixed-order sum instead of fp32 atomics makes decode outputs bit-reproducible run to run (sampling
 with a seed repeats itself). The partials of one layer are M * N * SPLIT_K * 4 bytes, which stay in L2
 next to the weight bytes they replace.
@@ -16,6 +23,7 @@ from qwen2q.kernels.tiling import store_output
 
 _BLOCK_M = 16
 _BLOCK_N = 256
+FIXUP = False  # split kernels finish in the kernel (module docstring); the launch builders read it
 
 
 @triton.jit
@@ -73,6 +81,36 @@ def decode_store(acc, out_ptr, bias_ptr, pid_k, offs_m, offs_n, M, N, stride_os,
         tl.store(ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def arrive_last(counters_ptr, tile, n_splits):
+    """True in the one program of the `n_splits` computing output tile `tile` that counts itself in last at the
+    tile's int32 counter; the program's stores before it are visible to that one (barrier, then acq_rel)."""
+    tl.debug_barrier()
+    return tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu") == n_splits - 1
+
+
+@triton.jit
+def reset(counters_ptr, tile):
+    """Set tile's counter back to zero for the next launch (by the program `arrive_last` chose)."""
+    tl.atomic_xchg(counters_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def fixup_store(acc, partial_ptr, y_ptr, counters_ptr, bias_ptr, pid_k, tile, n_splits, offs_m, offs_n, M, N,
+                stride_os, stride_om, stride_on, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    """A split decode program's acc fp32 [BLOCK_M, BLOCK_N]: its partials (split pid_k of partial_ptr [n_splits, M,
+    N]), then, in the tile's last program, y [M, N] = the partials summed in split order + bias (`reduce`'s bits)."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    ptrs = partial_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(ptrs + pid_k * stride_os, acc, mask=mask)
+    if arrive_last(counters_ptr, tile, n_splits):
+        total = tl.zeros_like(acc)
+        for s in range(0, n_splits):  # .cg: from L2, never a line this SM cached in an earlier launch
+            total += tl.load(ptrs + s * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+        store_output(y_ptr, total, bias_ptr, offs_m, offs_n, M, N, stride_ym, stride_yn, HAS_BIAS)
+        reset(counters_ptr, tile)
+
+
 def target(split_k: int, out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """What a decode kernel writing out [M, N] in `split_k` splits writes, and its (split, row, column) strides: out
     itself when split_k == 1, else new fp32 partials [split_k, M, N]."""
@@ -96,6 +134,17 @@ def counters(device: torch.device, tiles: int) -> torch.Tensor | None:
             return None
         buffer = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return buffer
+
+
+def fixup_arguments(split_k: int, tiles: int, out: torch.Tensor, written: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict]:
+    """(what a decode launch returns, the kwargs `fixup_store` needs: y_ptr, counters_ptr, stride_ym, stride_yn,
+    FIXUP) for a launch of `tiles` output tiles writing `written` (`target`): out itself and FIXUP where the split
+    finishes in the kernel (`FIXUP`, split_k > 1, counters to be had), else `written` and no fix-up."""
+    counters_ = counters(out.device, tiles) if FIXUP and split_k > 1 else None
+    if counters_ is None:
+        return written, dict(y_ptr=None, counters_ptr=None, stride_ym=0, stride_yn=0, FIXUP=False)
+    return out, dict(y_ptr=out, counters_ptr=counters_, stride_ym=out.stride(0), stride_yn=out.stride(1), FIXUP=True)
 
 
 def finish(launch: Launch, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:

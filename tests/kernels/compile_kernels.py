@@ -3,11 +3,12 @@
 Run in a process without TRITON_INTERPRET (test_compile.py does): `python compile_kernels.py 90`.
 Each kernel is compiled as the runtime launches it (`kernels.offline_compile`: the same launch builders, tile
 choice and argument specialisation), on meta tensors of the Qwen2-0.5B gate/up shape, for bf16 and fp16
-activations: every format's GEMV (M = 1; int4's also with its split finished in the kernel), split-K decode
-(M = 16) and GEMM (M = 128) kernel, int4's kernel on the GEMV's layout (M = 16 and 64) and its dequantize (more
-than 512 rows), and the split-K reduction (`python -m qwen2q.kernels.report` reads the same binaries instruction
-by instruction).  Prints one line per kernel: shared memory, layout conversions in the TTGIR and local-memory
-loads in the PTX (register spills), the first things to look at when tuning.
+activations: every format's GEMV (M = 1), split-K decode (M = 16) and GEMM (M = 128) kernel, int4's kernel on the
+GEMV's layout (M = 16 and 64) and its dequantize (more than 512 rows), int4's GEMV and decode kernels also with
+their split finished in the kernel (`splitk.FIXUP`), and the split-K reduction (`python -m qwen2q.kernels.report`
+reads the same binaries instruction by instruction).  Prints one line per kernel: shared memory, layout
+conversions in the TTGIR and local-memory loads in the PTX (register spills), the first things to look at when
+tuning.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _meta(*shape, dtype):
 
 def launches(act: torch.dtype):
     """(label, Launch) for every kernel and path."""
-    from qwen2q.kernels import gemv, int4_prefill, splitk, tiling
+    from qwen2q.kernels import int4_prefill, splitk, tiling
     from qwen2q.kernels.launch import Launch
     from qwen2q.kernels.report import _formats
 
@@ -36,14 +37,16 @@ def launches(act: torch.dtype):
         bias = _meta(N, dtype=act)
         x1, out1 = _meta(1, K, dtype=act), _meta(1, N, dtype=act)
         yield f"{fmt} gemv M=1", f.gemv(x1, f.gemv_weight(N, K), bias, out1)
-        if fmt == "int4":  # the split-K finished in the kernel (`gemv.FIXUP`): atomics, .cg loads
-            gemv.FIXUP = True
-            try:
-                yield f"{fmt} gemv fixup", f.gemv(x1, f.gemv_weight(N, K), bias, out1)
-            finally:
-                gemv.FIXUP = False
         x, out = _meta(16, K, dtype=act), _meta(16, N, dtype=act)
         yield f"{fmt} decode M=16", f.decode(x, w, bias, out)
+        if fmt == "int4":  # the split-K finished in the kernel (`splitk.FIXUP`): atomics, .cg loads
+            splitk.FIXUP = True
+            try:
+                yield f"{fmt} gemv fixup", f.gemv(x1, f.gemv_weight(N, K), bias, out1)
+                yield f"{fmt} decode fixup", f.decode(x, w, bias, out)
+                yield f"{fmt} native fixup", f.native_decode(x, f.gemv_weight(N, K), bias, out)
+            finally:
+                splitk.FIXUP = False
         if f.native_decode is not None:  # int4 M = 2..512 on the GEMV's layout: mma.sync at 16 rows, wgmma at 64
             for m in (16, 64):
                 x, out = _meta(m, K, dtype=act), _meta(m, N, dtype=act)

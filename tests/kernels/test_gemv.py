@@ -40,7 +40,7 @@ def test_gemv_writes_y_itself_without_split_and_partials_with_it(name, split_k):
 @pytest.mark.parametrize("has_bias", [True, False])
 @pytest.mark.parametrize("name", GEMVS)
 def test_the_fixup_writes_y_in_the_kernel_with_the_reductions_bits(name, has_bias, monkeypatch):
-    """With gemv.FIXUP the split launch itself writes y, bit for bit what the partials and `splitk.reduce` give (the
+    """With splitk.FIXUP the split launch itself writes y, bit for bit what the partials and `splitk.reduce` give (the
     same fp32 sum order), and leaves its tiles' counters at zero, so the next launch (a graph replay) finishes too."""
     from qwen2q.kernels import splitk
 
@@ -50,7 +50,7 @@ def test_the_fixup_writes_y_in_the_kernel_with_the_reductions_bits(name, has_bia
     x, bias, out = kt.inputs(1, K, N, torch.bfloat16, has_bias)
     config = Config(1, 128, block_k, SPLIT_K=3, num_warps=1, num_stages=1)
     reduced = gemv.finish(make_launch(x, w, bias, out.clone(), config), bias, out.clone())
-    monkeypatch.setattr(gemv, "FIXUP", True)
+    monkeypatch.setattr(splitk, "FIXUP", True)
     launch = make_launch(x, w, bias, out, config)
     assert launch.out is out and launch.kwargs["FIXUP"] and launch.grid == (2, 3)
     for _ in range(2):

@@ -25,3 +25,37 @@ def test_decode_writes_y_itself_without_split_and_partials_with_it(fmt, has_bias
     assert (launch.out is out) == (split_k == 1) and launch.grid == (N // 64, split_k)
     assert splitk.finish(launch, bias, out) is out
     kt.assert_close(out, kt.reference(x, W, bias), x.dtype)
+
+
+def _int4_native_decode_launch(x, w, bias, out, config):
+    from qwen2q.kernels import int4_decode, int4_native
+
+    return int4_decode.int4_native_decode_launch(x, int4_native.from_awq(w), bias, out, config)
+
+
+# fmt: (weight args, launch builder, M, Config): the decode skeleton of every format, and int4_decode with two
+# M tiles and two N tiles (four counters).
+FIXUP_CASES = {**{fmt: (args, make, 5, Config(16, 64, block_k, SPLIT_K=3, num_warps=4, num_stages=1))
+                  for fmt, (args, make, block_k) in DECODES.items()},
+               "int4-native": ((896, 128, 64), _int4_native_decode_launch, 20,
+                               Config(16, 64, 128, SPLIT_K=3, num_warps=1))}
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("case", FIXUP_CASES)
+def test_the_fixup_writes_y_in_the_kernel_with_the_reductions_bits(case, has_bias, monkeypatch):
+    """With splitk.FIXUP a split decode launch writes y itself, bit for bit what its partials and `reduce` give, and
+    leaves every counter at zero, so that the next launch (a graph replay) finishes too."""
+    args, make_launch, M, config = FIXUP_CASES[case]
+    w, _ = kt.reference_weight(case.partition("-")[0], *args)
+    K, N = args[0], args[1]
+    x, bias, out = kt.inputs(M, K, N, torch.bfloat16, has_bias)
+    reduced = splitk.finish(make_launch(x, w, bias, out.clone(), config), bias, out.clone())
+    monkeypatch.setattr(splitk, "FIXUP", True)
+    launch = make_launch(x, w, bias, out, config)
+    assert launch.out is out and launch.kwargs["FIXUP"]
+    for _ in range(2):
+        out.fill_(float("nan"))
+        assert splitk.finish(launch, bias, out) is out
+        assert torch.equal(out, reduced)
+        assert splitk._COUNTERS[out.device].eq(0).all()

@@ -20,8 +20,8 @@ last, takes what is left):
              inside a CUDA graph whose calls cycle through weight copies larger than L2 together; GB/s, share of
              the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
              int4 beside its AWQ-layout path, other int4_decode tiles at M = 16, and at int4_decode.MAX_M (512)
-             beside the dequantize + cuBLAS path that takes more rows; M = 1 also with the GEMVs' split-K
-             finished in the kernel (variant "fixup", `gemv.FIXUP`), whose bits `correct` checks
+             beside the dequantize + cuBLAS path that takes more rows; M = 1 and 16 also with the split-K
+             finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
              `generate` decode on the same bf16 weights
@@ -237,16 +237,24 @@ def _close(y, x, W, bias, dtype_name: str) -> str | None:
     return None
 
 
+def _fixup_passes(M: int, native: bool) -> tuple[bool, ...]:
+    """Whether a correctness case runs without and with `splitk.FIXUP`: both where a split kernel may take the call
+    (the GEMVs and decode kernels, M <= 16; int4_decode, to MAX_M)."""
+    from qwen2q.kernels import int4_decode, tiling
+
+    return (False, True) if M <= tiling.DECODE_MAX_M or (native and M <= int4_decode.MAX_M) else (False,)
+
+
 @contextlib.contextmanager
 def _fixup(on: bool):
-    """Inside: the split-K GEMVs finish in the kernel (`gemv.FIXUP`) when `on`."""
-    from qwen2q.kernels import gemv
+    """Inside: split-K GEMVs and decode kernels finish in the kernel (`splitk.FIXUP`) when `on`."""
+    from qwen2q.kernels import splitk
 
-    saved, gemv.FIXUP = gemv.FIXUP, on
+    saved, splitk.FIXUP = splitk.FIXUP, on
     try:
         yield
     finally:
-        gemv.FIXUP = saved
+        splitk.FIXUP = saved
 
 
 def _has_native(fmt: str, N: int, K: int) -> bool:
@@ -304,7 +312,7 @@ def part_correct(c: Check, deadline: float) -> dict:
         natives = [None]
         if fmt.startswith("int4") and triton_ops.gemv_applies(q):  # as a module on CUDA holds it: native alone
             natives.append(int4_native.from_awq(q))
-        for native, fixup in [(n, f) for n in natives for f in ((False, True) if M == 1 else (False,))]:
+        for native, fixup in [(n, f) for n in natives for f in _fixup_passes(M, n is not None)]:
             out = torch.full((M, N), float("nan"), dtype=dtype, device=c.device)
             flags = [f for f, on in (("bias", has_bias), ("strided-x", strided), ("native", native is not None),
                                      ("fixup", fixup)) if on]
@@ -327,15 +335,16 @@ def part_correct(c: Check, deadline: float) -> dict:
     extra["split_k_deterministic"] = bool(torch.equal(_call("int8", x, q, None, None), _call("int8", x, q, None, None)))
     y = torch.ops.qwen2q.int8_linear(x, q.qweight, q.absmax, None)
     extra["custom_op"] = _close(y, x, W, None, "bfloat16") or "ok"
-    # the GEMVs' in-kernel split-K fix-up (opt-in, gemv.FIXUP): the reduce launch's bits, every time (no races)
+    # the in-kernel split-K fix-up (opt-in, splitk.FIXUP): the reduce launch's bits, every time (no races)
     q4 = int4_native.from_awq(_weight("int4-g128", N, K, c.device, seed=98)[0])
     x1 = x[:1].contiguous()
-    reduced = triton_ops.int4_linear(x1, None, native=q4)
+    x16 = torch.randn(16, K, generator=torch.Generator().manual_seed(16)).to(torch.bfloat16).to(c.device)
+    reduced = [triton_ops.int4_linear(xm, None, native=q4) for xm in (x1, x16)]  # the GEMV, int4_decode
     with _fixup(True):
-        extra["fixup_equals_reduce"] = all(torch.equal(triton_ops.int4_linear(x1, None, native=q4), reduced)
-                                           for _ in range(3 if c.dry_run else 200))
-    return {"cases": done, "planned": sum((1 + _has_native(f, n, k)) * (2 if m == 1 else 1)
-                                         for f, _, n, k, m, *_ in cases),
+        extra["fixup_equals_reduce"] = all(torch.equal(triton_ops.int4_linear(xm, None, native=q4), y)
+                                           for _ in range(3 if c.dry_run else 100) for xm, y in zip((x1, x16), reduced))
+    return {"cases": done, "planned": sum(len(_fixup_passes(m, native)) for f, _, n, k, m, *_ in cases
+                                          for native in (False, True)[:1 + _has_native(f, n, k)]),
             "failures": failures, **extra}
 
 
@@ -492,7 +501,7 @@ def part_kernels(c: Check, deadline: float) -> dict:
                 variants += [(f"native {n}x{w}w s{s}", None, (n, w, s)) for n, w, s in NATIVE_TILES]
         if fmt == "int4-g128" and M == int4_decode.MAX_M:  # the path past MAX_M, at MAX_M: where to cut
             variants.append(("native-dequantize", None, None))
-        if fmt != "bf16" and M == 1:  # the split-K GEMVs finishing in the kernel: one launch, not two
+        if fmt != "bf16" and M <= 16:  # split-K GEMVs and decode kernels finishing in the kernel: one launch
             variants.append(("fixup", None, None))
         for variant, force, tile in variants:
             if fmt == "bf16":
