@@ -147,7 +147,8 @@ def int4_native_decode_kernel(
     FIXUP: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] = W x^T over the program's blocks, for its tile of x's rows; then y = acc^T (+ bias)
-    or its partials (`splitk.decode_store`)."""
+    or its partials (`splitk.decode_store`), or with FIXUP the partials and, in the tile's last program, y
+    (`splitk.fixup_store`)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # M tiles vary fastest: they share W
     first = pid_k * BLOCKS_PER_SPLIT
     last = tl.minimum(first + BLOCKS_PER_SPLIT, TOTAL_BLOCKS)

@@ -121,17 +121,23 @@ def target(split_k: int, out: torch.Tensor) -> tuple[torch.Tensor, tuple[int, in
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # buffers a larger one replaced: kept, since captured graphs may point at them
 
 
 def counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     """int32 arrival counters, one per output tile, zero between launches (each fix-up launch sets back what it
     counts): one buffer per device, shared by every launch on it, so launches that use it must not run concurrently
     (qwen2q runs one stream).  None while a CUDA graph is being captured and the buffer is missing or too small (it
-    is made outside captures, at the warm-up call before one; the caller then reduces in a second launch)."""
+    is made outside captures, at the warm-up call before one; the caller then reduces in a second launch).  A buffer
+    is never freed: a graph captured with it keeps using it."""
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find one buffer
+        device = torch.device("cuda", torch.cuda.current_device())
     buffer = _COUNTERS.get(device)
     if buffer is None or buffer.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if buffer is not None:
+            _OUTGROWN.append(buffer)
         buffer = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
     return buffer
 

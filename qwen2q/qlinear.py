@@ -135,12 +135,12 @@ class QuantLinear(nn.Module):
             del self._buffers[f]
         self._held, self._replaced = held, replaced
 
-    def _release_prepared(self, prepared=None) -> None:
-        """Give the weight back its own tensors, rebuilt from `prepared` (default: the one held), and drop the
-        prepared form's buffers; nothing when no form is held."""
+    def _release_prepared(self) -> None:
+        """Give the weight back its own tensors, rebuilt from the held `prepared`, and drop the prepared form's
+        buffers; nothing when no form is held."""
         if not self._held:
             return
-        w = kernels.restore(prepared if prepared is not None else self.prepared)
+        w = kernels.restore(self.prepared)
         for name in self._held.values():
             if name.startswith("prepared_"):
                 del self._buffers[name]
@@ -156,13 +156,17 @@ class QuantLinear(nn.Module):
         if any(self._buffers.get(n) is not t for n, t in zip(names, before)):
             # made from the tensors just replaced (e.g. moved to another device): a held form is turned back
             # into the weight's own tensors where they now are
-            if self._held:
-                moved = dataclasses.replace(self.prepared, **{f: self._buffers[n] for f, n in self._held.items()})
-                self._release_prepared(moved)
+            if self._held:  # first the held form where it now is: if the rebuild fails, the module stays whole
+                self.prepared = dataclasses.replace(self.prepared,
+                                                    **{f: self._buffers[n] for f, n in self._held.items()})
+                self.kind, self._kind_for = None, None
+                self._release_prepared()
             self.prepared, self.kind, self._kind_for = None, None, None
         return result
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # While a form is held, the checkpoint's tensors are rebuilt on the module's device (+0.5 byte per weight
+        # for as long as the state dict is kept: move it to CPU module by module to save a model that barely fits).
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._held:  # the checkpoint's tensors, not the form the kernels read
             w = self.weight_q()

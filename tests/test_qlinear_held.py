@@ -86,6 +86,25 @@ def test_a_move_gives_the_module_its_awq_tensors_back(as_on_cuda):
     assert torch.equal(m(_x()), F.linear(_x(), int4.dequantize(w, torch.bfloat16)))
 
 
+def test_a_move_whose_rebuild_fails_leaves_the_module_whole(as_on_cuda, monkeypatch):
+    """If rebuilding the AWQ tensors fails after the buffers moved (out of memory where they went), the module still
+    holds the moved form and computes with it; nothing points back at the old tensors."""
+    w = _awq()
+    m = _module(w)
+    m.prepare()
+
+    def fail(prepared):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "restore", fail)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            m._apply(lambda t: t.clone())
+    assert m.prepared.words is m.prepared_words and m.prepared.scales is m.scales
+    assert torch.equal(m(_x()), F.linear(_x(), int4.dequantize(w, torch.bfloat16)))
+    assert torch.equal(m.state_dict()["qweight"], w.qweight)
+
+
 def test_loading_a_state_dict_into_a_held_module(as_on_cuda):
     w, other = _awq(), _module(_awq()).state_dict()
     other["qweight"] = torch.flip(other["qweight"], dims=[0])

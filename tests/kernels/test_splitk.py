@@ -59,3 +59,13 @@ def test_the_fixup_writes_y_in_the_kernel_with_the_reductions_bits(case, has_bia
         assert splitk.finish(launch, bias, out) is out
         assert torch.equal(out, reduced)
         assert splitk._COUNTERS[out.device].eq(0).all()
+
+
+def test_a_counter_buffer_a_larger_one_replaces_is_kept_alive(monkeypatch):
+    """Graphs captured with the fix-up point at the buffer: outgrowing it must not free it."""
+    monkeypatch.setattr(splitk, "_COUNTERS", {})
+    monkeypatch.setattr(splitk, "_OUTGROWN", [])
+    small = splitk.counters(torch.device("cpu"), 10)
+    assert small.numel() == 1024 and not small.any() and splitk.counters(torch.device("cpu"), 1024) is small
+    large = splitk.counters(torch.device("cpu"), 2000)
+    assert large.numel() == 2000 and splitk._OUTGROWN == [small]
