@@ -90,16 +90,16 @@ class Plan:
     counters: torch.Tensor | None = None
 
 
-def plan(N: int, blocks: int, config: Config, out: torch.Tensor, fixup: bool | None = None) -> Plan:
-    """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty.  fixup (default
-    `splitk.FIXUP`): a split kernel writes y itself (`store`), where counters can be had (`splitk.counters`)."""
+def plan(N: int, blocks: int, config: Config, out: torch.Tensor) -> Plan:
+    """The launch geometry for W [N, blocks * BLOCK_K] under `config`; no split is left empty.  With `splitk.FIXUP`
+    a split kernel writes y itself (`store`), where counters can be had (`splitk.counters`)."""
     per_split = triton.cdiv(blocks, config.SPLIT_K)
     split_k = triton.cdiv(blocks, per_split)
     grid = (triton.cdiv(N, config.BLOCK_N), split_k)
     if split_k == 1:
         return Plan(grid, per_split, split_k, out, out)
     target = torch.empty((split_k, 1, N), dtype=torch.float32, device=out.device)
-    counters = splitk.counters(out.device, grid[0]) if (splitk.FIXUP if fixup is None else fixup) else None
+    counters = splitk.counters(out.device, grid[0]) if splitk.FIXUP else None
     return Plan(grid, per_split, split_k, target, out, counters)
 
 

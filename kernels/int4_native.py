@@ -115,8 +115,6 @@ def from_awq(w: int4.Int4Weight) -> Int4Native:
     return Int4Native(words, int4.unpack(w.qzeros).contiguous(), w.scales)
 
 
-
-
 def to_awq(w: Int4Native) -> int4.Int4Weight:
     """Exact inverse of `from_awq`: the AWQ GEMM weight (qweight int32 [K, N / 8], qzeros int32 [K / G, N / 8],
     and the same scales tensor) on w's device."""
