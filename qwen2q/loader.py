@@ -26,6 +26,7 @@ from qwen2q.errors import CheckpointError, Qwen2qError
 from qwen2q.model import Qwen2ForCausalLM
 from qwen2q.recipe import Recipe
 from qwen2q.kernels import CPU_CACHES
+from qwen2q.fused import use_fused_ops
 from qwen2q.qlinear import prepare_kernels, swap_linears
 from qwen2q.rope import RotaryEmbedding
 
@@ -59,7 +60,8 @@ def load_model(
     the file headers; while reading, a NaN/Inf value (stored, or made by the cast) is refused unless
     `allow_non_finite`.  On CPU the quantized linears are then prepared for the CPU backend
     (`qwen2q.qlinear.prepare_kernels`); `cpu_cache="bf16"` keeps a bf16 copy of each instead (bf16 models on
-    CPU only)."""
+    CPU only).  On CUDA the layers' norms, rotary embeddings and activations run fused kernels
+    (`qwen2q.fused`)."""
     path = check_model_dir(path)
     config = Qwen2Config.from_file(path / "config.json")
     dtype = parse_dtype(dtype, config.dtype)
@@ -85,6 +87,8 @@ def load_model(
     if config.tie_word_embeddings:
         model.tie_weights()
     check_filled(model)
+    if device.type == "cuda":
+        use_fused_ops(model)  # a layer's norms, rotary and activation as one launch each
     return model.eval()
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen2q.config import Qwen2Config
-from qwen2q.rope import RotaryEmbedding, apply_rotary
+from qwen2q.rope import QKRotation, RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -27,6 +27,18 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)): the residual add and the norm after it, one kernel in `qwen2q.fused`."""
+        x = x + delta
+        return x, self(x)
+
+
+class GatedSiLU(nn.Module):
+    """silu(gate) * up, each rounded to the activations' dtype as PyTorch rounds it (one kernel in `qwen2q.fused`)."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
 
 
 class KVCache:
@@ -100,19 +112,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.rotate = QKRotation()
 
-    def forward(self, x, cos, sin, cache: KVCache | None, start: int, positions: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None, start: int, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
         """start: position of x's first token (dynamic path); positions: int64 [T] device tensor instead
-        (static path for CUDA graphs: fixed shapes, the cache read whole under a mask)."""
+        (static path for CUDA graphs: fixed shapes, the cache read whole under a mask), with `mask` its
+        `static_attention_mask` if the caller made it already (once per step for every layer)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if positions is not None:
-            k, v = cache.write_at(self.layer_idx, k, v, positions)
-            mask = static_attention_mask(positions, cache.max_len, self.window)
+            q, k, v = self.rotate.into_cache(q, k, v, cos, sin, cache, self.layer_idx, positions)
+            if mask is None:
+                mask = static_attention_mask(positions, cache.max_len, self.window)
         else:
+            q, k = self.rotate(q, k, cos, sin)
             if cache is not None:
                 k, v = cache.write(self.layer_idx, k, v)
             mask = attention_mask(start, T, k.shape[2], self.window, x.device)
@@ -129,9 +145,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = GatedSiLU()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -142,9 +159,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, start=0, positions=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, cache=None, start=0, positions=None, mask=None):
+        x, delta = self.residual_stream(x, None, cos, sin, cache, start, positions, mask)
+        return x + delta
+
+    def residual_stream(self, x, delta, cos, sin, cache=None, start=0, positions=None, mask=None):
+        """(x', mlp output) with x' + mlp output the layer's output for input x + delta (x alone when delta is
+        None): the last residual add is left to the caller, who does it with the next norm (`add_and_norm`)."""
+        x, h = (x, self.input_layernorm(x)) if delta is None else self.input_layernorm.add_and_norm(x, delta)
+        x, h = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(h, cos, sin, cache, start, positions, mask))
+        return x, self.mlp(h)
 
 
 class Qwen2Model(nn.Module):
@@ -188,17 +213,29 @@ class Qwen2ForCausalLM(nn.Module):
             if cache is None:
                 raise ValueError("positions= needs a cache")
             cos, sin = self.model.rotary(positions.expand(B, T), x.dtype)
+            masks: dict[int | None, torch.Tensor] = {}  # one mask per window size, shared by the layers
+            delta = None  # each layer's last residual add is done with the next norm
             for layer in self.model.layers:
-                x = layer(x, cos, sin, cache, 0, positions)
-            return self.model.norm(x)
+                window = layer.self_attn.window
+                if window not in masks:  # additive, in x's dtype: SDPA converts a boolean one in every call
+                    allowed = static_attention_mask(positions, cache.max_len, window)
+                    masks[window] = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+                        ~allowed, float("-inf"))
+                x, delta = layer.residual_stream(x, delta, cos, sin, cache, 0, positions, masks[window])
+            return self._final_norm(x, delta)
         start = cache.length if cache is not None else 0
         pos = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary(pos, x.dtype, seq_end=start + T)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start)
+            x, delta = layer.residual_stream(x, delta, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + T
-        return self.model.norm(x)
+        return self._final_norm(x, delta)
+
+    def _final_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        """The final norm of x + delta, the last layer's residual add done with it."""
+        return self.model.norm(x) if delta is None else self.model.norm.add_and_norm(x, delta)[1]
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
                 positions: torch.Tensor | None = None):

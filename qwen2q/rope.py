@@ -77,3 +77,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x [B, H, T, D]; cos, sin [B, T, D]."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+class QKRotation(torch.nn.Module):
+    """Rotary embeddings on an attention's queries and keys: (q, k) [B, H, T, D] and [B, H_kv, T, D] -> the same
+    shapes, rotated by cos, sin [B, T, D] (`apply_rotary`).  A module so that one launch for both can replace it
+    (`qwen2q.fused`)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def into_cache(self, q, k, v, cos, sin, cache, layer: int, positions: torch.Tensor):
+        """The static decode path: rotate q and k, write k and v into `cache` (a `qwen2q.model.KVCache`) for
+        `layer` at `positions` (int64 [T] on the device); returns (q rotated, the layer's whole key and value
+        buffers [B, H_kv, max_len, D])."""
+        q, k = self(q, k, cos, sin)
+        k, v = cache.write_at(layer, k, v, positions)
+        return q, k, v

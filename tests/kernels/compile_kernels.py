@@ -5,7 +5,8 @@ Each kernel is compiled as the runtime launches it (`kernels.offline_compile`: t
 choice and argument specialisation), on meta tensors of the Qwen2-0.5B gate/up shape, for bf16 and fp16
 activations: every format's GEMV (M = 1), split-K decode (M = 16) and GEMM (M = 128) kernel, int4's kernel on the
 GEMV's layout (M = 16 and 64) and its dequantize (more than 512 rows), int4's GEMV and decode kernels also with
-their split finished in the kernel (`splitk.FIXUP`), and the split-K reduction (`python -m qwen2q.kernels.report`
+their split finished in the kernel (`splitk.FIXUP`), the fused layer steps (`layer_ops`, 7B decode shapes) and the
+split-K reduction (`python -m qwen2q.kernels.report`
 reads the same binaries instruction by instruction).  Prints one line per kernel: shared memory, layout
 conversions in the TTGIR and local-memory loads in the PTX (register spills), the first things to look at when
 tuning.
@@ -26,7 +27,7 @@ def _meta(*shape, dtype):
 
 def launches(act: torch.dtype):
     """(label, Launch) for every kernel and path."""
-    from qwen2q.kernels import int4_prefill, splitk, tiling
+    from qwen2q.kernels import int4_prefill, layer_ops, splitk, tiling
     from qwen2q.kernels.launch import Launch
     from qwen2q.kernels.report import _formats
 
@@ -54,6 +55,15 @@ def launches(act: torch.dtype):
             yield f"{fmt} native dequant", int4_prefill.dequantize_launch(f.gemv_weight(N, K), _meta(N, K, dtype=act))
         x, out = _meta(128, K, dtype=act), _meta(128, N, dtype=act)
         yield f"{fmt} gemm M=128", f.gemm(x, w, bias, out)
+    # the fused layer steps at the 7B decode shapes (hidden 3584, 28 + 4 heads of 128, intermediate 18944)
+    h, m = _meta(1, 3584, dtype=act), _meta(1, 18944, dtype=act)
+    yield "rms_norm", layer_ops.rms_norm_launch(h, _meta(3584, dtype=act), 1e-6, h)
+    yield "add+rms_norm", layer_ops.rms_norm_launch(h, _meta(3584, dtype=act), 1e-6, h, h, h)
+    q, k, cs = _meta(1, 28, 1, 128, dtype=act), _meta(1, 4, 1, 128, dtype=act), _meta(1, 1, 128, dtype=act)
+    yield "rotary q,k", layer_ops.rotary_qk_launch(q, k, cs, cs, q, k)
+    cache, positions = _meta(1, 4, 4096, 128, dtype=act), _meta(1, dtype=torch.int64)
+    yield "rotary+kv cache", layer_ops.rotary_qk_launch(q, k, cs, cs, q, cache, k, cache, positions)
+    yield "silu*mul", layer_ops.silu_mul_launch(m, m, m)
     partials, out = _meta(4, 16, N, dtype=torch.float32), _meta(16, N, dtype=act)
     yield "split-K reduce", Launch(splitk.splitk_reduce_kernel, (1, 1),
                                    (partials, None, out, 16, N, 4, *partials.stride(), *out.stride()),

@@ -1,0 +1,99 @@
+"""A decoder layer's small steps as one launch each on CUDA (`qwen2q.kernels.layer_ops`), swapped into a model the
+way quantized linears are: the model stays plain PyTorch and knows nothing of them.
+
+`use_fused_ops(model)` replaces every RMSNorm, QKRotation and GatedSiLU by its subclass here; the loader calls it
+for models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
+otherwise (CPU, fp32, or QWEN2Q_KERNELS=reference), so a model moved off the GPU still runs.  Per layer of a
+decode step this is 4 launches where PyTorch makes 32 (`layer_ops`' docstring).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from qwen2q.kernels import ENV
+from qwen2q.model import GatedSiLU, RMSNorm
+from qwen2q.rope import QKRotation
+
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _layer_ops():
+    from qwen2q.kernels import layer_ops  # imports triton: only when a CUDA tensor comes
+
+    return layer_ops
+
+
+def _kernels_take(t: torch.Tensor) -> bool:
+    """True when the fused kernels run for activations `t` (the same switch as the quantized matmuls')."""
+    return t.is_cuda and t.dtype in _DTYPES and os.environ.get(ENV, "auto").lower() != "reference"
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm, and the residual add before it, in one launch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernels_take(x) and self.weight.dtype == x.dtype:
+            return _layer_ops().rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if _kernels_take(x) and self.weight.dtype == x.dtype == delta.dtype and x.shape == delta.shape:
+            return _layer_ops().rms_norm(x, self.weight, self.eps, delta)
+        return super().add_and_norm(x, delta)
+
+
+def _rotary_takes(q, k, cos, sin) -> bool:
+    half = q.shape[-1] // 2
+    return _kernels_take(q) and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1 and half & (half - 1) == 0
+
+
+class FusedQKRotation(QKRotation):
+    """Rotary embeddings on q and k in one launch, with the KV cache write on the static decode path."""
+
+    def forward(self, q, k, cos, sin):
+        if _rotary_takes(q, k, cos, sin):
+            return _layer_ops().rotary_qk(q, k, cos, sin)
+        return super().forward(q, k, cos, sin)
+
+    def into_cache(self, q, k, v, cos, sin, cache, layer: int, positions: torch.Tensor):
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        if _rotary_takes(q, k, cos, sin) and v.dtype == k_cache.dtype == v_cache.dtype == k.dtype:
+            return _layer_ops().rotary_qk_into_cache(q, k, v, cos, sin, k_cache, v_cache, positions), k_cache, v_cache
+        return super().into_cache(q, k, v, cos, sin, cache, layer, positions)
+
+
+class FusedGatedSiLU(GatedSiLU):
+    """silu(gate) * up in one launch."""
+
+    def forward(self, gate, up):
+        if _kernels_take(gate) and gate.dtype == up.dtype and gate.shape == up.shape:
+            return _layer_ops().silu_mul(gate, up)
+        return super().forward(gate, up)
+
+
+def _fused(module: nn.Module) -> nn.Module | None:
+    """The fused replacement of `module` (sharing its parameters), or None where there is none."""
+    if type(module) is RMSNorm:
+        fused = FusedRMSNorm(module.weight.shape[0], module.eps)
+        fused.weight = module.weight
+        return fused
+    if type(module) is QKRotation:
+        return FusedQKRotation()
+    if type(module) is GatedSiLU:
+        return FusedGatedSiLU()
+    return None
+
+
+def use_fused_ops(model: nn.Module) -> int:
+    """Swap `model`'s RMSNorms, rotations and gated activations for the fused ones, in place; returns how many.
+    Parameters are shared, not copied, so the state dict and its keys do not change."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if (fused := _fused(module)) is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+            swapped += 1
+    return swapped
