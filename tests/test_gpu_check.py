@@ -32,5 +32,8 @@ def test_dry_run_writes_every_part(tmp_path):
     assert set(data["e2e"]) == {"bf16", "int4", "nf4", "int8"}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in data["e2e"].values())
     assert all(r["graph_equals_eager"] for r in data["parts"]["graph"]["formats"].values())
+    assert all("fused_vs_plain_max_abs" in r for r in data["parts"]["graph"]["formats"].values())
+    assert all({"decode_tok_s_unfused", "kernels_per_step", "kernels_per_step_unfused"} <= set(data["e2e"][m])
+               for m in ("bf16", "int4"))  # what the fused layer steps bring, both ways
     assert data["parts"]["cli"]["failures"] == []
     assert (tmp_path / "gpu_check-cpu-dry-run.log").read_text().count("ok in") == 7

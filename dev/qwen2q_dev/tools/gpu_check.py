@@ -15,7 +15,8 @@ last, takes what is left):
     correct  every format x path (M = 1; 2..16; 17..64; > 64; 2048) x bf16 / fp16 x bias or not, Qwen2-7B and
              72B projection shapes, odd shapes, group size 32, a strided x, the custom op: float64 reference on the
              device, outputs poisoned with NaN first, and split-K determinism
-    graph    the CUDA-graph decode step against eager decoding, bit for bit, for every format on the embedded model
+    graph    the CUDA-graph decode step against eager decoding, bit for bit, for every format on the embedded model;
+             its logits with the fused layer steps (`qwen2q.fused`) against the plain PyTorch steps
     kernels  int4, NF4, int8 against bf16 at the Qwen2-7B shapes, M = 1, 16, 2048: median microseconds per call
              inside a CUDA graph whose calls cycle through weight copies larger than L2 together; GB/s, share of
              the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
@@ -24,7 +25,8 @@ last, takes what is left):
              finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
-             `generate` decode on the same bf16 weights
+             `generate` decode on the same bf16 weights; bf16 and int4 also with the plain PyTorch layer steps
+             (decode_tok_s_unfused) and the GPU kernels one decode step launches, both ways (the profiler)
     cli      `qwen2q quantize` for every method through the command line, the calibrated ones (awq, nf4
              --awq-scales: calibration text from .gpu_carry/calib.txt) with --device cuda, and `qwen2q bench
              --device cuda`; AWQ's CUDA output against its CPU output (KL on the embedded model)
@@ -257,6 +259,42 @@ def _fixup(on: bool):
         splitk.FIXUP = saved
 
 
+@contextlib.contextmanager
+def _plain_layer_ops():
+    """Inside: the fused layer modules (`qwen2q.fused`) run their PyTorch parents, as before they existed."""
+    from qwen2q import fused
+
+    saved, fused._kernels_take = fused._kernels_take, lambda t: False
+    try:
+        yield
+    finally:
+        fused._kernels_take = saved
+
+
+def _kernels_per_step(model) -> int | str | None:
+    """GPU kernels one eager static-path decode step launches (what its CUDA graph replays), by the profiler; None
+    off CUDA, the error's text if the profiler fails (a count is not worth losing the part for)."""
+    import torch
+
+    from qwen2q.decode import StaticDecoder
+
+    if model.model.embed_tokens.weight.device.type != "cuda":
+        return None
+    try:
+        dec = StaticDecoder(model, 8, use_graph=False)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        dec.prefill(torch.zeros(1, 2, dtype=torch.long))
+        dec.step(token)  # lazy initialisation and compiles outside the profile
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            dec.step(token)
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.startswith(("Memcpy", "Memset")))
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"[:200]
+
+
 def _has_native(fmt: str, N: int, K: int) -> bool:
     """An int4 weight of this shape has the GEMV layout (`triton_ops.gemv_applies`), so it also runs alone on it."""
     from qwen2q.kernels import int4_native
@@ -403,6 +441,12 @@ def part_graph(c: Check, deadline: float) -> dict:
             a, b = eager.step(ids[:, t:t + 1]), graphed.step(ids[:, t:t + 1])
             equal = equal and bool(torch.equal(a, b))
         results[method] = {"graph_equals_eager": equal, "graph_used": graphed.use_graph}
+        # the fused layer steps (load_model puts them in on CUDA) against the PyTorch code they replace
+        fused_logits = StaticDecoder(model, 32, use_graph=False).prefill(ids[:, :8]).float()
+        with _plain_layer_ops():
+            plain_logits = StaticDecoder(model, 32, use_graph=False).prefill(ids[:, :8]).float()
+        results[method]["fused_vs_plain_max_abs"] = round((fused_logits - plain_logits).abs().max().item(), 5)
+        results[method]["logit_scale"] = round(plain_logits.abs().max().item(), 3)
     return {"formats": results}
 
 
@@ -562,6 +606,7 @@ def part_e2e(c: Check, deadline: float) -> dict:
 
     from qwen2q import bench
     from qwen2q.config import Qwen2Config
+    from qwen2q.fused import use_fused_ops
     from qwen2q.model import Qwen2ForCausalLM
 
     if c.dry_run:
@@ -585,6 +630,8 @@ def part_e2e(c: Check, deadline: float) -> dict:
         t0 = time.monotonic()
         if method != "bf16":
             quantize_in_memory(model, method, torch.bfloat16)
+        if c.device.type == "cuda":
+            use_fused_ops(model)  # as load_model does on CUDA
         c.sync()
         quantize_s = time.monotonic() - t0
         r = bench.run(model, prompt_len, new_tokens)
@@ -592,6 +639,12 @@ def part_e2e(c: Check, deadline: float) -> dict:
                            "prefill_tok_s": round(r["prefill_tokens_per_s"], 1),
                            "peak_gib": round(r["peak_memory_bytes"] / 2**30, 2), "cuda_graph": r["cuda_graph"],
                            "quantize_s": round(quantize_s, 1)}
+        if method in ("bf16", "int4") and time.monotonic() < deadline:  # what the fused layer steps bring
+            results[method]["kernels_per_step"] = _kernels_per_step(model)
+            with _plain_layer_ops():
+                results[method]["kernels_per_step_unfused"] = _kernels_per_step(model)
+                r = bench.run(model, prompt_len, new_tokens)
+            results[method]["decode_tok_s_unfused"] = round(r["decode_tokens_per_s"], 1)
         c.log(f"e2e {method}: {results[method]}")
         if method == "int4" and time.monotonic() < deadline:  # the same model, split-K GEMVs finished in the kernel
             from qwen2q.kernels import splitk
