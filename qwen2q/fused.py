@@ -1,10 +1,11 @@
-"""A decoder layer's small steps as one launch each on CUDA (`qwen2q.kernels.layer_ops`), swapped into a model the
-way quantized linears are: the model stays plain PyTorch and knows nothing of them.
+"""A decoder layer's small steps as one launch each on CUDA (`qwen2q.kernels.layer_ops`, `.decode_attention`),
+swapped into a model the way quantized linears are: the model stays plain PyTorch and knows nothing of them.
 
-`use_fused_ops(model)` replaces every RMSNorm, QKRotation and GatedSiLU by its subclass here; the loader calls it
-for models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
+`use_fused_ops(model)` replaces every RMSNorm, QKRotation, CacheAttention and GatedSiLU by its subclass here; the
+loader calls it for models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
 otherwise (CPU, fp32, or QWEN2Q_KERNELS=reference), so a model moved off the GPU still runs.  Per layer of a
-decode step this is 4 launches where PyTorch makes 32 (`layer_ops`' docstring).
+decode step this is 5 launches (attention included) where PyTorch makes about 40 (`layer_ops`' and
+`decode_attention`'s docstrings).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from qwen2q.kernels import ENV
-from qwen2q.model import GatedSiLU, RMSNorm
+from qwen2q.model import CacheAttention, GatedSiLU, RMSNorm
 from qwen2q.rope import QKRotation
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -74,6 +75,23 @@ class FusedGatedSiLU(GatedSiLU):
         return super().forward(gate, up)
 
 
+class FusedCacheAttention(CacheAttention):
+    """The static path's attention in one launch (two past 512 cache positions) that reads only the positions each
+    query sees (`kernels.decode_attention`), where SDPA's grouped-query attention under a mask runs its math
+    backend over the whole cache."""
+
+    def forward(self, q, k, v, mask, positions, window):
+        if _kernels_take(q) and q.dtype == k.dtype == v.dtype and _decode_attention().applies(q, k):
+            return _decode_attention().decode_attention(q, k, v, positions, window)
+        return super().forward(q, k, v, mask, positions, window)
+
+
+def _decode_attention():
+    from qwen2q.kernels import decode_attention  # imports triton: only when a CUDA tensor comes
+
+    return decode_attention
+
+
 def _fused(module: nn.Module) -> nn.Module | None:
     """The fused replacement of `module` (sharing its parameters), or None where there is none."""
     if type(module) is RMSNorm:
@@ -84,11 +102,14 @@ def _fused(module: nn.Module) -> nn.Module | None:
         return FusedQKRotation()
     if type(module) is GatedSiLU:
         return FusedGatedSiLU()
+    if type(module) is CacheAttention:
+        return FusedCacheAttention()
     return None
 
 
 def use_fused_ops(model: nn.Module) -> int:
-    """Swap `model`'s RMSNorms, rotations and gated activations for the fused ones, in place; returns how many.
+    """Swap `model`'s RMSNorms, rotations, cache attentions and gated activations for the fused ones, in place;
+    returns how many.
     Parameters are shared, not copied, so the state dict and its keys do not change."""
     swapped = 0
     for name, module in list(model.named_modules()):

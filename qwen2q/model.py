@@ -41,6 +41,15 @@ class GatedSiLU(nn.Module):
         return F.silu(gate) * up
 
 
+class CacheAttention(nn.Module):
+    """The static path's attention: q [B, H, T, D] over a layer's whole cache buffers [B, H_kv, max_len, D] under
+    `mask` (boolean or additive [T, max_len], made from `positions` and `window` by `static_attention_mask`).  A
+    module so that a kernel reading only the positions each query sees can replace it (`qwen2q.fused`)."""
+
+    def forward(self, q, k, v, mask: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each.
 
@@ -113,6 +122,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.rotate = QKRotation()
+        self.attend_cache = CacheAttention()
 
     def forward(self, x, cos, sin, cache: KVCache | None, start: int, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None):
@@ -127,13 +137,14 @@ class Attention(nn.Module):
             q, k, v = self.rotate.into_cache(q, k, v, cos, sin, cache, self.layer_idx, positions)
             if mask is None:
                 mask = static_attention_mask(positions, cache.max_len, self.window)
+            y = self.attend_cache(q, k, v, mask, positions, self.window)
         else:
             q, k = self.rotate(q, k, cos, sin)
             if cache is not None:
                 k, v = cache.write(self.layer_idx, k, v)
             mask = attention_mask(start, T, k.shape[2], self.window, x.device)
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

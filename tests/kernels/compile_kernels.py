@@ -5,8 +5,8 @@ Each kernel is compiled as the runtime launches it (`kernels.offline_compile`: t
 choice and argument specialisation), on meta tensors of the Qwen2-0.5B gate/up shape, for bf16 and fp16
 activations: every format's GEMV (M = 1), split-K decode (M = 16) and GEMM (M = 128) kernel, int4's kernel on the
 GEMV's layout (M = 16 and 64) and its dequantize (more than 512 rows), int4's GEMV and decode kernels also with
-their split finished in the kernel (`splitk.FIXUP`), the fused layer steps (`layer_ops`, 7B decode shapes) and the
-split-K reduction (`python -m qwen2q.kernels.report`
+their split finished in the kernel (`splitk.FIXUP`), the fused layer steps (`layer_ops`) and the static path's attention
+(`decode_attention`) at 7B decode shapes, and the split-K reduction (`python -m qwen2q.kernels.report`
 reads the same binaries instruction by instruction).  Prints one line per kernel: shared memory, layout
 conversions in the TTGIR and local-memory loads in the PTX (register spills), the first things to look at when
 tuning.
@@ -27,7 +27,7 @@ def _meta(*shape, dtype):
 
 def launches(act: torch.dtype):
     """(label, Launch) for every kernel and path."""
-    from qwen2q.kernels import int4_prefill, layer_ops, splitk, tiling
+    from qwen2q.kernels import decode_attention, int4_prefill, layer_ops, splitk, tiling
     from qwen2q.kernels.launch import Launch
     from qwen2q.kernels.report import _formats
 
@@ -64,6 +64,12 @@ def launches(act: torch.dtype):
     cache, positions = _meta(1, 4, 4096, 128, dtype=act), _meta(1, dtype=torch.int64)
     yield "rotary+kv cache", layer_ops.rotary_qk_launch(q, k, cs, cs, q, cache, k, cache, positions)
     yield "silu*mul", layer_ops.silu_mul_launch(m, m, m)
+    for S, label in ((512, "attention"), (4096, "attention split")):  # one split; 8 and their combine
+        cache = _meta(1, 4, S, 128, dtype=act)
+        launches = decode_attention.decode_attention_launches(_meta(1, 28, 1, 128, dtype=act), cache, cache,
+                                                              positions, _meta(1, 28, 1, 128, dtype=act), None)
+        yield label, launches[0]
+    yield "attention combine", launches[1]
     partials, out = _meta(4, 16, N, dtype=torch.float32), _meta(16, N, dtype=act)
     yield "split-K reduce", Launch(splitk.splitk_reduce_kernel, (1, 1),
                                    (partials, None, out, 16, N, 4, *partials.stride(), *out.stride()),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qwen2q import fused
-from qwen2q.kernels import layer_ops
+from qwen2q.kernels import decode_attention, layer_ops
 from qwen2q.model import GatedSiLU, RMSNorm
 from qwen2q.rope import QKRotation, RotaryEmbedding
 from qwen2q.config import RopeConfig
@@ -151,8 +151,8 @@ def test_the_kernels_refuse_what_they_cannot_take():
 
 
 def test_a_model_with_the_fused_ops_gives_the_plain_models_logits(monkeypatch):
-    """The embedded model's shapes at random weights, fp16: `use_fused_ops` swaps 2 norms, a rotation and an
-    activation per layer plus the final norm, keeps the state dict, and (with the kernels let run on the CPU under
+    """The embedded model's shapes at random weights, fp16: `use_fused_ops` swaps 2 norms, a rotation, the cache
+    attention and an activation per layer plus the final norm, keeps the state dict, and (with the kernels let run on the CPU under
     the interpreter) prefill and static-path decode logits stay within the fp16 noise of the plain model's."""
     from qwen2q.config import Qwen2Config
     from qwen2q.decode import StaticDecoder
@@ -165,13 +165,15 @@ def test_a_model_with_the_fused_ops_gives_the_plain_models_logits(monkeypatch):
     model = Qwen2ForCausalLM(config).to(torch.float16).to(kt.DEVICE).eval()
     model.load_state_dict(plain.state_dict())
     keys = list(model.state_dict())
-    assert fused.use_fused_ops(model) == 2 * 4 + 1
+    assert fused.use_fused_ops(model) == 2 * 5 + 1
     assert list(model.state_dict()) == keys
     assert model.model.layers[0].input_layernorm.weight is model.state_dict(keep_vars=True)[
         "model.layers.0.input_layernorm.weight"]
     ran = []
     for name in ("rms_norm", "rotary_qk", "rotary_qk_into_cache", "silu_mul"):
         monkeypatch.setattr(layer_ops, name, lambda *a, f=getattr(layer_ops, name), n=name: ran.append(n) or f(*a))
+    monkeypatch.setattr(decode_attention, "decode_attention",
+                        lambda *a, f=decode_attention.decode_attention: ran.append("attention") or f(*a))
     if kt.INTERPRET:  # let the kernels take CPU tensors (on a GPU they take these CUDA ones as they are)
         monkeypatch.setattr(fused, "_kernels_take", lambda t: t.dtype in (torch.float16, torch.bfloat16))
     ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
@@ -184,9 +186,10 @@ def test_a_model_with_the_fused_ops_gives_the_plain_models_logits(monkeypatch):
         outputs.append(torch.stack(logits).float())
     # per layer and forward: 2 norms, 1 rotation (into the cache on the static path), 1 activation; plus the final
     # norm; a prefill and 3 steps
-    assert ran.count("rotary_qk") == 2 and ran.count("rotary_qk_into_cache") == 3 * 2
+    assert ran.count("rotary_qk") == 2 and ran.count("rotary_qk_into_cache") == ran.count("attention") == 3 * 2
     assert ran.count("rms_norm") == 4 * (2 * 2 + 1) and ran.count("silu_mul") == 4 * 2
-    assert (outputs[1] - outputs[0]).abs().max() <= 5e-3 * outputs[0].abs().max()  # fp16: only the sum order
+    # fp16: the norms' sum order, and the decode steps' attention in fp32 where SDPA rounds scores and probabilities
+    assert (outputs[1] - outputs[0]).abs().max() <= 5e-3 * outputs[0].abs().max()
 
 
 def test_the_fused_modules_fall_back_off_the_gpu(monkeypatch):
@@ -204,3 +207,67 @@ def test_the_fused_modules_fall_back_off_the_gpu(monkeypatch):
         assert fused._kernels_take(xc)
         monkeypatch.setenv("QWEN2Q_KERNELS", "reference")
         assert not fused._kernels_take(xc)
+
+
+def _ops_per_layer(monkeypatch, use_fused: bool) -> int:
+    """PyTorch ops (views aside) one static decode step dispatches per decoder layer (a 2-layer model's count less a
+    1-layer model's), each fused layer kernel counted as one op: on a GPU each is one kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from qwen2q.config import Qwen2Config
+    from qwen2q.decode import StaticDecoder
+    from qwen2q.model import Qwen2ForCausalLM
+
+    class Count(TorchDispatchMode):
+        ops, paused = 0, False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket is torch.ops.aten.to:  # its schema says "may alias": a kernel unless it did
+                no_op = out is args[0]
+            else:
+                no_op = func.is_view or "alias" in str(func) or "detach" in str(func)
+            if not self.paused and not no_op:
+                self.ops += 1
+            return out
+
+    counter = Count()
+    def one_launch(f):  # a fused kernel counts once, not the ops the interpreter runs it with
+        def run(*a):
+            counter.ops += 1
+            counter.paused = True
+            try:
+                return f(*a)
+            finally:
+                counter.paused = False
+        return run
+
+    for name in ("rms_norm", "rotary_qk", "rotary_qk_into_cache", "silu_mul"):
+        monkeypatch.setattr(layer_ops, name, one_launch(getattr(layer_ops, name)))
+    monkeypatch.setattr(decode_attention, "decode_attention", one_launch(decode_attention.decode_attention))
+    monkeypatch.setattr(fused, "_kernels_take", lambda t: t.dtype == torch.float16)
+    counts = []
+    for layers in (1, 2):
+        config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=320, max_position_embeddings=64)
+        model = Qwen2ForCausalLM(config).to(torch.float16).eval()
+        if use_fused:
+            fused.use_fused_ops(model)
+        dec = StaticDecoder(model, 12, use_graph=False)
+        with torch.inference_mode():
+            dec.prefill(torch.tensor([[1, 2, 3]]))
+            counter.ops = 0
+            with counter:
+                dec._step()
+        counts.append(counter.ops)
+    return counts[1] - counts[0]
+
+
+def test_a_decode_step_makes_12_launches_per_layer_with_the_fused_ops(monkeypatch):
+    """7 matmuls, the attention kernel and the 4 fused steps, where the plain PyTorch layer makes 40 (a regression
+    guard: each op here is a kernel inside the decode step's CUDA graph; SDPA counts one here, ~8 on a GPU, where
+    grouped-query attention under a mask runs its math backend)."""
+    if not kt.INTERPRET:
+        pytest.skip("counts ops on CPU tensors; gpu-check counts the GPU kernels")
+    assert _ops_per_layer(monkeypatch, use_fused=False) == 40
+    assert _ops_per_layer(monkeypatch, use_fused=True) == 12
