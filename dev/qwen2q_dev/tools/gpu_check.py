@@ -22,11 +22,13 @@ last, takes what is left):
              the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
              int4 beside its AWQ-layout path, other int4_decode tiles at M = 16, and at int4_decode.MAX_M (512)
              beside the dequantize + cuBLAS path that takes more rows; M = 1 and 16 also with the split-K
-             finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks
+             finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks; the decode
+             step's attention kernel at 257 and 4096 cache positions, splits varied, against SDPA's masked path
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
              `generate` decode on the same bf16 weights; bf16 and int4 also with the plain PyTorch layer steps
-             (decode_tok_s_unfused) and the GPU kernels one decode step launches, both ways (the profiler)
+             (decode_tok_s_unfused) and the GPU kernels one decode step launches, both ways (the profiler); int4
+             also with the split-K fix-up, and with lm_head in int4 too (head_int4)
     cli      `qwen2q quantize` for every method through the command line, the calibrated ones (awq, nf4
              --awq-scales: calibration text from .gpu_carry/calib.txt) with --device cuda, and `qwen2q bench
              --device cuda`; AWQ's CUDA output against its CPU output (KL on the embedded model)
@@ -398,18 +400,19 @@ def _tiny_quantized(method: str, device, dtype):
     return model
 
 
-def quantize_in_memory(model, method: str, dtype) -> None:
-    """Replace the decoder layers' linears of `model` by `method`'s quantized modules (round to nearest), on the
-    model's device, as loading a checkpoint of that method would (prepared for the kernels)."""
+def quantize_in_memory(model, method: str, dtype, head: bool = False) -> None:
+    """Replace the decoder layers' linears of `model` (with `head`, lm_head alone) by `method`'s quantized modules
+    (round to nearest), on the model's device, as loading a checkpoint of that method would (prepared for the
+    kernels)."""
     import torch
 
     from qwen2q.qlinear import prepare_kernels, quantize_linear, swap_linears
     from qwen2q.recipe import Recipe, Rule
 
     fmt = {"int4": ("awq-gemm", {"group_size": 128}), "nf4": ("bnb-nf4", {}), "int8": ("bnb-int8", {})}[method]
-    recipe = Recipe((Rule("*", fmt[0], fmt[1]),))
+    recipe = Recipe((Rule("lm_head", fmt[0], fmt[1]),), skip=()) if head else Recipe((Rule("*", fmt[0], fmt[1]),))
     dense = {name: (m.weight.data, m.bias.data if m.bias is not None else None)
-             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and (name == "lm_head") == head}
     swapped = swap_linears(model, recipe, dtype)
     for module in swapped:
         weight, bias = dense.pop(module.name)
@@ -590,7 +593,39 @@ def part_kernels(c: Check, deadline: float) -> dict:
         if r["format"] != "bf16" and r["us"] and bf16.get((r["proj"], r["M"])):
             r["bf16_us"] = bf16[(r["proj"], r["M"])]
             r["speedup"] = round(r["bf16_us"] / r["us"], 3)
-    return {"rows": rows, **({"note": note} if note else {})}
+    attention = _attention_timings(c) if time.monotonic() < deadline else []
+    return {"rows": rows, "attention": attention, **({"note": note} if note else {})}
+
+
+def _attention_timings(c: Check) -> list[dict]:
+    """The static decode step's attention at Qwen2-7B's heads (28 query, 4 key / value, D = 128), one token at the
+    cache's last position: `decode_attention` with its default split and others, against the SDPA call it replaces
+    (grouped, under the additive mask: PyTorch's math backend).  Microseconds per call inside a CUDA graph."""
+    import torch
+
+    from qwen2q.kernels import decode_attention as da
+    from qwen2q.model import CacheAttention, static_attention_mask
+
+    rows = []
+    for S in ((40, 600) if c.dry_run else (257, 4096)):
+        g = torch.Generator().manual_seed(S)
+        q = torch.randn(1, 28, 1, 128, generator=g).to(torch.bfloat16).to(c.device)
+        k, v = (torch.randn(1, 4, S, 128, generator=g).to(torch.bfloat16).to(c.device) for _ in range(2))
+        pos = torch.tensor([S - 1], device=c.device)
+        allowed = static_attention_mask(pos, S, None)
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=c.device).masked_fill(~allowed, float("-inf"))
+        variants = [("sdpa", lambda: CacheAttention()(q, k, v, mask, pos, None)),
+                    ("kernel", lambda: da.decode_attention(q, k, v, pos))]
+        variants += [(f"kernel {n} splits", lambda n=n: da.decode_attention(q, k, v, pos, n_splits=n))
+                     for n in (1, 4, 16) if n != da.splits_for(S)]
+        ref = variants[0][1]().float()
+        for name, fn in variants:
+            err = (fn().float() - ref).abs().max().item()
+            us = None if c.dry_run else _graph_us([fn], 20, 20)
+            rows.append({"S": S, "variant": name, "us": us, "max_abs_vs_sdpa": round(err, 5)})
+        c.log("attention S=%d: %s" % (S, ", ".join(f"{r['variant']} {r['us'] and round(r['us'], 1)} us"
+                                                   for r in rows if r["S"] == S)))
+    return rows
 
 
 def _format_module(fmt: str):
@@ -654,6 +689,15 @@ def part_e2e(c: Check, deadline: float) -> dict:
                 r = bench.run(model, prompt_len, new_tokens)
             results[method]["decode_tok_s_fixup"] = round(r["decode_tokens_per_s"], 1)
             c.log(f"e2e int4 with the fix-up: {results[method]['decode_tok_s_fixup']} tokens/s decode")
+        if method == "int4" and time.monotonic() < deadline:  # the bf16 lm_head caps int4 / bf16 at ~3.2x
+            quantize_in_memory(model, method, torch.bfloat16, head=True)
+            r = bench.run(model, prompt_len, new_tokens)
+            with _fixup(True):
+                r_fixup = bench.run(model, prompt_len, new_tokens)
+            results[method]["head_int4"] = {"decode_tok_s": round(r["decode_tokens_per_s"], 1),
+                                            "decode_tok_s_fixup": round(r_fixup["decode_tokens_per_s"], 1),
+                                            "peak_gib": round(r_fixup["peak_memory_bytes"] / 2**30, 2)}
+            c.log(f"e2e int4 with lm_head int4 too: {results[method]['head_int4']}")
         if method == "bf16":
             bf16_state = {k: v for k, v in model.state_dict().items()}  # for transformers, after int4
         del model
