@@ -27,7 +27,9 @@ def test_dry_run_writes_every_part(tmp_path):
     assert all({"proj", "M", "format", "us"} <= set(r) for r in data["kernels"])
     int4_variants = {(r["M"], r["variant"]) for r in data["kernels"] if r["format"] == "int4-g128"}
     assert {(1, "fixup"), (3, "fixup"), (3, "awq-layout"), (3, "native 64x1w s3"), (3, "native 256x4w s3"),
-            (3, "native 128x2w s2"), (512, "native-dequantize")} <= int4_variants  # what the first GPU run must time
+            (3, "native 128x2w s2"), (512, "native-dequantize"), (1, "no-split")} <= int4_variants  # the first GPU run
+    assert {(r["format"], r["variant"]) for r in data["kernels"] if r["M"] == 1} >= {("nf4", "no-split"),
+                                                                                   ("int8", "no-split")}
     assert data["correct"]["fixup_equals_reduce"] and "decode_tok_s_fixup" in data["e2e"]["int4"]
     assert set(data["e2e"]) == {"bf16", "int4", "nf4", "int8"}
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in data["e2e"].values())

@@ -22,7 +22,8 @@ last, takes what is left):
              the measured copy bandwidth, speed-up; at M = 2048 also the fused GEMM the runtime does not choose;
              int4 beside its AWQ-layout path, other int4_decode tiles at M = 16, and at int4_decode.MAX_M (512)
              beside the dequantize + cuBLAS path that takes more rows; M = 1 and 16 also with the split-K
-             finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks; the decode
+             finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks, and M = 1 unsplit
+             (variant "no-split": no reduce launch, fewer programs); the decode
              step's attention kernel at 257 and 4096 cache positions, splits varied, against SDPA's masked path
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
@@ -550,9 +551,13 @@ def part_kernels(c: Check, deadline: float) -> dict:
             variants.append(("native-dequantize", None, None))
         if fmt != "bf16" and M <= 16:  # split-K GEMVs and decode kernels finishing in the kernel: one launch
             variants.append(("fixup", None, None))
+        if fmt != "bf16" and M == 1:  # the GEMV unsplit: fewer programs, but no reduce launch and no partials
+            variants.append(("no-split", None, None))
         for variant, force, tile in variants:
             if fmt == "bf16":
                 calls = [lambda w=w: torch.matmul(x, w.t(), out=out) for w in weights]
+            elif variant == "no-split":
+                calls = [_unsplit_gemv(fmt, x, w, n, out) for w, n in zip(weights, natives)]
             elif variant == "native-dequantize":
                 calls = [lambda n=n: int4_prefill.int4_native_linear(x, n, None, out) for n in natives]
             elif tile is not None:  # int4_decode with another tile (tuning)
@@ -626,6 +631,17 @@ def _attention_timings(c: Check) -> list[dict]:
         c.log("attention S=%d: %s" % (S, ", ".join(f"{r['variant']} {r['us'] and round(r['us'], 1)} us"
                                                    for r in rows if r["S"] == S)))
     return rows
+
+
+def _unsplit_gemv(fmt: str, x, w, native, out):
+    """A call of `fmt`'s M = 1 GEMV with the runtime's tile but SPLIT_K = 1 (it then writes y itself)."""
+    from qwen2q.kernels import int4_gemm, int8_gemm, nf4_gemm
+
+    launch, run, weight = {"int4-g128": (int4_gemm.int4_gemv_launch, int4_gemm.int4_gemv, native),
+                           "nf4": (nf4_gemm.nf4_gemv_launch, nf4_gemm.nf4_gemv, w),
+                           "int8": (int8_gemm.int8_gemv_launch, int8_gemm.int8_gemv, w)}[fmt]
+    config = dataclasses.replace(launch(x, weight, None, out).config, SPLIT_K=1)
+    return lambda: run(x, weight, None, out, config)
 
 
 def _format_module(fmt: str):
