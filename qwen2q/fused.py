@@ -27,8 +27,11 @@ def _layer_ops():
     return layer_ops
 
 
-def _kernels_take(t: torch.Tensor) -> bool:
-    """True when the fused kernels run for activations `t` (the same switch as the quantized matmuls')."""
+def _kernels_take(t: torch.Tensor, *params: torch.Tensor) -> bool:
+    """True when the fused kernels run for activations `t` (the same switch as the quantized matmuls'): bf16 / fp16
+    on CUDA, and nothing autograd must see (the kernels have no backward; a loaded model's parameters need none)."""
+    if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in params)):
+        return False
     return t.is_cuda and t.dtype in _DTYPES and os.environ.get(ENV, "auto").lower() != "reference"
 
 
@@ -36,19 +39,21 @@ class FusedRMSNorm(RMSNorm):
     """RMSNorm, and the residual add before it, in one launch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernels_take(x) and self.weight.dtype == x.dtype:
+        if _kernels_take(x, self.weight) and self.weight.dtype == x.dtype:
             return _layer_ops().rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if _kernels_take(x) and self.weight.dtype == x.dtype == delta.dtype and x.shape == delta.shape:
+        if _kernels_take(x, self.weight, delta) and self.weight.dtype == x.dtype == delta.dtype \
+                and x.shape == delta.shape:
             return _layer_ops().rms_norm(x, self.weight, self.eps, delta)
         return super().add_and_norm(x, delta)
 
 
 def _rotary_takes(q, k, cos, sin) -> bool:
     half = q.shape[-1] // 2
-    return _kernels_take(q) and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1 and half & (half - 1) == 0
+    return _kernels_take(q, k, cos, sin) and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1 \
+        and half & (half - 1) == 0
 
 
 class FusedQKRotation(QKRotation):
@@ -70,7 +75,7 @@ class FusedGatedSiLU(GatedSiLU):
     """silu(gate) * up in one launch."""
 
     def forward(self, gate, up):
-        if _kernels_take(gate) and gate.dtype == up.dtype and gate.shape == up.shape:
+        if _kernels_take(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape:
             return _layer_ops().silu_mul(gate, up)
         return super().forward(gate, up)
 
@@ -81,7 +86,7 @@ class FusedCacheAttention(CacheAttention):
     backend over the whole cache."""
 
     def forward(self, q, k, v, mask, positions, window):
-        if _kernels_take(q) and q.dtype == k.dtype == v.dtype and _decode_attention().applies(q, k):
+        if _kernels_take(q, k, v) and q.dtype == k.dtype == v.dtype and _decode_attention().applies(q, k):
             return _decode_attention().decode_attention(q, k, v, positions, window)
         return super().forward(q, k, v, mask, positions, window)
 

@@ -175,7 +175,7 @@ def test_a_model_with_the_fused_ops_gives_the_plain_models_logits(monkeypatch):
     monkeypatch.setattr(decode_attention, "decode_attention",
                         lambda *a, f=decode_attention.decode_attention: ran.append("attention") or f(*a))
     if kt.INTERPRET:  # let the kernels take CPU tensors (on a GPU they take these CUDA ones as they are)
-        monkeypatch.setattr(fused, "_kernels_take", lambda t: t.dtype in (torch.float16, torch.bfloat16))
+        monkeypatch.setattr(fused, "_kernels_take", lambda t, *p: t.dtype in (torch.float16, torch.bfloat16))
     ids = torch.randint(0, 320, (1, 6), generator=torch.Generator().manual_seed(1))
     outputs = []
     for m in (plain, model):  # plain: its modules are the PyTorch ones, whatever _kernels_take says
@@ -205,6 +205,9 @@ def test_the_fused_modules_fall_back_off_the_gpu(monkeypatch):
     if not kt.INTERPRET:
         xc = x.to(kt.DEVICE)
         assert fused._kernels_take(xc)
+        assert not fused._kernels_take(xc, torch.ones(1, device=kt.DEVICE, requires_grad=True))  # autograd's
+        with torch.no_grad():
+            assert fused._kernels_take(xc, torch.ones(1, device=kt.DEVICE, requires_grad=True))
         monkeypatch.setenv("QWEN2Q_KERNELS", "reference")
         assert not fused._kernels_take(xc)
 
@@ -245,7 +248,7 @@ def _ops_per_layer(monkeypatch, use_fused: bool) -> int:
     for name in ("rms_norm", "rotary_qk", "rotary_qk_into_cache", "silu_mul"):
         monkeypatch.setattr(layer_ops, name, one_launch(getattr(layer_ops, name)))
     monkeypatch.setattr(decode_attention, "decode_attention", one_launch(decode_attention.decode_attention))
-    monkeypatch.setattr(fused, "_kernels_take", lambda t: t.dtype == torch.float16)
+    monkeypatch.setattr(fused, "_kernels_take", lambda t, *p: t.dtype == torch.float16)
     counts = []
     for layers in (1, 2):
         config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,

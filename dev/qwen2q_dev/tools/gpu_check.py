@@ -267,7 +267,7 @@ def _plain_layer_ops():
     """Inside: the fused layer modules (`qwen2q.fused`) run their PyTorch parents, as before they existed."""
     from qwen2q import fused
 
-    saved, fused._kernels_take = fused._kernels_take, lambda t: False
+    saved, fused._kernels_take = fused._kernels_take, lambda t, *params: False
     try:
         yield
     finally:
