@@ -1,8 +1,9 @@
 """A decoder layer's small steps as one launch each on CUDA (`qwen2q.kernels.layer_ops`, `.decode_attention`),
 swapped into a model the way quantized linears are: the model stays plain PyTorch and knows nothing of them.
 
-`use_fused_ops(model)` replaces every RMSNorm, QKRotation, CacheAttention and GatedSiLU by its subclass here; the
-loader calls it for models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
+`use_fused_ops(model)` replaces every RMSNorm, QKRotation, CacheAttention and GatedSiLU by its subclass here, and
+every Projections whose int4 linears can be grouped (q, k, v; gate, up: one launch each); the loader calls it for
+models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
 otherwise (CPU, fp32, or QWEN2Q_KERNELS=reference), so a model moved off the GPU still runs.  Per layer of a
 decode step this is 5 launches (attention included) where PyTorch makes about 40 (`layer_ops`' and
 `decode_attention`'s docstrings).
@@ -10,12 +11,15 @@ decode step this is 5 launches (attention included) where PyTorch makes about 40
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from qwen2q.kernels import ENV
-from qwen2q.model import CacheAttention, GatedSiLU, RMSNorm
+from qwen2q import kernels
+from qwen2q.kernels import ENV, int4_native
+from qwen2q.model import CacheAttention, GatedSiLU, Projections, RMSNorm
+from qwen2q.qlinear import QuantLinear
 from qwen2q.rope import QKRotation
 
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -97,6 +101,82 @@ def _decode_attention():
     return decode_attention
 
 
+@dataclass(frozen=True)
+class _Group:
+    """Linears grouped for one launch: their held forms as grouped (a linear prepared again since has left the
+    group), the concatenated form and bias, and each linear's output columns [start, end)."""
+
+    linears: tuple[nn.Module, ...]
+    prepared: tuple
+    native: int4_native.Int4Native  # [sum of N, K]
+    bias: torch.Tensor | None
+    columns: tuple[tuple[int, int], ...]
+
+
+class FusedProjections(Projections):
+    """int4 linears of one input (q, k, v; gate, up) that hold the GEMV layout on CUDA, in one launch: their words
+    are concatenated once and each linear then holds a view of its rows (no second copy); the zeros, scales and
+    biases are copied into the group (3 bytes per 128 weights at group 128).  Every M runs on the concatenation (the
+    GEMV, int4_decode, dequantize + cuBLAS), so a decode step makes 2 launches a layer fewer, and k / v (N = 512,
+    too few bytes to stream alone) ride with q.  Other formats, devices and linears prepared again: the parent."""
+
+    def __init__(self, *names: str):
+        super().__init__(*names)
+        self._group: _Group | None = None  # not a buffer: never moved, cast or saved
+
+    def group(self, linears: tuple[nn.Module, ...]) -> bool:
+        """Group `linears` when each holds an int4 GEMV layout of one K and group size on one device; True if so."""
+        forms = [getattr(m, "prepared", None) for m in linears]
+        if len(linears) < 2 or not all(isinstance(m, QuantLinear) and isinstance(p, int4_native.Int4Native)
+                                       and "words" in m._held for m, p in zip(linears, forms)):
+            return False
+        if len({(p.in_features, p.group_size, p.words.device, m.dtype) for m, p in zip(linears, forms)}) != 1:
+            return False
+        words = torch.cat([p.words for p in forms])
+        native = int4_native.Int4Native(words, torch.cat([p.zeros for p in forms], dim=1),
+                                        torch.cat([p.scales for p in forms], dim=1))
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias if m.bias is not None else words.new_zeros(p.out_features, dtype=m.dtype)
+                              for m, p in zip(linears, forms)])
+        ends = torch.tensor([p.out_features for p in forms]).cumsum(0).tolist()
+        columns = tuple(zip([0, *ends[:-1]], ends))
+        for m, (start, end) in zip(linears, columns):
+            m.share_held("words", words[start:end])
+        self._group = _Group(tuple(linears), tuple(m.prepared for m in linears), native, bias, columns)
+        return True
+
+    def _current(self, x: torch.Tensor, linears) -> _Group | None:
+        """The group, if it still stands for `linears` and serves x; a group whose linears were prepared again (a
+        move, a loaded state dict) is dropped."""
+        g = self._group
+        if g is None:
+            return None
+        if any(m.prepared is not p for m, p in zip(g.linears, g.prepared)):
+            self._group = None
+            return None
+        if linears != g.linears or any(m._forced for m in linears) or x.device != g.native.words.device \
+                or x.dtype != linears[0].dtype:
+            return None
+        return g
+
+    def forward(self, x, *linears):
+        g = self._current(x, linears)
+        if g is None:
+            return super().forward(x, *linears)
+        first = linears[0]
+        kind = first.kind if first._kind_for == (x.device, x.dtype) else None
+        y = kernels.linear(first.FORMAT, x, None, g.bias, g.native, kind)
+        return tuple(y[..., start:end] for start, end in g.columns)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if self._group is not None and any(m.prepared is not p for m, p in zip(self._group.linears,
+                                                                               self._group.prepared)):
+            self._group = None  # the linears came first (registered before this module) and gave their form up
+        return result
+
+
 def _fused(module: nn.Module) -> nn.Module | None:
     """The fused replacement of `module` (sharing its parameters), or None where there is none."""
     if type(module) is RMSNorm:
@@ -113,13 +193,20 @@ def _fused(module: nn.Module) -> nn.Module | None:
 
 
 def use_fused_ops(model: nn.Module) -> int:
-    """Swap `model`'s RMSNorms, rotations, cache attentions and gated activations for the fused ones, in place;
-    returns how many.
-    Parameters are shared, not copied, so the state dict and its keys do not change."""
+    """Swap `model`'s RMSNorms, rotations, cache attentions and gated activations for the fused ones, and group the
+    int4 linears of each Projections (q, k, v; gate, up) that hold the GEMV layout, in place; returns how many
+    modules were swapped or grouped.  Parameters are shared, not copied, so the state dict and its keys do not
+    change."""
     swapped = 0
     for name, module in list(model.named_modules()):
-        if (fused := _fused(module)) is not None:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
-            swapped += 1
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if type(module) is Projections:
+            fused = FusedProjections(*module.names)
+            if not fused.group(tuple(getattr(parent, n) for n in module.names)):
+                continue
+        elif (fused := _fused(module)) is None:
+            continue
+        setattr(parent, child, fused)
+        swapped += 1
     return swapped

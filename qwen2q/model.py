@@ -41,6 +41,19 @@ class GatedSiLU(nn.Module):
         return F.silu(gate) * up
 
 
+class Projections(nn.Module):
+    """Linears that read the same input (an attention's q, k, v; an MLP's gate and up): their outputs, in order.  A
+    module so that one launch for all of them can replace it (`qwen2q.fused`); the linears stay the parent's own,
+    `names` says which."""
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+
+    def forward(self, x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+        return tuple(linear(x) for linear in linears)
+
+
 class CacheAttention(nn.Module):
     """The static path's attention: q [B, H, T, D] over a layer's whole cache buffers [B, H_kv, max_len, D] under
     `mask` (boolean or additive [T, max_len], made from `positions` and `window` by `static_attention_mask`).  A
@@ -121,6 +134,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.project = Projections("q_proj", "k_proj", "v_proj")
         self.rotate = QKRotation()
         self.attend_cache = CacheAttention()
 
@@ -130,9 +144,10 @@ class Attention(nn.Module):
         (static path for CUDA graphs: fixed shapes, the cache read whole under a mask), with `mask` its
         `static_attention_mask` if the caller made it already (once per step for every layer)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if positions is not None:
             q, k, v = self.rotate.into_cache(q, k, v, cos, sin, cache, self.layer_idx, positions)
             if mask is None:
@@ -156,10 +171,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.project = Projections("gate_proj", "up_proj")
         self.act = GatedSiLU()
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(*self.project(x, self.gate_proj, self.up_proj)))
 
 
 class DecoderLayer(nn.Module):

@@ -135,6 +135,19 @@ class QuantLinear(nn.Module):
             del self._buffers[f]
         self._held, self._replaced = held, replaced
 
+    def share_held(self, field: str, tensor: torch.Tensor) -> None:
+        """Hold `tensor` for the held form's `field` in place of the module's own copy, which is freed: equal to it,
+        but stored elsewhere (a view into storage that a group of modules shares, `qwen2q.fused`)."""
+        name = self._held.get(field)
+        if name is None or not name.startswith("prepared_"):
+            raise ValueError(f"{self.name}: holds no {field!r} of its own to share")
+        own = getattr(self.prepared, field)
+        if (tensor.shape, tensor.dtype, tensor.device) != (own.shape, own.dtype, own.device) or not torch.equal(tensor,
+                                                                                                              own):
+            raise ValueError(f"{self.name}: the {field} to share is not the held one")
+        self.prepared = dataclasses.replace(self.prepared, **{field: tensor})
+        self._buffers[name] = tensor
+
     def _release_prepared(self) -> None:
         """Give the weight back its own tensors, rebuilt from the held `prepared`, and drop the prepared form's
         buffers; nothing when no form is held."""
