@@ -6,7 +6,7 @@ every Projections whose int4 linears can be grouped (q, k, v; gate, up: one laun
 models loaded onto CUDA.  Each subclass runs its kernel for bf16 / fp16 CUDA tensors and its PyTorch parent
 otherwise (CPU, fp32, or QWEN2Q_KERNELS=reference), so a model moved off the GPU still runs.  Per layer of a
 decode step this is 5 launches (attention included) where PyTorch makes about 40 (`layer_ops`' and
-`decode_attention`'s docstrings).
+`decode_attention`'s docstrings), and for int4 4 matmul launches instead of 7 (kernels/NOTES.md, section 10).
 """
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ class FusedProjections(Projections):
             self._group = None
             return None
         if linears != g.linears or any(m._forced for m in linears) or x.device != g.native.words.device \
-                or x.dtype != linears[0].dtype:
+                or x.dtype != linears[0].dtype or not _kernels_take(x):
             return None
         return g
 

@@ -38,6 +38,8 @@ def test_dry_run_writes_every_part(tmp_path):
     assert all({"decode_tok_s_unfused", "kernels_per_step", "kernels_per_step_unfused"} <= set(data["e2e"][m])
                for m in ("bf16", "int4"))  # what the fused layer steps bring, both ways
     assert data["e2e"]["int4"]["head_int4"]["decode_tok_s"] > 0  # lm_head in int4 as well
+    assert {(r["proj"], r["M"], r["format"]) for r in data["kernels"]} >= {("grouped small", 1, "int4-g128"),
+                                                                          ("grouped small", 3, "bf16")}
     attention = data["parts"]["kernels"]["attention"]
     assert {(r["S"], r["variant"]) for r in attention} >= {(40, "sdpa"), (40, "kernel"), (600, "kernel 1 splits")}
     assert all(r["max_abs_vs_sdpa"] < 0.05 for r in attention)

@@ -47,8 +47,10 @@ class _Attention(nn.Module):
 
 @pytest.fixture
 def as_on_cuda(monkeypatch):
-    """kernels.prepare returns the int4 GEMV layout for CPU tensors, as it does for CUDA ones."""
+    """kernels.prepare returns the int4 GEMV layout for CPU tensors, as it does for CUDA ones, and the fused modules
+    take CPU tensors."""
     monkeypatch.setattr(kernels, "prepare", lambda fmt, w, *a, **k: int4_native.from_awq(w))
+    monkeypatch.setattr(fused, "_kernels_take", lambda t, *p: t.dtype in (torch.bfloat16, torch.float16))
 
 
 def _prepared_attention(kind: str | None = None) -> _Attention:
@@ -73,7 +75,7 @@ def _close(got: tuple, ref: tuple):
 
 @pytest.mark.parametrize("kind", [None, "triton"])
 @pytest.mark.parametrize("M", [1, 5, 600])  # the GEMV, int4_decode, dequantize + cuBLAS (past MAX_M)
-def test_the_group_gives_the_linears_outputs(as_on_cuda, kind, M):
+def test_the_group_gives_the_linears_outputs(as_on_cuda, monkeypatch, kind, M):
     if kind is None and not kt.INTERPRET:
         pytest.skip("on a GPU the linears take the kernels themselves")
     if M == 600 and kt.INTERPRET and kind == "triton":
@@ -82,8 +84,12 @@ def test_the_group_gives_the_linears_outputs(as_on_cuda, kind, M):
     x = _x(M)
     alone = a(x)
     assert fused.use_fused_ops(a) == 1 and isinstance(a.project, fused.FusedProjections)
+    calls = []
+    linear = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda fmt, x, w, bias, prepared, kind: calls.append(
+        prepared.out_features) or linear(fmt, x, w, bias, prepared, kind))
     grouped = a(x)
-    assert a.project._group is not None
+    assert calls == [sum(SIZES.values())]  # one call, on the concatenation
     _close(grouped, alone)
 
 

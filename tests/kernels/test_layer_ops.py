@@ -152,8 +152,9 @@ def test_the_kernels_refuse_what_they_cannot_take():
 
 def test_a_model_with_the_fused_ops_gives_the_plain_models_logits(monkeypatch):
     """The embedded model's shapes at random weights, fp16: `use_fused_ops` swaps 2 norms, a rotation, the cache
-    attention and an activation per layer plus the final norm, keeps the state dict, and (with the kernels let run on the CPU under
-    the interpreter) prefill and static-path decode logits stay within the fp16 noise of the plain model's."""
+    attention and an activation per layer plus the final norm, keeps the state dict, and (with the kernels let run
+    on the CPU under the interpreter) prefill and static-path decode logits stay within the fp16 noise of the plain
+    model's."""
     from qwen2q.config import Qwen2Config
     from qwen2q.decode import StaticDecoder
     from qwen2q.model import Qwen2ForCausalLM

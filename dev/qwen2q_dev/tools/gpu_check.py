@@ -24,7 +24,8 @@ last, takes what is left):
              beside the dequantize + cuBLAS path that takes more rows; M = 1 and 16 also with the split-K
              finished in the kernel (variant "fixup", `splitk.FIXUP`), whose bits `correct` checks, and M = 1 unsplit
              (variant "no-split": no reduce launch, fewer programs); the decode
-             step's attention kernel at 257 and 4096 cache positions, splits varied, against SDPA's masked path
+             step's attention kernel at 257 and 4096 cache positions, splits varied, against SDPA's masked path;
+             int4 and bf16 at the grouped shapes an int4 model launches (q + k + v, gate + up) for M = 1 and 16
     e2e      a 28-layer random-weight model with Qwen2-7B's shapes built on the GPU: prefill and decode tokens/s
              and peak memory for bf16, int4, NF4, int8 (the code behind `qwen2q bench`), and transformers'
              `generate` decode on the same bf16 weights; bf16 and int4 also with the plain PyTorch layer steps
@@ -61,6 +62,7 @@ SHARES = {"env": 0.06, "correct": 0.25, "kernels": 0.22, "graph": 0.05, "e2e": 0
 REPO = Path(__file__).resolve().parents[3]
 SHAPES_7B = {"q_proj/o_proj": (3584, 3584), "k_proj/v_proj": (512, 3584), "gate_proj/up_proj": (18944, 3584),
              "down_proj": (3584, 18944)}  # (N, K)
+GROUPED_7B = {"qkv (grouped)": (4608, 3584), "gate+up (grouped)": (37888, 3584)}  # (N, K)
 QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064)
 UNIT_ROUNDOFF = {"bfloat16": 2.0**-8, "float16": 2.0**-11}
@@ -530,6 +532,10 @@ def part_kernels(c: Check, deadline: float) -> dict:
 
     cases = [(M, proj, N, K, fmt) for M in ms for proj, (N, K) in shapes.items()
              for fmt in ("int4-g128", "nf4", "int8", "bf16") if M != int4_decode.MAX_M or fmt in ("int4-g128", "bf16")]
+    # what an int4 model on CUDA launches for q, k, v and for gate, up (`fused.FusedProjections`), at decode sizes
+    grouped = {"small": {"grouped small": (256, 256)}}.get(next(iter(shapes)), GROUPED_7B)
+    cases += [(M, proj, N, K, fmt) for M in ms[:2] for proj, (N, K) in grouped.items() for fmt in ("int4-g128", "bf16")]
+    cases.sort(key=lambda case: ms.index(case[0]))  # stable: M outer still
     note = None
     for M, proj, N, K, fmt in cases:  # M outer: if the share runs out, every projection has its M = 1 rows first
         if time.monotonic() > deadline:
