@@ -395,11 +395,16 @@ def part_correct(c: Check, deadline: float) -> dict:
 
 def _tiny_quantized(method: str, device, dtype):
     """The embedded model quantized in memory with `method` on `device` (round to nearest), as a loaded model."""
+    import torch
+
+    from qwen2q.fused import use_fused_ops
     from qwen2q.loader import load_model
 
     model = load_model(REPO / "qwen2q" / "assets" / "qwen2-tiny", device=device, dtype=dtype)
     if method != "bf16":
         quantize_in_memory(model, method, dtype)
+        if torch.device(device).type == "cuda":
+            use_fused_ops(model)  # group the quantized projections, as loading a quantized checkpoint does
     return model
 
 
