@@ -60,8 +60,8 @@ def load_model(
     the file headers; while reading, a NaN/Inf value (stored, or made by the cast) is refused unless
     `allow_non_finite`.  On CPU the quantized linears are then prepared for the CPU backend
     (`qwen2q.qlinear.prepare_kernels`); `cpu_cache="bf16"` keeps a bf16 copy of each instead (bf16 models on
-    CPU only).  On CUDA the layers' norms, rotary embeddings and activations run fused kernels
-    (`qwen2q.fused`)."""
+    CPU only).  On CUDA each layer's norms, rotary embeddings, decode attention and activation run fused kernels,
+    and an int4 model's q, k, v and gate, up one matmul each (`qwen2q.fused`)."""
     path = check_model_dir(path)
     config = Qwen2Config.from_file(path / "config.json")
     dtype = parse_dtype(dtype, config.dtype)
@@ -88,7 +88,7 @@ def load_model(
         model.tie_weights()
     check_filled(model)
     if device.type == "cuda":
-        use_fused_ops(model)  # a layer's norms, rotary and activation as one launch each
+        use_fused_ops(model)  # a layer's small steps one launch each; int4 projections grouped
     return model.eval()
 
 

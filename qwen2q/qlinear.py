@@ -142,8 +142,8 @@ class QuantLinear(nn.Module):
         if name is None or not name.startswith("prepared_"):
             raise ValueError(f"{self.name}: holds no {field!r} of its own to share")
         own = getattr(self.prepared, field)
-        if (tensor.shape, tensor.dtype, tensor.device) != (own.shape, own.dtype, own.device) or not torch.equal(tensor,
-                                                                                                              own):
+        same_kind = (tensor.shape, tensor.dtype, tensor.device) == (own.shape, own.dtype, own.device)
+        if not same_kind or not torch.equal(tensor, own):
             raise ValueError(f"{self.name}: the {field} to share is not the held one")
         self.prepared = dataclasses.replace(self.prepared, **{field: tensor})
         self._buffers[name] = tensor
